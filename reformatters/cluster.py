@@ -1,0 +1,122 @@
+"""Where region graphs run: a LocalCluster, an existing scheduler, or a KubeCluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+from distributed import Client, LocalCluster
+
+from reformatters.pipeline.graph import ENCODE_RESOURCE
+
+log = logging.getLogger("reformatters.cluster")
+
+CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster"
+DASK_CLUSTER_SPEC = CLUSTER_DIR / "dask-cluster.yaml"
+
+
+class ClusterUnavailableError(RuntimeError):
+    """The requested cluster cannot be had; the message says why and what to do."""
+
+
+def local_cluster_size(n_workers: int | None = None) -> tuple[int, int, int]:
+    """Workers, threads per worker and memory per worker (bytes), sized to this machine or pod."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = n_workers or max(2, cores)
+    memory = psutil.virtual_memory().total
+    # Two threads per worker: one encodes while the other downloads or reads.
+    return workers, 2, int(memory * 0.8 / workers)
+
+
+@contextmanager
+def open_client(spec: str = "local", *, n_workers: int | None = None) -> Iterator[Client]:
+    if spec == "local":
+        workers, threads, memory = local_cluster_size(n_workers)
+        with (
+            LocalCluster(
+                n_workers=workers,
+                threads_per_worker=threads,
+                processes=True,
+                memory_limit=memory,
+                resources={ENCODE_RESOURCE: 1},
+                dashboard_address="127.0.0.1:0",
+                host="127.0.0.1",
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            yield client
+        return
+    if spec.startswith("tcp://"):
+        try:
+            client = Client(spec, timeout="15s")
+        except OSError as error:
+            raise ClusterUnavailableError(
+                f"no Dask scheduler answered at {spec} ({error}); start one with `dask scheduler` "
+                "or use --cluster local"
+            ) from error
+        with client:
+            yield client
+        return
+    if spec == "k8s":
+        with _kube_client() as client:
+            yield client
+        return
+    raise ClusterUnavailableError(
+        f"unknown --cluster {spec!r}: use 'local', 'k8s' or a scheduler address such as tcp://127.0.0.1:8786"
+    )
+
+
+def workers_have_encode_resource(client: Client) -> bool:
+    info = client.scheduler_info()
+    workers = info.get("workers", {})
+    return bool(workers) and all(ENCODE_RESOURCE in w.get("resources", {}) for w in workers.values())
+
+
+def dask_cluster_resource(image: str | None = None, n_workers: int | None = None) -> dict[str, Any]:
+    """The DaskCluster custom resource that `--cluster k8s` creates, from `cluster/dask-cluster.yaml`."""
+    resource: dict[str, Any] = yaml.safe_load(DASK_CLUSTER_SPEC.read_text())
+    spec = resource["spec"]
+    if image:
+        for container in (
+            *spec["scheduler"]["spec"]["containers"],
+            *spec["worker"]["spec"]["containers"],
+        ):
+            container["image"] = image
+    if n_workers is not None:
+        spec["worker"]["replicas"] = n_workers
+    return resource
+
+
+def kubernetes_credentials_available() -> tuple[bool, str]:
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return True, "in-cluster service account"
+    kubeconfig = Path(os.environ.get("KUBECONFIG", "~/.kube/config")).expanduser()
+    if kubeconfig.exists():
+        return True, str(kubeconfig)
+    return False, f"no in-cluster service account and no kubeconfig at {kubeconfig}"
+
+
+@contextmanager
+def _kube_client() -> Iterator[Client]:
+    available, detail = kubernetes_credentials_available()
+    if not available:
+        raise ClusterUnavailableError(
+            f"--cluster k8s needs Kubernetes credentials: {detail}. Set KUBECONFIG, run inside the cluster, "
+            "or use --cluster local / --cluster tcp://HOST:PORT"
+        )
+    from dask_kubernetes.operator import KubeCluster
+
+    image = os.environ.get("REFORMATTERS_IMAGE")
+    resource = dask_cluster_resource(image=image)
+    try:
+        cluster = KubeCluster(custom_cluster_spec=resource, shutdown_on_close=True)
+    except Exception as error:  # noqa: BLE001 - any API failure becomes one clear line
+        raise ClusterUnavailableError(f"could not create the DaskCluster on Kubernetes: {error}") from error
+    with cluster, Client(cluster) as client:
+        yield client

@@ -1,0 +1,143 @@
+"""Object access to a Zarr store at a local path, `file://`, `s3://` or `gs://` URL.
+
+Every write is atomic per object: a local write goes to a temporary file that is renamed into
+place; an object-store PUT replaces the whole object. Endpoints and credentials come from the usual
+environment variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ..., `STORAGE_EMULATOR_HOST`).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+REMOTE_PROTOCOLS = ("s3", "gs", "gcs")
+
+
+def storage_options_for(url: str) -> dict[str, Any]:
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol == "s3":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        options: dict[str, Any] = {}
+        if endpoint:
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+        if not os.environ.get("AWS_ACCESS_KEY_ID") and not os.environ.get("AWS_PROFILE"):
+            options["anon"] = True
+        return options
+    return {}
+
+
+class ObjectStore:
+    """Keys are '/'-separated paths relative to the store root (e.g. `temperature_2m/c/0/0/1/1`)."""
+
+    def __init__(self, url: str | Path) -> None:
+        text = str(url)
+        if text.startswith("file://"):
+            text = text[len("file://") :]
+        self.url = text.rstrip("/")
+        self.protocol = text.split("://", 1)[0] if "://" in text else "file"
+        if self.protocol not in ("file", *REMOTE_PROTOCOLS, "memory"):
+            raise ValueError(
+                f"unsupported store URL {url!r}: use a local path, file://, s3://bucket/path or gs://bucket/path"
+            )
+        if self.protocol == "file":
+            self.url = str(Path(self.url).absolute())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ObjectStore, (self.url,))
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self.url!r})"
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol == "file"
+
+    @cached_property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return fsspec.filesystem(self.protocol, **storage_options_for(self.url))
+
+    def _path(self, key: str) -> str:
+        return f"{self.url}/{key}" if key else self.url
+
+    def get(self, key: str) -> bytes | None:
+        if self.is_local:
+            try:
+                return Path(self._path(key)).read_bytes()
+            except FileNotFoundError:
+                return None
+        try:
+            data: bytes = self.fs.cat_file(self._path(key))
+            return data
+        except FileNotFoundError:
+            return None
+
+    def exists(self, key: str) -> bool:
+        if self.is_local:
+            return Path(self._path(key)).exists()
+        return bool(self.fs.exists(self._path(key)))
+
+    def put(self, key: str, data: bytes) -> None:
+        if self.is_local:
+            target = Path(self._path(key))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+            return
+        self.fs.pipe_file(self._path(key), data)
+
+    def delete(self, key: str) -> None:
+        if self.is_local:
+            Path(self._path(key)).unlink(missing_ok=True)
+            return
+        try:
+            self.fs.rm_file(self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under a prefix, recursively, relative to the store root."""
+        base = self._path(prefix)
+        if self.is_local:
+            root = Path(base)
+            if not root.exists():
+                return []
+            store_root = Path(self.url)
+            return sorted(
+                str(p.relative_to(store_root))
+                for p in root.rglob("*")
+                if p.is_file() and ".tmp-" not in p.name
+            )
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        root = self.fs._strip_protocol(self.url)
+        return sorted(str(p)[len(root) + 1 :] for p in found)
+
+    def delete_prefix(self, prefix: str) -> None:
+        for key in self.list(prefix):
+            self.delete(key)
+
+    def zarr_store(self, read_only: bool = True) -> Any:
+        """A zarr Store for xarray/zarr to open this location."""
+        import zarr.storage
+
+        if self.is_local:
+            return zarr.storage.LocalStore(self.url, read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(
+            self.url, storage_options=storage_options_for(self.url), read_only=read_only
+        )
+
+    def open_dataset(self, **kwargs: Any) -> Any:
+        import xarray as xr
+
+        return xr.open_zarr(self.zarr_store(), decode_timedelta=True, **kwargs)

@@ -1,0 +1,250 @@
+"""How one region of a dataset is produced: the hooks a dataset author implements.
+
+A region job is one shard-aligned slice of the append dimension x one group of data variables.
+Hooks are plain functions of their inputs (no Dask inside): the graph builder in
+`reformatters.graph` turns a job into tasks, so every hook is testable without a cluster.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar, Generic, Self, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import xarray as xr
+from pydantic import Field
+
+from reformatters.common.binary_rounding import round_float32_inplace
+from reformatters.common.config_models import DataVar, FrozenModel
+from reformatters.common.time_utils import parse_utc
+
+DataVarT = TypeVar("DataVarT", bound=DataVar[Any])
+
+
+class SourceFileStatus(StrEnum):
+    Processing = "processing"
+    DownloadFailed = "download_failed"
+    ReadFailed = "read_failed"
+    Succeeded = "succeeded"
+
+
+class SourceFileCoord(FrozenModel):
+    """One source file, or one byte-range subset of it, and what became of it for one variable."""
+
+    status: SourceFileStatus = SourceFileStatus.Processing
+    status_reason: str | None = None
+
+    def get_url(self) -> str:
+        raise NotImplementedError(f"{type(self).__name__} must implement get_url()")
+
+    def out_loc(self) -> Mapping[str, Any]:
+        """Coordinate labels (dim name -> label) of the position this file fills in the output."""
+        raise NotImplementedError(f"{type(self).__name__} must implement out_loc()")
+
+    def with_status(self, status: SourceFileStatus, reason: str | None = None) -> Self:
+        return self.model_copy(update={"status": status, "status_reason": reason})
+
+
+SourceFileCoordT = TypeVar("SourceFileCoordT", bound=SourceFileCoord)
+
+# What download_file hands to read_data: the bytes of the file (or of the messages fetched from it,
+# keyed by variable name). A Path on the worker's disk is read into bytes and deleted by the framework,
+# so bytes always travel through Dask and never depend on which worker runs the read.
+DownloadPayload = bytes | Mapping[str, bytes] | Path
+ProcessResults = Mapping[str, Sequence[SourceFileCoord]]
+
+
+class RegionJobFilters(FrozenModel):
+    """Which regions and variables to process. Filters select whole regions."""
+
+    start: pd.Timestamp | None = None  # inclusive
+    end: pd.Timestamp | None = None  # exclusive
+    contains: tuple[pd.Timestamp, ...] = ()
+    variable_names: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(
+        cls,
+        start: str | None = None,
+        end: str | None = None,
+        contains: Iterable[str] = (),
+        variable_names: Iterable[str] = (),
+    ) -> RegionJobFilters:
+        return cls(
+            start=parse_utc(start) if start else None,
+            end=parse_utc(end) if end else None,
+            contains=tuple(parse_utc(c) for c in contains),
+            variable_names=tuple(n.strip() for n in variable_names if n.strip()),
+        )
+
+
+class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
+    """One shard-aligned slice of the append dimension x one group of data variables.
+
+    `template_ds` is the expanded template. On workers it is cut down to the processing region
+    (see `for_workers`), so hooks that run in tasks must only look at that region.
+    """
+
+    template_ds: xr.Dataset
+    data_vars: tuple[DataVarT, ...]
+    append_dim: str
+    region: slice
+    source_url: str | None = Field(None, description="replaces the dataset's default source root")
+
+    max_vars_per_job: ClassVar[int] = 8
+    read_batch_size: ClassVar[int] = 8
+
+    # ---- hooks ----
+    def get_processing_region(self) -> slice:
+        """Positions to download and transform; may pad `region` for deaccumulation or interpolation."""
+        return self.region
+
+    @classmethod
+    def source_groups(cls, data_vars: Sequence[DataVarT]) -> Sequence[Sequence[DataVarT]]:
+        """Variables that come from the same source files."""
+        return [list(data_vars)]
+
+    def generate_source_file_coords(
+        self, processing_region_ds: xr.Dataset, data_var_group: Sequence[DataVarT]
+    ) -> Sequence[SourceFileCoordT]:
+        raise NotImplementedError(f"{type(self).__name__} must implement generate_source_file_coords()")
+
+    def download_file(self, coord: SourceFileCoordT, data_var_group: Sequence[DataVarT]) -> DownloadPayload:
+        raise NotImplementedError(f"{type(self).__name__} must implement download_file()")
+
+    def read_data(
+        self, coord: SourceFileCoordT, data_var: DataVarT, payload: bytes | Mapping[str, bytes]
+    ) -> npt.NDArray[np.float32]:
+        raise NotImplementedError(f"{type(self).__name__} must implement read_data()")
+
+    def apply_data_transformations(self, data_array: xr.DataArray, data_var: DataVarT) -> None:
+        """Transform one variable over the processing region in place. Default: binary rounding."""
+        keep = data_var.internal_attrs.keep_mantissa_bits
+        if isinstance(keep, int):
+            round_float32_inplace(data_array.values, keep)
+
+    @classmethod
+    def update_template_with_results(
+        cls, template_ds: xr.Dataset, append_dim: str, process_results: ProcessResults
+    ) -> xr.Dataset:
+        """Trim the append dimension to the last position with successfully processed data."""
+        last = last_successful_label(process_results, append_dim)
+        if last is None:
+            return template_ds.isel({append_dim: slice(0, 0)})
+        return template_ds.sel({append_dim: slice(None, last)})
+
+    @classmethod
+    def operational_update_jobs(
+        cls,
+        final_store: Any,
+        template_ds: xr.Dataset,
+        append_dim: str,
+        all_data_vars: Sequence[DataVarT],
+        source_url: str | None = None,
+    ) -> tuple[Sequence[Self], xr.Dataset]:
+        raise NotImplementedError(f"{cls.__name__} does not define operational updates")
+
+    # ---- framework ----
+    @classmethod
+    def get_jobs(
+        cls,
+        template_ds: xr.Dataset,
+        append_dim: str,
+        all_data_vars: Sequence[DataVarT],
+        filters: RegionJobFilters | None = None,
+        source_url: str | None = None,
+    ) -> list[Self]:
+        """Split the append dimension into shard-aligned regions x variable groups."""
+        filters = filters or RegionJobFilters()
+        data_vars = select_data_vars(all_data_vars, filters.variable_names)
+        shard_length = append_dim_shard_length(data_vars, template_ds, append_dim)
+        append_labels = template_ds.get_index(append_dim)
+        regions = [
+            slice(start, min(start + shard_length, len(append_labels)))
+            for start in range(0, len(append_labels), shard_length)
+        ]
+        regions = [r for r in regions if region_selected(append_labels[r], filters)]
+        jobs = []
+        for region in regions:
+            for group in cls.source_groups(data_vars):
+                for chunk in _batched(group, cls.max_vars_per_job):
+                    jobs.append(
+                        cls(
+                            template_ds=template_ds,
+                            data_vars=tuple(chunk),
+                            append_dim=append_dim,
+                            region=region,
+                            source_url=source_url,
+                        )
+                    )
+        return jobs
+
+    def for_workers(self) -> Self:
+        """A copy whose template covers only the processing region: small enough to ship to workers."""
+        processing = self.get_processing_region()
+        small = self.template_ds.isel({self.append_dim: processing})
+        return self.model_copy(update={"template_ds": small})
+
+    def describe(self) -> str:
+        labels = self.template_ds.get_index(self.append_dim)[self.region]
+        if len(labels) == 0:
+            span = "empty"
+        else:
+            span = f"{labels[0]:%Y-%m-%dT%H:%M}..{labels[-1]:%Y-%m-%dT%H:%M}"
+        return f"{self.append_dim} {span} [{', '.join(v.name for v in self.data_vars)}]"
+
+
+def _batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def select_data_vars(all_data_vars: Sequence[DataVarT], names: Sequence[str]) -> list[DataVarT]:
+    if not names:
+        return list(all_data_vars)
+    known = {v.name: v for v in all_data_vars}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"unknown variable(s) {unknown}; choose from: {', '.join(sorted(known))}"
+        )
+    return [v for v in all_data_vars if v.name in names]
+
+
+def append_dim_shard_length(data_vars: Sequence[DataVar[Any]], template_ds: xr.Dataset, append_dim: str) -> int:
+    """The common write-unit length along the append dimension; regions are multiples of it."""
+    lengths = set()
+    for var in data_vars:
+        axis = template_ds[var.name].dims.index(append_dim)
+        lengths.add(var.encoding.write_unit[axis])
+    if not lengths:
+        raise ValueError("no data variables selected")
+    return math.lcm(*lengths)
+
+
+def region_selected(labels: pd.Index, filters: RegionJobFilters) -> bool:
+    if len(labels) == 0:
+        return False
+    first, last = labels[0], labels[-1]
+    if filters.start is not None and last < filters.start:
+        return False
+    if filters.end is not None and first >= filters.end:
+        return False
+    if filters.contains:
+        return any(first <= t <= last for t in filters.contains)
+    return True
+
+
+def last_successful_label(process_results: ProcessResults, append_dim: str) -> Any | None:
+    labels = [
+        coord.out_loc()[append_dim]
+        for coords in process_results.values()
+        for coord in coords
+        if coord.status == SourceFileStatus.Succeeded
+    ]
+    return max(labels) if labels else None

@@ -1,0 +1,199 @@
+"""Decode single GRIB2 messages with ecCodes into float32 arrays, checking the grid they are on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import eccodes
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+
+class GribDecodeError(ValueError):
+    """The bytes are not a decodable GRIB message."""
+
+
+class GridMismatchError(ValueError):
+    """A message is not on the grid the dataset expects."""
+
+
+class GridSpec(BaseModel):
+    """A regular lat/lon grid as GRIB2 section 3 describes it (degrees, first/last *grid point*)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ni: int
+    nj: int
+    latitude_of_first_grid_point: float
+    longitude_of_first_grid_point: float
+    latitude_of_last_grid_point: float
+    longitude_of_last_grid_point: float
+    i_scans_negatively: bool = False
+    j_scans_positively: bool = False
+    # Roll 0..360 longitudes so the first column is -180 (GFS: 720 columns at 0.25°).
+    roll_longitude_to_180: bool = False
+    tolerance_degrees: float = 1e-4
+
+    @classmethod
+    def global_regular(cls, resolution: float, *, roll_longitude_to_180: bool = False) -> GridSpec:
+        """NCEP global layout: lat 90 → -90, lon 0 → 360 - resolution."""
+        ni = round(360 / resolution)
+        nj = round(180 / resolution) + 1
+        return cls(
+            ni=ni,
+            nj=nj,
+            latitude_of_first_grid_point=90.0,
+            longitude_of_first_grid_point=0.0,
+            latitude_of_last_grid_point=-90.0,
+            longitude_of_last_grid_point=360.0 - resolution,
+            roll_longitude_to_180=roll_longitude_to_180,
+        )
+
+    @property
+    def longitude_step(self) -> float:
+        span = (self.longitude_of_last_grid_point - self.longitude_of_first_grid_point) % 360
+        return span / (self.ni - 1)
+
+    @property
+    def roll_columns(self) -> int:
+        """Columns to roll so the first column is at -180 (0 when not rolling)."""
+        if not self.roll_longitude_to_180:
+            return 0
+        first = self.longitude_of_first_grid_point % 360
+        target = 180.0  # -180 == 180 east
+        return round(((target - first) % 360) / self.longitude_step) % self.ni
+
+    def latitudes(self) -> np.ndarray:
+        return np.linspace(self.latitude_of_first_grid_point, self.latitude_of_last_grid_point, self.nj)
+
+    def longitudes(self) -> np.ndarray:
+        lons = self.longitude_of_first_grid_point + self.longitude_step * np.arange(self.ni)
+        if self.roll_longitude_to_180:
+            lons = np.roll(lons, self.roll_columns)
+            lons = (lons + 180.0) % 360.0 - 180.0
+        return lons
+
+
+_GRID_KEYS = {
+    "ni": "Ni",
+    "nj": "Nj",
+    "latitude_of_first_grid_point": "latitudeOfFirstGridPointInDegrees",
+    "longitude_of_first_grid_point": "longitudeOfFirstGridPointInDegrees",
+    "latitude_of_last_grid_point": "latitudeOfLastGridPointInDegrees",
+    "longitude_of_last_grid_point": "longitudeOfLastGridPointInDegrees",
+    "i_scans_negatively": "iScansNegatively",
+    "j_scans_positively": "jScansPositively",
+}
+
+_INFO_KEYS = (
+    "edition",
+    "centre",
+    "shortName",
+    "name",
+    "units",
+    "discipline",
+    "parameterCategory",
+    "parameterNumber",
+    "typeOfLevel",
+    "level",
+    "stepType",
+    "stepRange",
+    "startStep",
+    "endStep",
+    "dataDate",
+    "dataTime",
+    "gridType",
+    "Ni",
+    "Nj",
+    "productDefinitionTemplateNumber",
+    "dataRepresentationTemplateNumber",
+    "packingType",
+    "bitmapPresent",
+    "bitsPerValue",
+    "totalLength",
+)
+
+
+def _new_handle(message: bytes) -> Any:
+    if not (message[:4] == b"GRIB" and message[-4:] == b"7777"):
+        raise GribDecodeError(
+            f"not a single GRIB message: {len(message)} bytes starting {message[:16]!r} and ending {message[-8:]!r}; "
+            "expected bytes starting with b'GRIB' and ending with b'7777' (check the byte range)"
+        )
+    try:
+        return eccodes.codes_new_from_message(message)
+    except eccodes.GribInternalError as e:
+        raise GribDecodeError(f"ecCodes cannot read the {len(message)}-byte message: {e}") from e
+
+
+def _get(handle: Any, key: str) -> Any:
+    try:
+        return eccodes.codes_get(handle, key)
+    except eccodes.KeyValueNotFoundError:
+        return None
+
+
+def message_keys(message: bytes) -> dict[str, Any]:
+    """Descriptive keys of one message (shortName, typeOfLevel, level, stepRange, packing, grid size...)."""
+    handle = _new_handle(message)
+    try:
+        return {key: _get(handle, key) for key in _INFO_KEYS}
+    finally:
+        eccodes.codes_release(handle)
+
+
+def _check_grid(handle: Any, grid: GridSpec) -> None:
+    found: dict[str, Any] = {}
+    mismatched: list[str] = []
+    grid_type = _get(handle, "gridType")
+    if grid_type != "regular_ll":
+        raise GridMismatchError(f"expected a regular_ll grid {grid.ni}x{grid.nj}, found gridType={grid_type!r}")
+    for field, key in _GRID_KEYS.items():
+        want = getattr(grid, field)
+        got = _get(handle, key)
+        found[field] = got
+        if isinstance(want, bool):
+            ok = bool(got) == want
+        elif isinstance(want, int):
+            ok = got == want
+        elif field.startswith("longitude"):
+            ok = got is not None and abs(((float(got) - want + 180) % 360) - 180) <= grid.tolerance_degrees
+        else:
+            ok = got is not None and abs(float(got) - want) <= grid.tolerance_degrees
+        if not ok:
+            mismatched.append(f"{field}: expected {want}, found {got}")
+    if mismatched:
+        raise GridMismatchError(
+            "message grid differs from the expected grid: "
+            + "; ".join(mismatched)
+            + f" (shortName={_get(handle, 'shortName')}, stepRange={_get(handle, 'stepRange')}). "
+            "Check the source product/resolution or update the dataset's GridSpec."
+        )
+
+
+def decode_message(message: bytes, grid: GridSpec | None = None) -> np.ndarray:
+    """Decode one GRIB2 message to a float32 array of shape (nj, ni), NaN where the bitmap marks missing values.
+
+    With `grid`, the message's grid is checked first (GridMismatchError) and, when asked, rolled so longitudes run
+    -180..180. Any packing ecCodes supports works (5.0 simple, 5.3 complex + spatial differencing, 5.40 JPEG 2000,
+    5.42 CCSDS).
+    """
+    handle = _new_handle(message)
+    try:
+        if grid is not None:
+            _check_grid(handle, grid)
+        ni = eccodes.codes_get(handle, "Ni")
+        nj = eccodes.codes_get(handle, "Nj")
+        if ni is None or nj is None or ni <= 0 or nj <= 0:
+            raise GribDecodeError(f"message has no regular Ni x Nj grid (Ni={ni}, Nj={nj})")
+        values = eccodes.codes_get_values(handle)
+        if eccodes.codes_get(handle, "bitmapPresent"):
+            missing = eccodes.codes_get(handle, "missingValue")
+            values = np.where(values == missing, np.nan, values)
+        # ecCodes returns values in the message's scanning order; rows are j, columns i (no alternating rows here).
+        out = np.asarray(values, dtype=np.float32).reshape(nj, ni)
+    finally:
+        eccodes.codes_release(handle)
+    if grid is not None and grid.roll_longitude_to_180:
+        out = np.roll(out, grid.roll_columns, axis=1)
+    return out
