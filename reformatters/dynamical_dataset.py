@@ -126,6 +126,21 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
             publish_from_tmp_store(tmp_store, final_store)
         return updated
 
+    # ---- operational update and validation (reformatters.update, reformatters.validation) ----
+    def update(self, **kwargs: Any) -> RunSummary:
+        from reformatters.update.driver import run_operational_update
+
+        return run_operational_update(self, **kwargs)
+
+    def validators(self) -> Sequence[Any]:
+        """The checks `validate` runs; datasets override."""
+        return []
+
+    def validate(self, **kwargs: Any) -> Any:
+        from reformatters.validation import run_validation
+
+        return run_validation(self, **kwargs)
+
     # ---- reading ----
     def open_published(self, store_url: str | None = None) -> xr.Dataset:
         return self.store(store_url).open_dataset()

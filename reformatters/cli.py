@@ -1,0 +1,205 @@
+"""`reformatters`: turn GRIB2 archives into Zarr v3 datasets and keep them current."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from reformatters.cluster import ClusterUnavailableError
+from reformatters.common.time_utils import parse_utc
+from reformatters.region_job import RegionJobFilters
+from reformatters.registry import UnknownDatasetError, get_dataset
+
+app = typer.Typer(
+    name="reformatters",
+    help=(
+        "Turn weather-model GRIB2 archives into analysis-ready Zarr v3 datasets.\n\n"
+        "Typical flow: `reformatters list` to see datasets, `reformatters backfill ID END` to build the "
+        "history on a Dask cluster, then `reformatters update ID` on a schedule to keep it current and "
+        "`reformatters validate ID` to check it. `reformatters demo` runs all of it offline."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ClusterOption = Annotated[
+    str,
+    typer.Option(
+        "--cluster",
+        help="Where to run: 'local' (a LocalCluster sized to this machine), 'k8s' (a KubeCluster from "
+        "cluster/dask-cluster.yaml), or a scheduler address such as tcp://127.0.0.1:8786.",
+    ),
+]
+StoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="Path or URL of the dataset's Zarr store (s3://bucket/x.zarr, gs://...). "
+        "Default: data/output/DATASET_ID/vVERSION.zarr.",
+    ),
+]
+SourceUrlOption = Annotated[
+    str | None,
+    typer.Option("--source-url", help="Replace the dataset's source root (a mirror or a local archive)."),
+]
+NowOption = Annotated[
+    str | None, typer.Option("--now", help="Pretend the wall clock reads this UTC time (ISO 8601).")
+]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
+def _dataset(dataset_id: str) -> Any:
+    try:
+        return get_dataset(dataset_id)
+    except UnknownDatasetError as error:
+        raise _fail(str(error)) from None
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False) -> None:
+    _setup_logging(verbose)
+
+
+@app.command("list")
+def list_datasets() -> None:
+    """List the datasets this installation can build."""
+    from reformatters.registry import all_datasets
+
+    for dataset in all_datasets():
+        attrs = dataset.template_config.dataset_attributes
+        typer.echo(f"{dataset.dataset_id:<32} v{attrs.dataset_version:<8} {attrs.name}")
+
+
+@app.command("update-template")
+def update_template(dataset_id: str) -> None:
+    """Render DATASET_ID's template (Zarr metadata, coordinate values, no data) into templates/."""
+    path = _dataset(dataset_id).template_config.update_template()
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def backfill(
+    dataset_id: str,
+    append_dim_end: Annotated[str, typer.Argument(help="Exclusive end of the append dimension, ISO 8601 UTC.")],
+    cluster: ClusterOption = "local",
+    filter_start: Annotated[str | None, typer.Option(help="Only regions ending at or after this time.")] = None,
+    filter_end: Annotated[str | None, typer.Option(help="Only regions starting before this time (exclusive).")] = None,
+    filter_contains: Annotated[
+        list[str] | None, typer.Option(help="Only the regions containing this time (repeatable).")
+    ] = None,
+    filter_variable_names: Annotated[
+        str | None, typer.Option(help="Comma-separated variable names (default: all).")
+    ] = None,
+    store: StoreOption = None,
+    source_url: SourceUrlOption = None,
+    workers: Annotated[int | None, typer.Option(help="Workers for --cluster local.")] = None,
+    summary: Annotated[Path | None, typer.Option(help="Also write the run summary as JSON here.")] = None,
+) -> None:
+    """Build DATASET_ID's history up to APPEND_DIM_END on a Dask cluster.
+
+    Example: reformatters backfill noaa-gfs-forecast 2025-01-01T00:00 --cluster local --filter-start 2024-12-01
+    """
+    dataset = _dataset(dataset_id)
+    try:
+        end = parse_utc(append_dim_end)
+        filters = RegionJobFilters.parse(
+            start=filter_start,
+            end=filter_end,
+            contains=filter_contains or (),
+            variable_names=(filter_variable_names or "").split(","),
+        )
+        if filters.variable_names:
+            known = set(dataset.data_var_names())
+            unknown = [n for n in filters.variable_names if n not in known]
+            if unknown:
+                raise ValueError(f"unknown variable(s) {unknown}; {dataset_id} has: {', '.join(sorted(known))}")
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    try:
+        result = dataset.backfill(
+            end,
+            cluster=cluster,
+            filters=filters,
+            store_url=store,
+            source_url=source_url,
+            summary_path=summary,
+            n_workers=workers,
+        )
+    except ClusterUnavailableError as error:
+        raise _fail(str(error)) from None
+    typer.echo("\n".join(result.render_lines()))
+
+
+@app.command()
+def update(
+    dataset_id: str,
+    cluster: ClusterOption = "local",
+    store: StoreOption = None,
+    source_url: SourceUrlOption = None,
+    now: NowOption = None,
+    workers: Annotated[int | None, typer.Option(help="Workers for --cluster local.")] = None,
+    summary: Annotated[Path | None, typer.Option(help="Also write the run summary as JSON here.")] = None,
+) -> None:
+    """Append the newest runs to DATASET_ID and publish each region as it completes (the operational CronJob)."""
+    dataset = _dataset(dataset_id)
+    operational_update = getattr(dataset, "update", None)
+    if operational_update is None:
+        raise _fail(f"{dataset_id} has no operational update")
+    try:
+        result = operational_update(
+            cluster=cluster,
+            store_url=store,
+            source_url=source_url,
+            now=parse_utc(now) if now else None,
+            n_workers=workers,
+            summary_path=summary,
+        )
+    except (ClusterUnavailableError, ValueError) as error:
+        raise _fail(str(error)) from None
+    typer.echo("\n".join(result.render_lines()))
+
+
+@app.command()
+def validate(dataset_id: str, store: StoreOption = None, now: NowOption = None) -> None:
+    """Check DATASET_ID's published store: current data, recent NaNs, expected shards. Non-zero exit on failure."""
+    dataset = _dataset(dataset_id)
+    run_validation = getattr(dataset, "validate", None)
+    if run_validation is None:
+        raise _fail(f"{dataset_id} declares no validators")
+    report = run_validation(store_url=store, now=parse_utc(now) if now else None)
+    for line in report.lines():
+        typer.echo(line)
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def demo(
+    preset: Annotated[str, typer.Option(help="'default' or 'small' (fast, for CI).")] = "default",
+    workdir: Annotated[Path, typer.Option(help="Where the archive and the dataset go.")] = Path("data/demo"),
+) -> None:
+    """Run the whole product offline: generate an archive, serve it on loopback, backfill, update, validate."""
+    from reformatters.demo import run_demo
+
+    run_demo(preset=preset, workdir=workdir)
+
+
+if __name__ == "__main__":
+    app()
