@@ -45,7 +45,10 @@ class Encoding(FrozenModel):
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, value: str) -> str:
-        np.dtype(value)
+        try:
+            np.dtype(value)
+        except TypeError as error:
+            raise ValueError(f"dtype {value!r} is not a numpy dtype (e.g. 'float32', 'int64')") from error
         return value
 
     @model_validator(mode="after")

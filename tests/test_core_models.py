@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+
+from reformatters.common.binary_rounding import max_relative_rounding_error, round_float32_inplace
+from reformatters.common.config_models import BaseInternalAttrs, DataVar, DataVarAttrs, Encoding
+from reformatters.common.deaccumulation import deaccumulate_along_axis
+from reformatters.common.time_utils import TimezoneError, parse_utc
+
+
+def test_naive_time_means_utc_and_z_is_accepted() -> None:
+    assert parse_utc("2025-01-31T06:00") == pd.Timestamp("2025-01-31T06:00")
+    assert parse_utc("2025-01-31T06:00Z") == pd.Timestamp("2025-01-31T06:00")
+    assert parse_utc("2025-01-31T06:00+00:00") == pd.Timestamp("2025-01-31T06:00")
+
+
+def test_other_offsets_are_refused_with_the_utc_instant() -> None:
+    with pytest.raises(TimezoneError, match=r"UTC offset.*2025-01-31T04:00:00"):
+        parse_utc("2025-01-31T06:00+02:00")
+    with pytest.raises(ValueError, match="not an ISO 8601 time"):
+        parse_utc("yesterday-ish")
+
+
+def test_encoding_refuses_shards_that_split_chunks() -> None:
+    with pytest.raises(ValidationError, match="whole multiples of chunks"):
+        Encoding(dtype="float32", fill_value=float("nan"), chunks=(1, 105), shards=(1, 200))
+    with pytest.raises(ValidationError, match="same number of dimensions"):
+        Encoding(dtype="float32", fill_value=float("nan"), chunks=(1, 105), shards=(1,))
+    with pytest.raises(ValidationError):
+        Encoding(dtype="not-a-dtype", fill_value=0, chunks=(1,))
+
+
+def test_models_are_frozen_and_strict() -> None:
+    encoding = Encoding(dtype="float32", fill_value=float("nan"), chunks=(2,), shards=(4,))
+    with pytest.raises(ValidationError):
+        encoding.chunks = (3,)  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="keep_mantissa_bits"):
+        BaseInternalAttrs(keep_mantissa_bits=30)
+    with pytest.raises(ValidationError, match="valid identifier"):
+        DataVar[BaseInternalAttrs](
+            name="2m temperature",
+            encoding=encoding,
+            attrs=DataVarAttrs(long_name="x", short_name="x", units="K", step_type="instant"),
+            internal_attrs=BaseInternalAttrs(keep_mantissa_bits=7),
+        )
+
+
+@pytest.mark.parametrize("bits", [4, 7, 10, 16, 22])
+def test_binary_rounding_error_is_bounded_and_half_to_even(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    values = (rng.standard_normal(100_000) * 300).astype(np.float32)
+    rounded = round_float32_inplace(values.copy(), bits)
+    relative = np.abs(rounded.astype(np.float64) - values) / np.abs(values.astype(np.float64))
+    assert relative.max() <= max_relative_rounding_error(bits)
+    # Rounded values use only the kept mantissa bits.
+    assert not np.any(rounded.view(np.uint32) & np.uint32((1 << (23 - bits)) - 1))
+    # Exact ties go to the even neighbour: 1 + 2^-(bits+1) lies halfway between 1 and 1 + 2^-bits.
+    tie = np.array([1 + 2.0 ** -(bits + 1)], dtype=np.float32)
+    assert round_float32_inplace(tie, bits)[0] == 1.0
+
+
+def test_binary_rounding_keeps_nan_and_inf() -> None:
+    values = np.array([np.nan, np.inf, -np.inf, 3.3], dtype=np.float32)
+    rounded = round_float32_inplace(values, 7)
+    assert np.isnan(rounded[0]) and rounded[1] == np.inf and rounded[2] == -np.inf
+
+
+def test_deaccumulation_with_six_hour_window_restarts() -> None:
+    leads = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], dtype=float)
+    rate = np.linspace(1e-4, 3e-4, len(leads)).astype(np.float32)  # kg m-2 s-1 over (h-1, h]
+    accumulated = np.zeros(len(leads), dtype=np.float32)
+    for i, hour in enumerate(leads):
+        if hour == 0:
+            continue
+        start = ((hour - 1) // 6) * 6
+        accumulated[i] = sum(rate[int(h)] * 3600 for h in range(int(start) + 1, int(hour) + 1))
+    values = accumulated.copy()[:, None]
+    deaccumulate_along_axis(values, leads, 0, "accumulation", 6)
+    assert np.isnan(values[0, 0])
+    np.testing.assert_allclose(values[1:, 0], rate[1:], rtol=1e-4)
+
+
+def test_deaccumulation_of_window_averages_and_missing_previous_step() -> None:
+    leads = np.array([0, 3, 6, 9, 12], dtype=float)
+    step_average = np.array([np.nan, 100.0, 200.0, 300.0, 400.0], dtype=np.float32)
+    window_average = np.array([np.nan, 100.0, 150.0, 300.0, 350.0], dtype=np.float32)
+    values = window_average.copy()[:, None]
+    deaccumulate_along_axis(values, leads, 0, "average", 6)
+    np.testing.assert_allclose(values[1:, 0], step_average[1:], rtol=1e-6)
+    window_average[3] = np.nan  # lead 9 missing: lead 12 (not a window's first step) cannot be computed
+    values = window_average.copy()[:, None]
+    deaccumulate_along_axis(values, leads, 0, "average", 6)
+    assert np.isnan(values[4, 0]) and values[2, 0] == pytest.approx(200.0)
+
+
+def test_clearly_negative_rates_become_nan_and_are_counted() -> None:
+    leads = np.array([0, 1, 2], dtype=float)
+    values = np.array([[0.0, 0.0], [3.6, 3.6], [3.6 - 1e-6, 0.0]], dtype=np.float32)
+    negatives = deaccumulate_along_axis(values, leads, 0, "accumulation", None)
+    assert negatives == 1
+    assert values[2, 0] == 0.0  # packing noise clamps to zero
+    assert np.isnan(values[2, 1])
