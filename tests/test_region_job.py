@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from reformatters.common.storage import ObjectStore
+from reformatters.pipeline.graph import build_region_graph, count_tasks
+from reformatters.pipeline.kernels import download_kernel, encode_variable_kernel, read_kernel, upload_kernel
+from reformatters.publish import metadata_keys, publish_from_tmp_store, tmp_metadata_store, variable_metadata
+from reformatters.region_job import RegionJobFilters, SourceFileStatus
+from reformatters_datasets.example import source
+from reformatters_datasets.example.dataset import ExampleDataset
+from reformatters_datasets.example.region_job import ExampleRegionJob
+
+DATASET = ExampleDataset()
+CONFIG = DATASET.template_config
+
+
+def jobs_for(filters: RegionJobFilters, end: str = "2024-01-04T00:00") -> list[ExampleRegionJob]:
+    template = CONFIG.get_template(end)
+    return ExampleRegionJob.get_jobs(template, "init_time", CONFIG.data_vars, filters)
+
+
+def starts(jobs: list[ExampleRegionJob]) -> list[str]:
+    return sorted({f"{job.template_ds.init_time.values[job.region.start]}"[:13] for job in jobs})
+
+
+def test_filters_select_whole_shard_aligned_regions() -> None:
+    # 12 init times, shards of 2: regions start at 00z and 12z.
+    assert len(jobs_for(RegionJobFilters())) == 6
+    # 2024-01-01T06 lies inside the region [00z, 06z]: the whole region is processed.
+    selected = jobs_for(RegionJobFilters.parse(start="2024-01-01T06:00", end="2024-01-02T00:00"))
+    assert starts(selected) == ["2024-01-01T00", "2024-01-01T12"]
+    assert all(job.region.stop - job.region.start == 2 for job in selected)
+    contains = jobs_for(RegionJobFilters.parse(contains=["2024-01-02T18:00Z"]))
+    assert starts(contains) == ["2024-01-02T12"]
+
+
+def test_variable_filter_and_cap_on_variables_per_job() -> None:
+    only_temperature = jobs_for(RegionJobFilters.parse(variable_names=["temperature_2m"]))
+    assert {tuple(v.name for v in j.data_vars) for j in only_temperature} == {("temperature_2m",)}
+    with pytest.raises(ValueError, match="unknown variable.*choose from"):
+        jobs_for(RegionJobFilters.parse(variable_names=["temperature_3m"]))
+
+    class OneVariablePerJob(ExampleRegionJob):
+        max_vars_per_job = 1
+
+    template = CONFIG.get_template("2024-01-02T00:00")
+    jobs = OneVariablePerJob.get_jobs(template, "init_time", CONFIG.data_vars)
+    assert len(jobs) == 2 * len(CONFIG.data_vars)
+    assert all(len(job.data_vars) == 1 for job in jobs)
+
+
+def test_worker_copy_carries_only_the_processing_region() -> None:
+    job = jobs_for(RegionJobFilters())[1]
+    small = job.for_workers()
+    assert small.template_ds.sizes["init_time"] == 2
+    assert small.template_ds.init_time.values[0] == job.template_ds.init_time.values[job.region.start]
+
+
+def test_graph_shape_per_region(tmp_path: Path) -> None:
+    job = jobs_for(RegionJobFilters())[0]
+    with tmp_metadata_store(job.template_ds) as tmp_store:
+        metadata = variable_metadata(tmp_store, [v.name for v in job.data_vars])
+    graphs = build_region_graph(job, metadata, ObjectStore(tmp_path / "store.zarr"))
+    files = 2 * len(source.LEAD_HOURS)
+    reads_per_var = -(-files // job.read_batch_size)
+    variables = len(job.data_vars)
+    # job + store + downloads + (reads + encode + upload) per variable
+    assert len(graphs) == variables
+    assert count_tasks(graphs) == 2 + files + variables * (reads_per_var + 2)
+
+
+def run_job_without_cluster(job: ExampleRegionJob, store: ObjectStore, metadata: dict[str, bytes]) -> dict[str, list]:
+    worker_job = job.for_workers()
+    processing = job.template_ds.isel(init_time=job.get_processing_region())
+    results = {}
+    for group in job.source_groups(job.data_vars):
+        coords = job.generate_source_file_coords(processing, group)
+        downloads = [download_kernel(worker_job, c, list(group)) for c in coords]
+        for data_var in group:
+            reads = [read_kernel(worker_job, data_var, downloads, True)]
+            encoded = encode_variable_kernel(worker_job, data_var, reads, metadata[data_var.name], store)
+            results[data_var.name] = upload_kernel(encoded, store).results
+    return results
+
+
+def test_kernels_mark_failures_and_write_whole_shards(tmp_path: Path) -> None:
+    inits = pd.date_range("2024-01-01", periods=2, freq="6h")
+    source.generate_source(tmp_path / "src", inits, missing=[(inits[0], 2)], corrupt=[(inits[1], 4)])
+    store = ObjectStore(tmp_path / "store.zarr")
+    template = CONFIG.get_template("2024-01-01T12:00")
+    job = ExampleRegionJob.get_jobs(template, "init_time", CONFIG.data_vars, source_url=str(tmp_path / "src"))[0]
+    with tmp_metadata_store(template) as tmp_store:
+        publish_from_tmp_store(tmp_store, store)
+        metadata = variable_metadata(tmp_store, [v.name for v in CONFIG.data_vars])
+    results = run_job_without_cluster(job, store, metadata)
+    statuses = {(c.init_time, c.lead_time.total_seconds() // 3600): c.status for c in results["temperature_2m"]}
+    assert statuses[(inits[0], 2)] == SourceFileStatus.DownloadFailed
+    assert statuses[(inits[1], 4)] == SourceFileStatus.ReadFailed
+    assert sum(s == SourceFileStatus.Succeeded for s in statuses.values()) == 10
+    failed = next(c for c in results["temperature_2m"] if c.status == SourceFileStatus.DownloadFailed)
+    assert failed.status_reason and "example.f002.npz" in failed.status_reason
+    # One shard object per variable (shards of 2 x 6 x 16 x 32 cover the whole region).
+    assert store.list("temperature_2m/c") == ["temperature_2m/c/0/0/0/0"]
+    ds = store.open_dataset()
+    assert np.isnan(ds.temperature_2m.sel(init_time=inits[0]).values[2]).all()
+    assert not np.isnan(ds.temperature_2m.sel(init_time=inits[0]).values[3]).any()
+
+
+def test_region_covering_part_of_a_shard_merges_into_published_content(tmp_path: Path) -> None:
+    inits = pd.date_range("2024-01-01", periods=2, freq="6h")
+    source.generate_source(tmp_path / "src", inits)
+    store = ObjectStore(tmp_path / "store.zarr")
+    template = CONFIG.get_template("2024-01-01T12:00")
+    with tmp_metadata_store(template) as tmp_store:
+        publish_from_tmp_store(tmp_store, store)
+        metadata = variable_metadata(tmp_store, [v.name for v in CONFIG.data_vars])
+    full = ExampleRegionJob.get_jobs(template, "init_time", CONFIG.data_vars, source_url=str(tmp_path / "src"))[0]
+    run_job_without_cluster(full, store, metadata)
+    before = store.open_dataset().temperature_2m.values.copy()
+
+    # Now only the second init time of the shard is re-processed, from a source where every file is gone:
+    # the first init time must keep its published values.
+    second_only = full.model_copy(update={"region": slice(1, 2), "source_url": str(tmp_path / "empty")})
+    run_job_without_cluster(second_only, store, metadata)
+    after = store.open_dataset().temperature_2m.values
+    np.testing.assert_array_equal(after[0], before[0])
+    assert np.isnan(after[1]).all()
+
+
+def test_metadata_is_published_root_last(tmp_path: Path) -> None:
+    with tmp_metadata_store(CONFIG.get_template("2024-01-02T00:00")) as tmp_store:
+        keys = metadata_keys(tmp_store)
+    assert keys[-1] == "zarr.json"
+    assert keys.index("temperature_2m/zarr.json") > keys.index("init_time/c/0")
