@@ -61,7 +61,7 @@ class GridSpec(BaseModel):
             return 0
         first = self.longitude_of_first_grid_point % 360
         target = 180.0  # -180 == 180 east
-        return round(((target - first) % 360) / self.longitude_step) % self.ni
+        return (-round(((target - first) % 360) / self.longitude_step)) % self.ni
 
     def latitudes(self) -> np.ndarray:
         return np.linspace(self.latitude_of_first_grid_point, self.latitude_of_last_grid_point, self.nj)

@@ -1,3 +1,4 @@
+import itertools
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ def test_parse_every_real_noaa_inventory(fixtures_dir: Path) -> None:
         assert len(entries) == len(text.strip().splitlines()), f
         assert entries[0].start == 0
         assert entries[-1].end is None
-        for a, b in zip(entries, entries[1:], strict=False):
+        for a, b in itertools.pairwise(entries):
             assert a.end == b.start, (f, a.raw)
             assert a.length is not None and a.length > 0
         assert all(e.raw and e.element and e.level and e.step for e in entries)
