@@ -47,9 +47,7 @@ SourceUrlOption = Annotated[
     str | None,
     typer.Option("--source-url", help="Replace the dataset's source root (a mirror or a local archive)."),
 ]
-NowOption = Annotated[
-    str | None, typer.Option("--now", help="Pretend the wall clock reads this UTC time (ISO 8601).")
-]
+NowOption = Annotated[str | None, typer.Option("--now", help="Pretend the wall clock reads this UTC time (ISO 8601).")]
 
 
 def _setup_logging(verbose: bool) -> None:

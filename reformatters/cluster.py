@@ -116,7 +116,7 @@ def _kube_client() -> Iterator[Client]:
     resource = dask_cluster_resource(image=image)
     try:
         cluster = KubeCluster(custom_cluster_spec=resource, shutdown_on_close=True)
-    except Exception as error:  # noqa: BLE001 - any API failure becomes one clear line
+    except Exception as error:
         raise ClusterUnavailableError(f"could not create the DaskCluster on Kubernetes: {error}") from error
     with cluster, Client(cluster) as client:
         yield client

@@ -87,9 +87,10 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
             if not store_in_use:
                 publish_from_tmp_store(tmp_store, final_store)
             var_metadata = variable_metadata(tmp_store, [v.name for v in config.data_vars])
-            with open_client(cluster, n_workers=n_workers) as client, RunProgress(
-                f"backfill {self.dataset_id}", len(jobs), client, enabled=show_progress
-            ) as progress:
+            with (
+                open_client(cluster, n_workers=n_workers) as client,
+                RunProgress(f"backfill {self.dataset_id}", len(jobs), client, enabled=show_progress) as progress,
+            ):
 
                 def region_done(outcome: RegionOutcome) -> None:
                     summary.regions_done += 1

@@ -169,20 +169,30 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
             for start in range(0, len(append_labels), shard_length)
         ]
         regions = [r for r in regions if region_selected(append_labels[r], filters)]
-        jobs = []
-        for region in regions:
-            for group in cls.source_groups(data_vars):
-                for chunk in _batched(group, cls.max_vars_per_job):
-                    jobs.append(
-                        cls(
-                            template_ds=template_ds,
-                            data_vars=tuple(chunk),
-                            append_dim=append_dim,
-                            region=region,
-                            source_url=source_url,
-                        )
-                    )
-        return jobs
+        return cls.jobs_for_regions(template_ds, append_dim, data_vars, regions, source_url=source_url)
+
+    @classmethod
+    def jobs_for_regions(
+        cls,
+        template_ds: xr.Dataset,
+        append_dim: str,
+        data_vars: Sequence[DataVarT],
+        regions: Sequence[slice],
+        source_url: str | None = None,
+    ) -> list[Self]:
+        """One job per region x source group x at most `max_vars_per_job` variables, in append order."""
+        return [
+            cls(
+                template_ds=template_ds,
+                data_vars=tuple(chunk),
+                append_dim=append_dim,
+                region=region,
+                source_url=source_url,
+            )
+            for region in regions
+            for group in cls.source_groups(data_vars)
+            for chunk in _batched(group, cls.max_vars_per_job)
+        ]
 
     def for_workers(self) -> Self:
         """A copy whose template covers only the processing region: small enough to ship to workers."""
@@ -192,10 +202,7 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
 
     def describe(self) -> str:
         labels = self.template_ds.get_index(self.append_dim)[self.region]
-        if len(labels) == 0:
-            span = "empty"
-        else:
-            span = f"{labels[0]:%Y-%m-%dT%H:%M}..{labels[-1]:%Y-%m-%dT%H:%M}"
+        span = f"{labels[0]:%Y-%m-%dT%H:%M}..{labels[-1]:%Y-%m-%dT%H:%M}" if len(labels) else "empty"
         return f"{self.append_dim} {span} [{', '.join(v.name for v in self.data_vars)}]"
 
 
@@ -210,9 +217,7 @@ def select_data_vars(all_data_vars: Sequence[DataVarT], names: Sequence[str]) ->
     known = {v.name: v for v in all_data_vars}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(
-            f"unknown variable(s) {unknown}; choose from: {', '.join(sorted(known))}"
-        )
+        raise ValueError(f"unknown variable(s) {unknown}; choose from: {', '.join(sorted(known))}")
     return [v for v in all_data_vars if v.name in names]
 
 

@@ -22,7 +22,6 @@ def get_dataset(dataset_id: str) -> DynamicalDataset[Any]:
     datasets = {d.dataset_id: d for d in all_datasets()}
     if dataset_id not in datasets:
         raise UnknownDatasetError(
-            f"unknown dataset {dataset_id!r}; known datasets: {', '.join(sorted(datasets))} "
-            "(see `reformatters list`)"
+            f"unknown dataset {dataset_id!r}; known datasets: {', '.join(sorted(datasets))} (see `reformatters list`)"
         )
     return datasets[dataset_id]

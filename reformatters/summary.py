@@ -48,9 +48,9 @@ class RunSummary(BaseModel):
             entry.bytes_written += result.bytes_written
             entry.objects_written += result.objects_written
             for coord in result.results:
-                if coord.status in (SourceFileStatus.DownloadFailed, SourceFileStatus.ReadFailed):
-                    if len(entry.failures) < self.MAX_FAILURES_LISTED:
-                        entry.failures.append(f"{coord.get_url()}: {coord.status_reason}")
+                failed = coord.status in (SourceFileStatus.DownloadFailed, SourceFileStatus.ReadFailed)
+                if failed and len(entry.failures) < self.MAX_FAILURES_LISTED:
+                    entry.failures.append(f"{coord.get_url()}: {coord.status_reason}")
 
     @property
     def files_ok(self) -> int:

@@ -16,7 +16,6 @@ import xarray as xr
 from pydantic import Field, field_validator, model_validator
 
 from reformatters.common.config_models import (
-    BaseInternalAttrs,
     Coordinate,
     DatasetAttributes,
     DataVar,
@@ -30,7 +29,17 @@ DataVarT = TypeVar("DataVarT", bound=DataVar[Any])
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 
 # Encoding keys that carry over from a loaded template to the expanded one.
-_KEPT_ENCODING_KEYS = ("chunks", "shards", "compressors", "filters", "serializer", "_FillValue", "dtype", "units", "calendar")
+_KEPT_ENCODING_KEYS = (
+    "chunks",
+    "shards",
+    "compressors",
+    "filters",
+    "serializer",
+    "_FillValue",
+    "dtype",
+    "units",
+    "calendar",
+)
 
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
 

@@ -5,15 +5,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from reformatters_datasets.example import source
+from reformatters_datasets.example.dataset import ExampleDataset
+from reformatters_datasets.example.region_job import ExampleRegionJob
 
 from reformatters.common.storage import ObjectStore
 from reformatters.pipeline.graph import build_region_graph, count_tasks
 from reformatters.pipeline.kernels import download_kernel, encode_variable_kernel, read_kernel, upload_kernel
 from reformatters.publish import metadata_keys, publish_from_tmp_store, tmp_metadata_store, variable_metadata
 from reformatters.region_job import RegionJobFilters, SourceFileStatus
-from reformatters_datasets.example import source
-from reformatters_datasets.example.dataset import ExampleDataset
-from reformatters_datasets.example.region_job import ExampleRegionJob
 
 DATASET = ExampleDataset()
 CONFIG = DATASET.template_config
@@ -42,7 +42,7 @@ def test_filters_select_whole_shard_aligned_regions() -> None:
 def test_variable_filter_and_cap_on_variables_per_job() -> None:
     only_temperature = jobs_for(RegionJobFilters.parse(variable_names=["temperature_2m"]))
     assert {tuple(v.name for v in j.data_vars) for j in only_temperature} == {("temperature_2m",)}
-    with pytest.raises(ValueError, match="unknown variable.*choose from"):
+    with pytest.raises(ValueError, match=r"unknown variable.*choose from"):
         jobs_for(RegionJobFilters.parse(variable_names=["temperature_3m"]))
 
     class OneVariablePerJob(ExampleRegionJob):

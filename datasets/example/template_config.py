@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import xarray as xr
 
@@ -30,8 +29,13 @@ class ExampleInternalAttrs(BaseInternalAttrs):
 
 ExampleDataVar = DataVar[ExampleInternalAttrs]
 
-_TIME = Encoding(dtype="int64", fill_value=0, chunks=(10_000,), units="seconds since 1970-01-01 00:00:00",
-                 calendar="proleptic_gregorian")
+_TIME = Encoding(
+    dtype="int64",
+    fill_value=0,
+    chunks=(10_000,),
+    units="seconds since 1970-01-01 00:00:00",
+    calendar="proleptic_gregorian",
+)
 
 
 def _data_var(name: str, attrs: DataVarAttrs, bits: int, deaccumulate: bool = False) -> ExampleDataVar:
@@ -79,36 +83,64 @@ def example_template_config() -> ExampleTemplateConfig:
             forecast_resolution="Hourly",
         ),
         coords=(
-            Coordinate(name="init_time", encoding=_TIME,
-                       attrs=CoordinateAttrs(units="seconds since 1970-01-01 00:00:00", long_name="Forecast initialization time")),
-            Coordinate(name="lead_time",
-                       encoding=Encoding(dtype="int64", fill_value=-1, chunks=(6,), units="seconds"),
-                       attrs=CoordinateAttrs(units="seconds", long_name="Forecast lead time")),
-            Coordinate(name="latitude", encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(16,)),
-                       attrs=CoordinateAttrs(units="degrees_north", standard_name="latitude", axis="Y")),
-            Coordinate(name="longitude", encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(32,)),
-                       attrs=CoordinateAttrs(units="degrees_east", standard_name="longitude", axis="X")),
-            Coordinate(name="valid_time",
-                       encoding=Encoding(dtype="int64", fill_value=0, chunks=(10_000, 6),
-                                         units="seconds since 1970-01-01 00:00:00", calendar="proleptic_gregorian"),
-                       attrs=CoordinateAttrs(long_name="Valid time")),
+            Coordinate(
+                name="init_time",
+                encoding=_TIME,
+                attrs=CoordinateAttrs(
+                    units="seconds since 1970-01-01 00:00:00", long_name="Forecast initialization time"
+                ),
+            ),
+            Coordinate(
+                name="lead_time",
+                encoding=Encoding(dtype="int64", fill_value=-1, chunks=(6,), units="seconds"),
+                attrs=CoordinateAttrs(units="seconds", long_name="Forecast lead time"),
+            ),
+            Coordinate(
+                name="latitude",
+                encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(16,)),
+                attrs=CoordinateAttrs(units="degrees_north", standard_name="latitude", axis="Y"),
+            ),
+            Coordinate(
+                name="longitude",
+                encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(32,)),
+                attrs=CoordinateAttrs(units="degrees_east", standard_name="longitude", axis="X"),
+            ),
+            Coordinate(
+                name="valid_time",
+                encoding=Encoding(
+                    dtype="int64",
+                    fill_value=0,
+                    chunks=(10_000, 6),
+                    units="seconds since 1970-01-01 00:00:00",
+                    calendar="proleptic_gregorian",
+                ),
+                attrs=CoordinateAttrs(long_name="Valid time"),
+            ),
         ),
         data_vars=(
             _data_var(
                 "temperature_2m",
-                DataVarAttrs(long_name="2 metre temperature", short_name="t2m", units="degC",
-                             step_type="instant", standard_name="air_temperature"),
+                DataVarAttrs(
+                    long_name="2 metre temperature",
+                    short_name="t2m",
+                    units="degC",
+                    step_type="instant",
+                    standard_name="air_temperature",
+                ),
                 bits=10,
             ),
             _data_var(
                 "precipitation_surface",
-                DataVarAttrs(long_name="Total precipitation rate", short_name="tp", units="kg m-2 s-1",
-                             step_type="avg", standard_name="precipitation_flux",
-                             comment="Average rate over the hour ending at valid_time."),
+                DataVarAttrs(
+                    long_name="Total precipitation rate",
+                    short_name="tp",
+                    units="kg m-2 s-1",
+                    step_type="avg",
+                    standard_name="precipitation_flux",
+                    comment="Average rate over the hour ending at valid_time.",
+                ),
                 bits=12,
                 deaccumulate=True,
             ),
         ),
     )
-
-

@@ -56,9 +56,7 @@ class Encoding(FrozenModel):
         if self.shards is None:
             return self
         if len(self.shards) != len(self.chunks):
-            raise ValueError(
-                f"shards {self.shards} and chunks {self.chunks} must have the same number of dimensions"
-            )
+            raise ValueError(f"shards {self.shards} and chunks {self.chunks} must have the same number of dimensions")
         for shard, chunk in zip(self.shards, self.chunks, strict=True):
             if shard % chunk:
                 raise ValueError(

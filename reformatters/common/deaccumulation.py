@@ -62,8 +62,7 @@ def deaccumulate_along_axis(
                 result = current
             else:
                 result = (
-                    current * np.float32(float(hour) - start)
-                    - original[i - 1] * np.float32(previous_hour - start)
+                    current * np.float32(float(hour) - start) - original[i - 1] * np.float32(previous_hour - start)
                 ) / np.float32(step_hours)
         moved[i] = result
     return clearly_negative

@@ -7,6 +7,7 @@ environment variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ..., `STORAGE_EM
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from functools import cached_property
@@ -98,10 +99,8 @@ class ObjectStore:
         if self.is_local:
             Path(self._path(key)).unlink(missing_ok=True)
             return
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self._path(key))
-        except FileNotFoundError:
-            pass
 
     def list(self, prefix: str = "") -> list[str]:
         """Keys under a prefix, recursively, relative to the store root."""
@@ -112,9 +111,7 @@ class ObjectStore:
                 return []
             store_root = Path(self.url)
             return sorted(
-                str(p.relative_to(store_root))
-                for p in root.rglob("*")
-                if p.is_file() and ".tmp-" not in p.name
+                str(p.relative_to(store_root)) for p in root.rglob("*") if p.is_file() and ".tmp-" not in p.name
             )
         try:
             found = self.fs.find(base)

@@ -7,14 +7,12 @@ cover the template exactly once, and a backfill into a local store reads back as
 
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
-import pytest
 import xarray as xr
 
 from reformatters.common.binary_rounding import max_relative_rounding_error
@@ -111,5 +109,3 @@ class DatasetTestKit:
                 actual, expected, rtol=rtol * 1.0001, atol=self.absolute_tolerance(name), err_msg=name
             )
         self.check_summary(summary)
-
-

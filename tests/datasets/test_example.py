@@ -6,12 +6,12 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 import xarray as xr
+from reformatters_datasets.example import source
+from reformatters_datasets.example.dataset import ExampleDataset
 
 from reformatters.region_job import SourceFileStatus
 from reformatters.summary import RunSummary
 from reformatters.testing.dataset_kit import DatasetTestKit
-from reformatters_datasets.example import source
-from reformatters_datasets.example.dataset import ExampleDataset
 
 INITS = pd.date_range("2024-01-01", periods=4, freq="6h")
 MISSING = [(INITS[1], 3)]

@@ -1,0 +1,166 @@
+"""How a region of `noaa-gfs-forecast` is produced from NOAA's GRIB2 files and their `.idx` inventories."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Self
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import xarray as xr
+
+from reformatters.common.deaccumulation import deaccumulate_along_axis
+from reformatters.common.storage import ObjectStore
+from reformatters.common.time_utils import utc_now
+from reformatters.region_job import ProcessResults, RegionJob, SourceFileCoord, SourceFileStatus
+from reformatters.sources.grib_decode import GridSpec, decode_message
+from reformatters.sources.grib_index import instant_step, window_step
+
+from .template_config import EXPECTED_FORECAST_LENGTH, WINDOW_RESET_HOURS, GfsDataVar
+
+NOAA_BUCKET_URL = "https://noaa-gfs-bdp-pds.s3.amazonaws.com"
+NOMADS_URL = "https://nomads.ncep.noaa.gov/pub/data/nccf/com/gfs/prod"
+NOMADS_RETENTION = pd.Timedelta(days=9)
+GRID = GridSpec.global_regular(0.25, roll_longitude_to_180=True)
+KELVIN_OFFSET = np.float32(273.15)
+
+
+def window_start_hours(lead_hours: int) -> int:
+    """GFS windows restart every 6 h: lead 7 holds 6-7, lead 12 holds 6-12, lead 129 holds 126-129."""
+    return ((lead_hours - 1) // WINDOW_RESET_HOURS) * WINDOW_RESET_HOURS
+
+
+def step_text(data_var: GfsDataVar, lead_hours: int) -> str | None:
+    """The `.idx` step of this variable's message at this lead; None where GFS has no message (windows at 0)."""
+    window = data_var.internal_attrs.window
+    if window == "instant":
+        return instant_step(lead_hours)
+    if lead_hours == 0:
+        return None
+    return window_step(window_start_hours(lead_hours), lead_hours, window)
+
+
+class GfsSourceFileCoord(SourceFileCoord):
+    source_url: str
+    init_time: pd.Timestamp
+    lead_time: pd.Timedelta
+
+    @property
+    def lead_hours(self) -> int:
+        return int(self.lead_time.total_seconds() // 3600)
+
+    def get_url(self) -> str:
+        init = self.init_time
+        return (
+            f"{self.source_url.rstrip('/')}/gfs.{init:%Y%m%d}/{init:%H}/atmos/"
+            f"gfs.t{init:%H}z.pgrb2.0p25.f{self.lead_hours:03d}"
+        )
+
+    def get_idx_url(self) -> str:
+        return f"{self.get_url()}.idx"
+
+    def out_loc(self) -> Mapping[str, Any]:
+        return {"init_time": self.init_time, "lead_time": self.lead_time}
+
+
+class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
+    max_vars_per_job = 4
+    read_batch_size = 12
+
+    def generate_source_file_coords(
+        self, processing_region_ds: xr.Dataset, data_var_group: Sequence[GfsDataVar]
+    ) -> Sequence[GfsSourceFileCoord]:
+        root = self.source_url or NOAA_BUCKET_URL
+        return [
+            GfsSourceFileCoord(source_url=root, init_time=init_time, lead_time=lead_time)
+            for init_time in processing_region_ds["init_time"].to_index()
+            for lead_time in processing_region_ds["lead_time"].to_index()
+        ]
+
+    def download_file(self, coord: GfsSourceFileCoord, data_var_group: Sequence[GfsDataVar]) -> Mapping[str, bytes]:
+        from reformatters.sources.download import SourceFileNotFoundError, fetch_grib_messages
+
+        wanted = {}
+        for var in data_var_group:
+            step = step_text(var, coord.lead_hours)
+            if step is not None:
+                wanted[var.name] = (var.internal_attrs.grib_element, var.internal_attrs.grib_level, step)
+        if not wanted:
+            return {}
+        try:
+            return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), wanted)
+        except SourceFileNotFoundError:
+            # NOMADS keeps about ten days and throttles hard: only a fallback for recent runs of the default root.
+            if self.source_url is not None or coord.init_time < utc_now() - NOMADS_RETENTION:
+                raise
+            nomads = coord.model_copy(update={"source_url": NOMADS_URL})
+            return fetch_grib_messages(nomads.get_url(), nomads.get_idx_url(), wanted)
+
+    def read_data(
+        self, coord: GfsSourceFileCoord, data_var: GfsDataVar, payload: bytes | Mapping[str, bytes]
+    ) -> npt.NDArray[np.float32]:
+        assert not isinstance(payload, bytes)
+        if data_var.name not in payload:
+            if step_text(data_var, coord.lead_hours) is None:
+                return np.full((GRID.nj, GRID.ni), np.nan, dtype=np.float32)
+            raise KeyError(f"{data_var.name} was not downloaded from {coord.get_url()}")
+        values = decode_message(payload[data_var.name], GRID)
+        if data_var.internal_attrs.kelvin_to_celsius:
+            values -= KELVIN_OFFSET
+        return values
+
+    def apply_data_transformations(self, data_array: xr.DataArray, data_var: GfsDataVar) -> None:
+        attrs = data_var.internal_attrs
+        if attrs.deaccumulate_to_rate or attrs.deaccumulate_average:
+            lead_hours = data_array["lead_time"].values / np.timedelta64(1, "h")
+            deaccumulate_along_axis(
+                data_array.values,
+                lead_hours,
+                data_array.dims.index("lead_time"),
+                "accumulation" if attrs.deaccumulate_to_rate else "average",
+                WINDOW_RESET_HOURS,
+            )
+        super().apply_data_transformations(data_array, data_var)
+
+    @classmethod
+    def update_template_with_results(
+        cls, template_ds: xr.Dataset, append_dim: str, process_results: ProcessResults
+    ) -> xr.Dataset:
+        ds = super().update_template_with_results(template_ds, append_dim, process_results)
+        ingested: dict[pd.Timestamp, pd.Timedelta] = {}
+        for coords in process_results.values():
+            for coord in coords:
+                if coord.status != SourceFileStatus.Succeeded:
+                    continue
+                location = coord.out_loc()
+                init, lead = location["init_time"], location["lead_time"]
+                if init not in ingested or lead > ingested[init]:
+                    ingested[init] = lead
+        values = ds["ingested_forecast_length"].values.copy()
+        for i, init in enumerate(ds.get_index("init_time")):
+            if init in ingested:
+                values[i] = ingested[init].to_timedelta64()
+        return ds.assign_coords(ingested_forecast_length=(("init_time",), values))
+
+    @classmethod
+    def operational_update_jobs(
+        cls,
+        final_store: Any,
+        template_ds: xr.Dataset,
+        append_dim: str,
+        all_data_vars: Sequence[GfsDataVar],
+        source_url: str | None = None,
+    ) -> tuple[Sequence[Self], xr.Dataset]:
+        """Reprocess the newest init in the store while its forecast is incomplete; append newer ones."""
+        store = final_store if isinstance(final_store, ObjectStore) else ObjectStore(final_store)
+        published = store.open_dataset() if store.exists("zarr.json") else None
+        start_index = 0
+        if published is not None and published.sizes[append_dim] > 0:
+            newest = published.get_index(append_dim)[-1]
+            ingested = published["ingested_forecast_length"].values[-1]
+            complete = not np.isnat(ingested) and pd.Timedelta(ingested) >= EXPECTED_FORECAST_LENGTH
+            start_label = newest + pd.Timedelta(hours=6) if complete else newest
+            start_index = int(template_ds.get_index(append_dim).searchsorted(start_label))
+        regions = [slice(p, p + 1) for p in range(start_index, template_ds.sizes[append_dim])]
+        return cls.jobs_for_regions(template_ds, append_dim, all_data_vars, regions, source_url), template_ds
