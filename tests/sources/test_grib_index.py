@@ -62,9 +62,7 @@ def test_parse_every_real_noaa_inventory(fixtures_dir: Path) -> None:
 
 
 def test_gfs_f000_selection(fixtures_dir: Path) -> None:
-    entries = parse_ncep_idx(
-        _read(fixtures_dir / "noaa-idx/gfs.t00z.pgrb2.0p25.f000.idx")
-    )
+    entries = parse_ncep_idx(_read(fixtures_dir / "noaa-idx/gfs.t00z.pgrb2.0p25.f000.idx"))
     tmp = find_message(entries, "TMP", "2 m above ground", instant_step(0))
     assert (tmp.message, tmp.start, tmp.end) == ("580", 414591098, entries[580].start)
     tcdc = find_message(entries, "TCDC", "entire atmosphere", "anl")
@@ -79,15 +77,11 @@ def test_gfs_f000_selection(fixtures_dir: Path) -> None:
 
 
 def test_gfs_f007_selection_tells_windows_apart(fixtures_dir: Path) -> None:
-    entries = parse_ncep_idx(
-        _read(fixtures_dir / "noaa-idx/gfs.t00z.pgrb2.0p25.f007.idx")
-    )
+    entries = parse_ncep_idx(_read(fixtures_dir / "noaa-idx/gfs.t00z.pgrb2.0p25.f007.idx"))
     selected: dict[str, IndexEntry] = {}
     for element, level, kind in GFS_VARIABLES:
         step = instant_step(7) if kind is None else window_step(6, 7, kind)  # type: ignore[arg-type]
-        selected[f"{element}:{level}"] = find_message(
-            entries, element, level, step, source="gfs f007"
-        )
+        selected[f"{element}:{level}"] = find_message(entries, element, level, step, source="gfs f007")
 
     apcp_short = selected["APCP:surface"]
     apcp_long = find_message(entries, "APCP", "surface", window_step(0, 7, "acc"))
@@ -100,13 +94,13 @@ def test_gfs_f007_selection_tells_windows_apart(fixtures_dir: Path) -> None:
     # Instantaneous, not the window average, for TCDC / CPOFP / categorical precipitation
     assert selected["TCDC:entire atmosphere"].message == "636"
     assert selected["TCDC:entire atmosphere"].step == "7 hour fcst"
-    assert (
-        find_message(entries, "TCDC", "entire atmosphere", "6-7 hour ave fcst").message
-        == "637"
-    )
-    assert [
-        selected[f"{c}:surface"].message for c in ("CSNOW", "CICEP", "CFRZR", "CRAIN")
-    ] == ["601", "602", "603", "604"]
+    assert find_message(entries, "TCDC", "entire atmosphere", "6-7 hour ave fcst").message == "637"
+    assert [selected[f"{c}:surface"].message for c in ("CSNOW", "CICEP", "CFRZR", "CRAIN")] == [
+        "601",
+        "602",
+        "603",
+        "604",
+    ]
     assert selected["CPOFP:surface"].message == "591"
     assert selected["DSWRF:surface"].step == "6-7 hour ave fcst"
     assert selected["TMAX:2 m above ground"].message == "586"
@@ -121,28 +115,17 @@ def test_gfs_f007_selection_tells_windows_apart(fixtures_dir: Path) -> None:
 
 
 def test_gefs_and_hrrr_lines(fixtures_dir: Path) -> None:
-    geavg = parse_ncep_idx(
-        _read(fixtures_dir / "noaa-idx/geavg.t00z.pgrb2s.0p25.f009.idx")
-    )
+    geavg = parse_ncep_idx(_read(fixtures_dir / "noaa-idx/geavg.t00z.pgrb2s.0p25.f009.idx"))
     assert all(e.extra == "ens mean" for e in geavg)
     tmp = find_message(geavg, "TMP", "2 m above ground", "9 hour fcst")
     assert tmp.extra == "ens mean"
     # the day form written by wgrib2 matches an hours request
-    geavg0 = parse_ncep_idx(
-        _read(fixtures_dir / "noaa-idx/geavg.t00z.pgrb2s.0p25.f000.idx")
-    )
-    assert (
-        find_message(geavg0, "TMAX", "2 m above ground", "0-0 hour max fcst").step
-        == "0-0 day max fcst"
-    )
-    gep = parse_ncep_idx(
-        _read(fixtures_dir / "noaa-idx/gep01.t00z.pgrb2s.0p25.f015.idx")
-    )
+    geavg0 = parse_ncep_idx(_read(fixtures_dir / "noaa-idx/geavg.t00z.pgrb2s.0p25.f000.idx"))
+    assert find_message(geavg0, "TMAX", "2 m above ground", "0-0 hour max fcst").step == "0-0 day max fcst"
+    gep = parse_ncep_idx(_read(fixtures_dir / "noaa-idx/gep01.t00z.pgrb2s.0p25.f015.idx"))
     assert {e.extra for e in gep} == {"ENS=+1"}
 
-    hrrr = parse_ncep_idx(
-        _read(fixtures_dir / "noaa-idx/hrrr.t00z.wrfsfcf08.grib2.idx")
-    )
+    hrrr = parse_ncep_idx(_read(fixtures_dir / "noaa-idx/hrrr.t00z.wrfsfcf08.grib2.idx"))
     unnamed = find_message(
         hrrr,
         "var discipline=0 center=7 local_table=1 parmcat=16 parm=201",
@@ -150,9 +133,7 @@ def test_gefs_and_hrrr_lines(fixtures_dir: Path) -> None:
         "8 hour fcst",
     )
     assert (unnamed.message, unnamed.start, unnamed.end) == ("3", 820896, 1393281)
-    assert (
-        find_message(hrrr, "REFC", "entire atmosphere", instant_step(8)).end == 617287
-    )
+    assert find_message(hrrr, "REFC", "entire atmosphere", instant_step(8)).end == 617287
 
 
 def test_ecmwf_jsonl_index(fixtures_dir: Path) -> None:
@@ -181,18 +162,10 @@ def test_sub_messages_share_start_and_last_is_open_ended() -> None:
         ("3", 250, None),
     ]
     assert entries[3].byte_range_header == "bytes=250-"
-    merged = merge_byte_ranges(
-        [("u", 100, 250), ("v", 100, 250), ("t", 250, None)], max_gap_bytes=0
-    )
-    assert (
-        len(merged) == 1
-        and merged[0].end is None
-        and merged[0].byte_range_header == "bytes=100-"
-    )
+    merged = merge_byte_ranges([("u", 100, 250), ("v", 100, 250), ("t", 250, None)], max_gap_bytes=0)
+    assert len(merged) == 1 and merged[0].end is None and merged[0].byte_range_header == "bytes=100-"
     parts = merged[0].split(bytes(range(200)))
-    assert parts["u"] == parts["v"] == bytes(range(150)) and parts["t"] == bytes(
-        range(150, 200)
-    )
+    assert parts["u"] == parts["v"] == bytes(range(150)) and parts["t"] == bytes(range(150, 200))
     sized = merge_byte_ranges([("t", 250, None)], file_size=400)
     assert sized[0].byte_range_header == "bytes=250-399"
 
@@ -216,11 +189,7 @@ def test_steps() -> None:
     assert instant_step(0) == "anl"
     assert instant_step(7) == "7 hour fcst"
     assert window_step(6, 7, "acc") == "6-7 hour acc fcst"
-    assert (
-        normalize_step("0-10 day acc fcst")
-        == normalize_step(window_step(0, 240, "acc"))
-        == "0-240 hour acc fcst"
-    )
+    assert normalize_step("0-10 day acc fcst") == normalize_step(window_step(0, 240, "acc")) == "0-240 hour acc fcst"
     assert normalize_step("1 day fcst") == "24 hour fcst"
     with pytest.raises(ValueError):
         window_step(0, 6, "sum")  # type: ignore[arg-type]
@@ -236,10 +205,8 @@ def test_missing_variable_error_names_file_and_closest_lines(
     msg = str(info.value)
     assert str(path) in msg and "APCP:surface:5-7 hour acc fcst" in msg
     assert "596:428200066:d=2025080100:APCP:surface:6-7 hour acc fcst:" in msg
-    assert (
-        msg.index("APCP:surface:6-7") < msg.index("Closest") + 200
-    )  # same element+level listed first
+    assert msg.index("APCP:surface:6-7") < msg.index("Closest") + 200  # same element+level listed first
 
-    dup = entries + [entries[0]]
+    dup = [*entries, entries[0]]
     with pytest.raises(GribMessageNotFoundError, match="2 messages match"):
         find_message(dup, "PRMSL", "mean sea level", "7 hour fcst")

@@ -1,0 +1,325 @@
+"""Byte-range downloads of GRIB2 messages that survive flaky and throttling servers.
+
+http(s) goes through one pooled `httpx.Client` per process (thread-safe, keep-alive, no redirect following);
+`s3://`, `gs://`, `file://` and plain local paths go through fsspec's `cat_file(path, start, end)`, so a local or
+mirrored archive works as a source root.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import fsspec
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from reformatters.sources.grib_index import MergedRange, find_message, merge_byte_ranges, parse_index
+
+log = logging.getLogger("reformatters.sources")
+
+
+class SourceFileNotFoundError(FileNotFoundError):
+    """The source file does not exist (yet): 404, or 403 from a bucket without list permission."""
+
+
+class SourceDownloadError(OSError):
+    """A download failed after all retries (or with a non-retryable answer)."""
+
+
+class _Retryable(Exception):
+    """Internal: a transient failure worth another attempt."""
+
+
+class DownloadConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    connect_timeout_seconds: float = 10.0
+    read_timeout_seconds: float = 60.0
+    max_attempts: int = Field(default=6, ge=1)
+    # 404/403 usually mean "not published yet": retrying inside one job rarely helps, the next update will.
+    not_found_attempts: int = Field(default=1, ge=1)
+    backoff_base_seconds: float = 0.5
+    backoff_max_seconds: float = 30.0
+    # A gap of 256 KiB costs ~5 ms at ~50 MB/s, less than a request's first-byte latency, but is well below a
+    # typical GFS message (~0.8 MB), so merging never drags in whole unwanted fields.
+    max_gap_bytes: int = Field(default=256 * 1024, ge=0)
+    per_host_concurrency: int = Field(default=16, ge=1)
+    requests_per_minute: float | None = None  # NOMADS allows about 120
+    cluster_semaphore_name: str | None = None  # a distributed.Semaphore shared by every worker
+    cluster_semaphore_max_leases: int = 64
+
+
+# --------------------------------------------------------------------------------------------------
+# Process-wide shared state: HTTP client, per-host concurrency caps and rate limiters
+
+_state_lock = threading.Lock()
+_clients: dict[tuple[float, float, int], httpx.Client] = {}
+_host_semaphores: dict[tuple[str, int], threading.BoundedSemaphore] = {}
+_rate_limiters: dict[tuple[str, float], _RateLimiter] = {}
+
+
+class _RateLimiter:
+    """Spaces requests to one host at least 60/rpm seconds apart (thread-safe)."""
+
+    def __init__(self, requests_per_minute: float) -> None:
+        self.interval = 60.0 / requests_per_minute
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._next)
+            self._next = slot + self.interval
+        if slot > now:
+            time.sleep(slot - now)
+
+
+def _client(config: DownloadConfig) -> httpx.Client:
+    key = (config.connect_timeout_seconds, config.read_timeout_seconds, config.per_host_concurrency)
+    with _state_lock:
+        client = _clients.get(key)
+        if client is None:
+            timeout = httpx.Timeout(config.read_timeout_seconds, connect=config.connect_timeout_seconds)
+            limits = httpx.Limits(
+                max_connections=4 * config.per_host_concurrency, max_keepalive_connections=config.per_host_concurrency
+            )
+            client = httpx.Client(timeout=timeout, limits=limits, follow_redirects=False)
+            _clients[key] = client
+        return client
+
+
+def _host_slot(url: str, config: DownloadConfig) -> threading.BoundedSemaphore:
+    key = (urlsplit(url).netloc or "local", config.per_host_concurrency)
+    with _state_lock:
+        sem = _host_semaphores.get(key)
+        if sem is None:
+            sem = _host_semaphores[key] = threading.BoundedSemaphore(config.per_host_concurrency)
+        return sem
+
+
+def _rate_limit(url: str, config: DownloadConfig) -> None:
+    if config.requests_per_minute is None:
+        return
+    key = (urlsplit(url).netloc or "local", config.requests_per_minute)
+    with _state_lock:
+        limiter = _rate_limiters.get(key)
+        if limiter is None:
+            limiter = _rate_limiters[key] = _RateLimiter(config.requests_per_minute)
+    limiter.wait()
+
+
+def _cluster_slot(config: DownloadConfig) -> AbstractContextManager[Any]:
+    if config.cluster_semaphore_name is None:
+        return nullcontext()
+    from distributed import Semaphore  # only when asked: needs a running distributed client
+
+    return Semaphore(max_leases=config.cluster_semaphore_max_leases, name=config.cluster_semaphore_name)
+
+
+def _is_http(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
+
+
+# --------------------------------------------------------------------------------------------------
+# One request
+
+
+def _http_get(url: str, start: int | None, end: int | None, config: DownloadConfig) -> bytes:
+    """GET (a range of) url. `end` exclusive, None = to EOF. Raises _Retryable, SourceFileNotFoundError, SourceDownloadError."""
+    headers = {}
+    if start is not None:
+        headers["Range"] = f"bytes={start}-" if end is None else f"bytes={start}-{end - 1}"
+    try:
+        response = _client(config).get(url, headers=headers)
+    except httpx.TimeoutException as e:
+        raise _Retryable(f"timeout ({type(e).__name__})") from e
+    except httpx.TransportError as e:  # connection reset, incomplete body (fewer bytes than Content-Length), ...
+        raise _Retryable(f"connection error: {type(e).__name__}: {e}") from e
+    status = response.status_code
+    if status in (403, 404):
+        raise SourceFileNotFoundError(f"{url}: HTTP {status} (file missing or not yet published)")
+    if status in (301, 302, 303, 307, 308):
+        raise _Retryable(f"HTTP {status} redirect to {response.headers.get('location')!r} (throttling)")
+    if status == 429 or status >= 500:
+        raise _Retryable(f"HTTP {status}")
+    if status not in (200, 206):
+        raise SourceDownloadError(f"{url}: unexpected HTTP {status}: {response.text[:200]!r}")
+    body = response.content
+    declared = response.headers.get("content-length")
+    if declared is not None and int(declared) != len(body):
+        raise _Retryable(f"short body: {len(body)} of {declared} bytes")
+    if start is None:
+        return body
+    if status == 200:  # server ignored the Range header: fine if this is the whole object, else an error page
+        if len(body) < (start + 1 if end is None else end):
+            ctype = response.headers.get("content-type", "?")
+            raise _Retryable(f"body is not GRIB: HTTP 200 with {len(body)} bytes of {ctype} to a range request")
+        return body[start:] if end is None else body[start:end]
+    content_range = response.headers.get("content-range", "")
+    if not content_range.startswith(f"bytes {start}-"):
+        raise _Retryable(f"206 with Content-Range {content_range!r}, expected it to start at {start}")
+    if end is not None and len(body) != end - start:
+        raise _Retryable(f"range body has {len(body)} bytes, expected {end - start}")
+    return body
+
+
+def _fsspec_get(url: str, start: int | None, end: int | None) -> bytes:
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        data: bytes = fs.cat_file(path, start=start, end=end)
+    except FileNotFoundError as e:
+        raise SourceFileNotFoundError(f"{url}: not found ({e})") from e
+    except PermissionError as e:  # S3 without list permission answers 403 for a missing key
+        raise SourceFileNotFoundError(f"{url}: access denied, treated as missing ({e})") from e
+    except OSError as e:
+        raise _Retryable(f"{type(e).__name__}: {e}") from e
+    if start is not None and end is not None and len(data) != end - start:
+        raise _Retryable(f"read {len(data)} bytes, expected {end - start}")
+    return data
+
+
+def _get_with_retries(
+    url: str,
+    start: int | None,
+    end: int | None,
+    config: DownloadConfig,
+    validate: Callable[[bytes], str | None] | None = None,
+) -> bytes:
+    """Fetch with exponential backoff and full jitter; `validate` returns a reason to retry or None."""
+    what = url if start is None else f"{url} [bytes {start}-{'' if end is None else end - 1}]"
+    not_found = 0
+    reason = ""
+    for attempt in range(1, config.max_attempts + 1):
+        try:
+            with _cluster_slot(config), _host_slot(url, config):
+                _rate_limit(url, config)
+                data = _http_get(url, start, end, config) if _is_http(url) else _fsspec_get(url, start, end)
+            if validate is not None and (problem := validate(data)) is not None:
+                raise _Retryable(problem)
+            return data
+        except SourceFileNotFoundError:
+            not_found += 1
+            if not_found >= config.not_found_attempts:
+                log.warning("source file not found: %s", what)
+                raise
+            reason = "not found"
+        except _Retryable as e:
+            reason = str(e)
+        if attempt < config.max_attempts:
+            delay = random.uniform(0, min(config.backoff_max_seconds, config.backoff_base_seconds * 2 ** (attempt - 1)))
+            log.info(
+                "retrying %s after attempt %d/%d failed: %s (sleep %.3fs)",
+                what,
+                attempt,
+                config.max_attempts,
+                reason,
+                delay,
+            )
+            time.sleep(delay)
+    log.error("giving up on %s after %d attempts: %s", what, config.max_attempts, reason)
+    raise SourceDownloadError(f"{what}: failed after {config.max_attempts} attempts; last error: {reason}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+
+
+def fetch_bytes(
+    url: str, byte_range: tuple[int, int | None] | None = None, *, config: DownloadConfig | None = None
+) -> bytes:
+    """Whole object, or `byte_range=(start, end_exclusive_or_None)` of it, with retries."""
+    config = config or DownloadConfig()
+    if byte_range is None:
+        return _get_with_retries(url, None, None, config)
+    return _get_with_retries(url, byte_range[0], byte_range[1], config)
+
+
+def grib_problem(data: bytes) -> str | None:
+    """Why `data` is not one or more whole GRIB messages, or None if it looks right."""
+    if data[:4] != b"GRIB":
+        return f"body is not GRIB (starts with {data[:16]!r})"
+    if data[-4:] != b"7777":
+        return f"GRIB body does not end with '7777' (ends with {data[-8:]!r}); truncated or corrupt"
+    return None
+
+
+def _split_checked(rng: MergedRange) -> Callable[[bytes], str | None]:
+    def validate(data: bytes) -> str | None:
+        if rng.end is not None and len(data) != rng.end - rng.start:
+            return f"got {len(data)} bytes, expected {rng.end - rng.start}"
+        for key, part in rng.split(data).items():
+            if (problem := grib_problem(part)) is not None:
+                return f"message {key!r}: {problem}"
+        return None
+
+    return validate
+
+
+def fetch_grib_messages(
+    file_url: str,
+    idx_url: str,
+    wanted: Mapping[str, tuple[str, str, str]],
+    *,
+    config: DownloadConfig | None = None,
+) -> dict[str, bytes]:
+    """Download only the messages `wanted` ({key: (element, level, step)}) of a GRIB2 file.
+
+    The inventory (NCEP `.idx` or ECMWF JSON lines, detected) gives byte ranges; ranges closer than
+    `config.max_gap_bytes` are merged and each merged range is fetched with its own single-range request (S3 answers
+    multi-range requests with the whole object), in parallel. Returns {key: message bytes}, each `GRIB`…`7777`.
+    Raises SourceFileNotFoundError, SourceDownloadError, GribMessageNotFoundError.
+    """
+    config = config or DownloadConfig()
+    entries = parse_index(fetch_bytes(idx_url, config=config).decode())
+    selected = {key: find_message(entries, el, lev, step, source=idx_url) for key, (el, lev, step) in wanted.items()}
+    ranges = merge_byte_ranges(selected, config.max_gap_bytes)
+
+    def fetch(rng: MergedRange) -> dict[str, bytes]:
+        data = _get_with_retries(file_url, rng.start, rng.end, config, validate=_split_checked(rng))
+        return rng.split(data)
+
+    out: dict[str, bytes] = {}
+    if not ranges:
+        return out
+    with ThreadPoolExecutor(max_workers=min(len(ranges), config.per_host_concurrency)) as pool:
+        for parts in pool.map(fetch, ranges):
+            out.update(parts)
+    return {key: out[key] for key in wanted}
+
+
+def write_atomic(path: Path | str, data: bytes) -> None:
+    """Write via a temp file in the same directory then `os.replace`: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def download_file(
+    url: str, path: Path | str, *, config: DownloadConfig | None = None, require_grib: bool = False
+) -> Path:
+    """Download a whole object to `path` atomically (nothing is left on disk on failure)."""
+    config = config or DownloadConfig()
+    data = _get_with_retries(url, None, None, config, validate=grib_problem if require_grib else None)
+    write_atomic(path, data)
+    return Path(path)

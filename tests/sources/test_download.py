@@ -1,0 +1,243 @@
+import logging
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from reformatters.sources.download import (
+    DownloadConfig,
+    SourceDownloadError,
+    SourceFileNotFoundError,
+    download_file,
+    fetch_bytes,
+    fetch_grib_messages,
+    write_atomic,
+)
+from reformatters.sources.grib_index import GribMessageNotFoundError, find_message, parse_ncep_idx
+from reformatters.testing.archive_server import ArchiveServer
+from reformatters.testing.noaa_archive import GFS_ARCHIVE_VARIABLES, ArchiveManifest, messages_for_lead
+
+from .conftest import INIT
+
+FAST = DownloadConfig(
+    max_attempts=4, max_gap_bytes=0, backoff_base_seconds=0.001, backoff_max_seconds=0.01, read_timeout_seconds=5
+)
+LEAD = 7
+
+
+def _wanted(lead: int = LEAD) -> dict[str, tuple[str, str, str]]:
+    out = {}
+    for v in GFS_ARCHIVE_VARIABLES:
+        spec = messages_for_lead(v, lead)[0]
+        out[v.name] = spec.idx_fields(lead)
+    return out
+
+
+def _rel(m: ArchiveManifest, lead: int = LEAD) -> str:
+    return m.file(INIT, lead).path
+
+
+def _expected_bytes(m: ArchiveManifest, wanted: dict[str, tuple[str, str, str]], lead: int = LEAD) -> dict[str, bytes]:
+    path = m.path(INIT, lead)
+    entries = parse_ncep_idx(Path(str(path) + ".idx").read_text())
+    data = path.read_bytes()
+    out = {}
+    for key, (el, lev, step) in wanted.items():
+        e = find_message(entries, el, lev, step)
+        out[key] = data[e.start : e.end]
+    return out
+
+
+def test_fetch_only_selected_bytes(server: ArchiveServer, small_archive: ArchiveManifest) -> None:
+    rel = _rel(small_archive)
+    wanted = _wanted()
+    got = fetch_grib_messages(server.url_for(rel), server.url_for(rel + ".idx"), wanted, config=FAST)
+    expected = _expected_bytes(small_archive, wanted)
+    assert got == expected
+    assert all(b[:4] == b"GRIB" and b[-4:] == b"7777" for b in got.values())
+    # fillers sit between wanted messages, so gap 0 means the bytes sent are exactly the messages' bytes
+    assert server.bytes_sent[rel] == sum(len(b) for b in expected.values())
+    assert server.bytes_sent[rel] < small_archive.file(INIT, LEAD).size / 3
+    assert server.requests[rel] == len(wanted)  # one single-range request per (unmerged) message
+
+
+def test_gap_merging_reduces_requests(server: ArchiveServer, small_archive: ArchiveManifest) -> None:
+    rel = _rel(small_archive)
+    wanted = _wanted()
+    cfg = FAST.model_copy(update={"max_gap_bytes": 10**9})
+    got = fetch_grib_messages(server.url_for(rel), server.url_for(rel + ".idx"), wanted, config=cfg)
+    assert got == _expected_bytes(small_archive, wanted)
+    assert server.requests[rel] == 1
+
+
+def test_both_apcp_windows_and_open_ended_last_message(server: ArchiveServer, small_archive: ArchiveManifest) -> None:
+    rel = _rel(small_archive)
+    entries = parse_ncep_idx((small_archive.root / (rel + ".idx")).read_text())
+    last = entries[-1]
+    wanted = {
+        "short": ("APCP", "surface", "6-7 hour acc fcst"),
+        "long": ("APCP", "surface", "0-7 hour acc fcst"),
+        "last": (last.element, last.level, last.step),
+    }
+    # the filler lines are unique per (element, level), so the last line can be asked for by name
+    got = fetch_grib_messages(server.url_for(rel), server.url_for(rel + ".idx"), wanted, config=FAST)
+    assert got["short"] != got["long"]
+    data = small_archive.path(INIT, LEAD).read_bytes()
+    assert got["last"] == data[last.start :]
+
+
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [("status", 503), ("status", 429), ("truncate", 0), ("html200", 0), ("redirect302", 0), ("corrupt", 0)],
+)
+def test_transient_faults_are_retried(
+    server: ArchiveServer, small_archive: ArchiveManifest, kind: str, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    rel = _rel(small_archive)
+    wanted = dict(list(_wanted().items())[:3])
+    server.add_fault(rel, kind, times=2, status=status or 503)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="reformatters.sources"):
+        got = fetch_grib_messages(server.url_for(rel), server.url_for(rel + ".idx"), wanted, config=FAST)
+    assert got == _expected_bytes(small_archive, wanted)
+    assert server.requests[rel] == 3 + 2
+    retries = [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 2 and rel in retries[0].getMessage()
+
+
+@pytest.mark.parametrize("kind", ["status", "truncate", "html200", "redirect302", "corrupt"])
+def test_persistent_faults_end_in_download_error(
+    server: ArchiveServer, small_archive: ArchiveManifest, kind: str
+) -> None:
+    rel = _rel(small_archive)
+    server.add_fault(rel, kind)  # type: ignore[arg-type]
+    with pytest.raises(SourceDownloadError) as info:
+        fetch_grib_messages(
+            server.url_for(rel), server.url_for(rel + ".idx"), dict(list(_wanted().items())[:1]), config=FAST
+        )
+    msg = str(info.value)
+    assert server.url_for(rel) in msg and f"after {FAST.max_attempts} attempts" in msg
+    reasons = {
+        "status": "HTTP 503",
+        "truncate": "connection error",
+        "html200": "not GRIB",
+        "redirect302": "HTTP 302 redirect",
+        "corrupt": "GRIB",
+    }
+    assert reasons[kind] in msg
+    assert server.requests[rel] == FAST.max_attempts
+
+
+@pytest.mark.parametrize("missing_as_403", [False, True])
+def test_missing_file_is_not_found_without_retries(small_archive: ArchiveManifest, missing_as_403: bool) -> None:
+    with ArchiveServer(small_archive.root, missing_as_403=missing_as_403) as server:
+        url = server.url_for("gfs.20250801/00/atmos/gfs.t00z.pgrb2.0p25.f999.idx")
+        with pytest.raises(SourceFileNotFoundError, match=r"f999\.idx: HTTP 40[34]"):
+            fetch_bytes(url, config=FAST)
+        assert sum(server.requests.values()) == 1
+        assert (
+            (server.statuses[("gfs.20250801/00/atmos/gfs.t00z.pgrb2.0p25.f999.idx", 403 if missing_as_403 else 404)])
+            == 1
+        )
+
+
+def test_not_yet_published_then_published(server: ArchiveServer, small_archive: ArchiveManifest) -> None:
+    rel = _rel(small_archive)
+    server.unpublish(rel + "*")
+    with pytest.raises(SourceFileNotFoundError):
+        fetch_bytes(server.url_for(rel + ".idx"), config=FAST)
+    server.publish(rel + "*")
+    assert fetch_bytes(server.url_for(rel + ".idx"), config=FAST).startswith(b"1:0:d=2025080100:")
+    server.unpublish(rel + "*", until=time.time() + 0.3)
+    cfg = FAST.model_copy(
+        update={"not_found_attempts": 10, "max_attempts": 10, "backoff_base_seconds": 0.2, "backoff_max_seconds": 0.2}
+    )
+    assert fetch_bytes(server.url_for(rel + ".idx"), config=cfg).startswith(b"1:0:")
+
+
+def test_missing_variable_in_inventory(server: ArchiveServer, small_archive: ArchiveManifest) -> None:
+    rel = _rel(small_archive)
+    with pytest.raises(GribMessageNotFoundError, match=r"f007\.idx.*APCP:surface:5-7 hour acc fcst"):
+        fetch_grib_messages(
+            server.url_for(rel),
+            server.url_for(rel + ".idx"),
+            {"x": ("APCP", "surface", "5-7 hour acc fcst")},
+            config=FAST,
+        )
+    assert server.requests[rel] == 0
+
+
+def test_slow_answer_times_out_then_succeeds(server: ArchiveServer, small_archive: ArchiveManifest) -> None:
+    rel = _rel(small_archive)
+    server.add_fault(rel + ".idx", "delay", times=1, delay_seconds=1.0)
+    cfg = FAST.model_copy(update={"read_timeout_seconds": 0.2})
+    assert fetch_bytes(server.url_for(rel + ".idx"), config=cfg) == (small_archive.root / (rel + ".idx")).read_bytes()
+    assert server.requests[rel + ".idx"] == 2
+
+
+def test_range_requests_and_multi_range(small_archive: ArchiveManifest) -> None:
+    rel = _rel(small_archive)
+    data = small_archive.path(INIT, LEAD).read_bytes()
+    with ArchiveServer(small_archive.root) as s, httpx.Client() as c:
+        url = s.url_for(rel)
+        r = c.get(url, headers={"Range": "bytes=10-19"})
+        assert (
+            r.status_code == 206
+            and r.content == data[10:20]
+            and r.headers["content-range"] == f"bytes 10-19/{len(data)}"
+        )
+        assert c.get(url, headers={"Range": "bytes=100-"}).content == data[100:]
+        assert c.get(url, headers={"Range": "bytes=-5"}).content == data[-5:]
+        h = c.head(url)
+        assert h.status_code == 200 and int(h.headers["content-length"]) == len(data) and h.content == b""
+        multi = c.get(url, headers={"Range": "bytes=0-3,10-19"})
+        assert multi.status_code == 200 and multi.content == data  # S3 behaviour: whole object
+    with ArchiveServer(small_archive.root, multipart_ranges=True) as s, httpx.Client() as c:
+        multi = c.get(s.url_for(rel), headers={"Range": "bytes=0-3,10-19"})
+        assert multi.status_code == 206 and multi.headers["content-type"].startswith("multipart/byteranges")
+        assert b"Content-Range: bytes 0-3/" in multi.content and data[10:20] in multi.content
+        assert len(multi.content) < 1000
+
+
+def test_range_downloads_from_local_paths(small_archive: ArchiveManifest) -> None:
+    rel = _rel(small_archive)
+    wanted = dict(list(_wanted().items())[:4])
+    for root in (str(small_archive.root), f"file://{small_archive.root}"):
+        got = fetch_grib_messages(f"{root}/{rel}", f"{root}/{rel}.idx", wanted, config=FAST)
+        assert got == _expected_bytes(small_archive, wanted)
+    with pytest.raises(SourceFileNotFoundError):
+        fetch_bytes(f"{small_archive.root}/nope.idx", config=FAST)
+
+
+def test_no_partial_file_left(server: ArchiveServer, small_archive: ArchiveManifest, tmp_path: Path) -> None:
+    rel = _rel(small_archive)
+    server.add_fault(rel, "truncate")
+    target = tmp_path / "out" / "file.grib2"
+    with pytest.raises(SourceDownloadError, match="connection error"):
+        download_file(server.url_for(rel), target, config=FAST, require_grib=True)
+    assert not target.exists()
+    assert not target.parent.exists() or list(target.parent.iterdir()) == []
+    server.clear_faults()
+    download_file(server.url_for(rel), target, config=FAST, require_grib=True)
+    assert target.read_bytes() == small_archive.path(INIT, LEAD).read_bytes()
+    assert [p.name for p in target.parent.iterdir()] == ["file.grib2"]
+
+    # a failure half-way through writing removes the temp file
+    with pytest.raises(TypeError):
+        write_atomic(tmp_path / "x.bin", "not bytes")  # type: ignore[arg-type]
+    assert [p.name for p in tmp_path.iterdir() if p.name != "out"] == []
+
+
+def test_requests_per_minute_and_concurrency_cap(server: ArchiveServer, small_archive: ArchiveManifest) -> None:
+    rel = _rel(small_archive)
+    url = server.url_for(rel + ".idx")
+    cfg = FAST.model_copy(update={"requests_per_minute": 600.0})  # one request per 0.1 s
+    start = time.monotonic()
+    threads = [threading.Thread(target=fetch_bytes, args=(url,), kwargs={"config": cfg}) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert time.monotonic() - start >= 0.39
+    assert server.requests[rel + ".idx"] == 5
