@@ -36,22 +36,23 @@ def deaccumulate_along_axis(
     The first lead has no previous step: NaN. A missing previous step (NaN) gives NaN.
     """
     moved = np.moveaxis(values, axis, 0)
-    original = moved.copy()
     clearly_negative = 0
+    # Only one step of original values is kept: a variable-region is too big to copy whole.
+    previous = moved[0].copy()
     for i, hour in enumerate(lead_hours):
         if i == 0:
             moved[0] = np.nan
             continue
+        current = moved[i].copy()
         previous_hour = float(lead_hours[i - 1])
         start = window_start(float(hour), reset_hours)
         step_hours = float(hour) - previous_hour
-        current = original[i]
         first_step_of_window = previous_hour <= start
         if kind == "accumulation":
             if first_step_of_window:
                 result = current / np.float32(step_hours * SECONDS_PER_HOUR)
             else:
-                result = (current - original[i - 1]) / np.float32(step_hours * SECONDS_PER_HOUR)
+                result = (current - previous) / np.float32(step_hours * SECONDS_PER_HOUR)
             with np.errstate(invalid="ignore"):
                 negative = result < 0
                 clearly = result < NEGATIVE_RATE_TOLERANCE
@@ -62,7 +63,8 @@ def deaccumulate_along_axis(
                 result = current
             else:
                 result = (
-                    current * np.float32(float(hour) - start) - original[i - 1] * np.float32(previous_hour - start)
+                    current * np.float32(float(hour) - start) - previous * np.float32(previous_hour - start)
                 ) / np.float32(step_hours)
         moved[i] = result
+        previous = current
     return clearly_negative

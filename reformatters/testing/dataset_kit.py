@@ -47,6 +47,9 @@ class DatasetTestKit:
     def check_summary(self, summary: RunSummary) -> None:
         """Integration-specific checks of the backfill summary (failed files counted, bytes fetched...)."""
 
+    def kit_filters(self, variable_names: tuple[str, ...] | None = None) -> RegionJobFilters:
+        return RegionJobFilters(variable_names=variable_names or self.backfill_variables)
+
     # ---- the suite ----
     def test_template_matches_code(self, tmp_path: Path) -> None:
         config = self.dataset.template_config
@@ -91,7 +94,7 @@ class DatasetTestKit:
             n_workers=self.n_workers,
             store_url=store_url,
             source_url=source_url,
-            filters=RegionJobFilters(variable_names=self.backfill_variables),
+            filters=self.kit_filters(),
             summary_path=tmp_path / "summary.json",
             show_progress=False,
         )

@@ -15,7 +15,14 @@ from reformatters.common.storage import ObjectStore
 from reformatters.common.time_utils import utc_now
 from reformatters.region_job import ProcessResults, RegionJob, SourceFileCoord, SourceFileStatus
 from reformatters.sources.grib_decode import GridSpec, decode_message
-from reformatters.sources.grib_index import instant_step, window_step
+from reformatters.sources.download import SourceFileNotFoundError, fetch_bytes, fetch_grib_messages
+from reformatters.sources.grib_index import (
+    GribMessageNotFoundError,
+    find_message,
+    instant_step,
+    parse_index,
+    window_step,
+)
 
 from .template_config import EXPECTED_FORECAST_LENGTH, WINDOW_RESET_HOURS, GfsDataVar
 
@@ -39,6 +46,22 @@ def step_text(data_var: GfsDataVar, lead_hours: int) -> str | None:
     if lead_hours == 0:
         return None
     return window_step(window_start_hours(lead_hours), lead_hours, window)
+
+
+def fetch_available_messages(coord: GfsSourceFileCoord, wanted: Mapping[str, tuple[str, str, str]]) -> dict[str, bytes]:
+    """The wanted messages the inventory lists; one missing variable does not cost the others."""
+    try:
+        return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), wanted)
+    except GribMessageNotFoundError:
+        entries = parse_index(fetch_bytes(coord.get_idx_url()).decode())
+        available = {}
+        for name, (element, level, step) in wanted.items():
+            try:
+                find_message(entries, element, level, step, source=coord.get_idx_url())
+            except GribMessageNotFoundError:
+                continue
+            available[name] = (element, level, step)
+        return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), available) if available else {}
 
 
 class GfsSourceFileCoord(SourceFileCoord):
@@ -79,8 +102,6 @@ class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
         ]
 
     def download_file(self, coord: GfsSourceFileCoord, data_var_group: Sequence[GfsDataVar]) -> Mapping[str, bytes]:
-        from reformatters.sources.download import SourceFileNotFoundError, fetch_grib_messages
-
         wanted = {}
         for var in data_var_group:
             step = step_text(var, coord.lead_hours)
@@ -89,13 +110,12 @@ class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
         if not wanted:
             return {}
         try:
-            return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), wanted)
+            return fetch_available_messages(coord, wanted)
         except SourceFileNotFoundError:
             # NOMADS keeps about ten days and throttles hard: only a fallback for recent runs of the default root.
             if self.source_url is not None or coord.init_time < utc_now() - NOMADS_RETENTION:
                 raise
-            nomads = coord.model_copy(update={"source_url": NOMADS_URL})
-            return fetch_grib_messages(nomads.get_url(), nomads.get_idx_url(), wanted)
+            return fetch_available_messages(coord.model_copy(update={"source_url": NOMADS_URL}), wanted)
 
     def read_data(
         self, coord: GfsSourceFileCoord, data_var: GfsDataVar, payload: bytes | Mapping[str, bytes]
@@ -104,7 +124,10 @@ class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
         if data_var.name not in payload:
             if step_text(data_var, coord.lead_hours) is None:
                 return np.full((GRID.nj, GRID.ni), np.nan, dtype=np.float32)
-            raise KeyError(f"{data_var.name} was not downloaded from {coord.get_url()}")
+            element, level = data_var.internal_attrs.grib_element, data_var.internal_attrs.grib_level
+            raise GribMessageNotFoundError(
+                f"{coord.get_idx_url()} lists no {element}:{level}:{step_text(data_var, coord.lead_hours)} message"
+            )
         values = decode_message(payload[data_var.name], GRID)
         if data_var.internal_attrs.kelvin_to_celsius:
             values -= KELVIN_OFFSET

@@ -1,0 +1,139 @@
+"""noaa-gfs-forecast against a generated NOAA-layout archive served on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import eccodes
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import pytest
+import xarray as xr
+
+from reformatters.sources.grib_index import find_message, parse_ncep_idx
+from reformatters.summary import RunSummary
+from reformatters.testing.archive_server import ArchiveServer
+from reformatters.testing.dataset_kit import DatasetTestKit
+from reformatters.testing.noaa_archive import ArchiveManifest, generate_gfs_archive
+from reformatters_datasets.noaa.gfs.forecast.dataset import GfsForecastDataset
+from reformatters_datasets.noaa.gfs.forecast.region_job import step_text
+from reformatters_datasets.noaa.gfs.forecast.template_config import DATA_VARS, LEAD_HOURS
+
+INIT = datetime(2021, 5, 1, 0)
+ARCHIVE_LEADS = [0, 1, 2, 3, 6, 7, 8]  # 4 and 5 absent: NaN, and no rate at 6 (its window began at 0)
+VARIABLES = (
+    "temperature_2m",
+    "precipitation_surface",
+    "downward_short_wave_radiation_flux_surface",
+    "maximum_temperature_2m",
+)
+BY_NAME = {v.name: v for v in DATA_VARS}
+
+
+@pytest.fixture(scope="module")
+def archive() -> ArchiveManifest:
+    return generate_gfs_archive([INIT], ARCHIVE_LEADS, variables=VARIABLES, filler_ratio=3.0, workers=2)
+
+
+@pytest.fixture(scope="module")
+def server(archive: ArchiveManifest) -> Iterator[ArchiveServer]:
+    with ArchiveServer(archive.root) as archive_server:
+        yield archive_server
+
+
+def decode_source(archive: ArchiveManifest, name: str, lead: int) -> npt.NDArray[np.float64]:
+    """ecCodes' own decode of the source message, rolled to -180..179.75 as the dataset publishes it."""
+    var = BY_NAME[name]
+    path = archive.path(INIT, lead)
+    entries = parse_ncep_idx(Path(f"{path}.idx").read_text())
+    step = step_text(var, lead)
+    assert step is not None
+    entry = find_message(entries, var.internal_attrs.grib_element, var.internal_attrs.grib_level, step)
+    data = path.read_bytes()[entry.start : entry.end]
+    handle = eccodes.codes_new_from_message(data)
+    try:
+        values = eccodes.codes_get_values(handle).reshape(721, 1440)
+    finally:
+        eccodes.codes_release(handle)
+    values = np.roll(values, -720, axis=1)
+    if var.internal_attrs.kelvin_to_celsius:
+        values = values - 273.15
+    return values
+
+
+def expected_gfs(archive: ArchiveManifest, name: str) -> npt.NDArray[np.float32]:
+    var = BY_NAME[name]
+    expected = np.full((len(LEAD_HOURS), 721, 1440), np.nan, dtype=np.float64)
+    window = var.internal_attrs.window
+    for i, lead in enumerate(LEAD_HOURS):
+        if lead not in ARCHIVE_LEADS or (window != "instant" and lead == 0):
+            continue
+        current = decode_source(archive, name, int(lead))
+        if window in ("instant", "max", "min"):
+            expected[i] = current
+            continue
+        previous_lead = int(LEAD_HOURS[i - 1])
+        start = ((lead - 1) // 6) * 6
+        if previous_lead <= start:  # first step of a 6-hour window
+            expected[i] = current / 3600.0 / (lead - previous_lead) if window == "acc" else current
+        elif previous_lead in ARCHIVE_LEADS:
+            previous = decode_source(archive, name, previous_lead)
+            if window == "acc":  # accumulation -> rate over (previous, lead]
+                expected[i] = (current - previous) / ((lead - previous_lead) * 3600.0)
+            else:  # window average -> average over the last step
+                expected[i] = (current * (lead - start) - previous * (previous_lead - start)) / (lead - previous_lead)
+    return expected[None].astype(np.float32)
+
+
+class TestGfsForecastDataset(DatasetTestKit):
+    dataset = GfsForecastDataset()
+    backfill_end = "2021-05-01T06:00"
+    backfill_variables = VARIABLES
+    jobs_cover_end = "2021-06-01T00:00"
+
+    @pytest.fixture(autouse=True)
+    def _archive(self, archive: ArchiveManifest, server: ArchiveServer) -> None:
+        self.archive = archive
+        self.server = server
+
+    def make_source(self, root: Path) -> str:
+        self.server.reset_counters()
+        return self.server.url
+
+    def expected_values(self, var_name: str, published: xr.Dataset) -> npt.NDArray[np.float32]:
+        return expected_gfs(self.archive, var_name)
+
+    def absolute_tolerance(self, var_name: str) -> float:
+        # Differences of packed accumulations carry the packing step; rates are tiny numbers.
+        return {"precipitation_surface": 1e-6, "downward_short_wave_radiation_flux_surface": 0.05}.get(var_name, 0.0)
+
+    def check_summary(self, summary: RunSummary) -> None:
+        archive_bytes = sum(f.size for f in self.archive.files)
+        served = sum(self.server.bytes_sent.values())
+        # Only the needed messages (and the inventories) travel: a small fraction of the files.
+        assert served < 0.4 * archive_bytes, (served, archive_bytes)
+        missing_leads = len(LEAD_HOURS) - len(ARCHIVE_LEADS)
+        for name in VARIABLES:
+            assert summary.variables[name].files_download_failed == missing_leads
+        assert summary.published_append_dim_end == pd.Timestamp(INIT).isoformat()
+
+    def test_ingested_forecast_length_after_backfill(self, tmp_path: Path) -> None:
+        store = tmp_path / "gfs.zarr"
+        self.dataset.backfill(
+            self.backfill_end,
+            cluster="local",
+            n_workers=2,
+            store_url=str(store),
+            source_url=self.server.url,
+            filters=self.kit_filters(("temperature_2m",)),
+            show_progress=False,
+        )
+        published = xr.open_zarr(store, decode_timedelta=True)
+        assert published["ingested_forecast_length"].values.tolist() == [
+            pd.Timedelta(hours=max(ARCHIVE_LEADS)).to_timedelta64().astype("timedelta64[ns]")
+        ]
+        assert published["expected_forecast_length"].values[0] == np.timedelta64(384, "h")
+        assert published.sizes["longitude"] == 1440 and float(published.longitude[0]) == -180.0
