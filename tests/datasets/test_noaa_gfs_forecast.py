@@ -12,15 +12,15 @@ import numpy.typing as npt
 import pandas as pd
 import pytest
 import xarray as xr
+from reformatters_datasets.noaa.gfs.forecast.dataset import GfsForecastDataset
+from reformatters_datasets.noaa.gfs.forecast.region_job import step_text
+from reformatters_datasets.noaa.gfs.forecast.template_config import DATA_VARS, LEAD_HOURS
 
 from reformatters.sources.grib_index import find_message, parse_ncep_idx
 from reformatters.summary import RunSummary
 from reformatters.testing.archive_server import ArchiveServer
 from reformatters.testing.dataset_kit import DatasetTestKit
 from reformatters.testing.noaa_archive import ArchiveManifest, generate_gfs_archive
-from reformatters_datasets.noaa.gfs.forecast.dataset import GfsForecastDataset
-from reformatters_datasets.noaa.gfs.forecast.region_job import step_text
-from reformatters_datasets.noaa.gfs.forecast.template_config import DATA_VARS, LEAD_HOURS
 
 INIT = datetime(2021, 5, 1, 0)
 ARCHIVE_LEADS = [0, 1, 2, 3, 6, 7, 8]  # 4 and 5 absent: NaN, and no rate at 6 (its window began at 0)

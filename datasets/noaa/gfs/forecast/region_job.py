@@ -14,8 +14,8 @@ from reformatters.common.deaccumulation import deaccumulate_along_axis
 from reformatters.common.storage import ObjectStore
 from reformatters.common.time_utils import utc_now
 from reformatters.region_job import ProcessResults, RegionJob, SourceFileCoord, SourceFileStatus
-from reformatters.sources.grib_decode import GridSpec, decode_message
 from reformatters.sources.download import SourceFileNotFoundError, fetch_bytes, fetch_grib_messages
+from reformatters.sources.grib_decode import GridSpec, decode_message
 from reformatters.sources.grib_index import (
     GribMessageNotFoundError,
     find_message,
