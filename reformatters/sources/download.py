@@ -125,7 +125,9 @@ def _cluster_slot(config: DownloadConfig) -> AbstractContextManager[Any]:
         return nullcontext()
     from distributed import Semaphore  # only when asked: needs a running distributed client
 
-    return Semaphore(max_leases=config.cluster_semaphore_max_leases, name=config.cluster_semaphore_name)
+    return Semaphore(  # type: ignore[no-untyped-call]
+        max_leases=config.cluster_semaphore_max_leases, name=config.cluster_semaphore_name
+    )
 
 
 def _is_http(url: str) -> bool:
@@ -137,7 +139,10 @@ def _is_http(url: str) -> bool:
 
 
 def _http_get(url: str, start: int | None, end: int | None, config: DownloadConfig) -> bytes:
-    """GET (a range of) url. `end` exclusive, None = to EOF. Raises _Retryable, SourceFileNotFoundError, SourceDownloadError."""
+    """GET (a range of) url; `end` exclusive, None = to EOF.
+
+    Raises _Retryable, SourceFileNotFoundError or SourceDownloadError.
+    """
     headers = {}
     if start is not None:
         headers["Range"] = f"bytes={start}-" if end is None else f"bytes={start}-{end - 1}"

@@ -186,7 +186,12 @@ def decode_message(message: bytes, grid: GridSpec | None = None) -> np.ndarray:
         nj = eccodes.codes_get(handle, "Nj")
         if ni is None or nj is None or ni <= 0 or nj <= 0:
             raise GribDecodeError(f"message has no regular Ni x Nj grid (Ni={ni}, Nj={nj})")
-        values = eccodes.codes_get_values(handle)
+        try:
+            values = eccodes.codes_get_values(handle)
+        except eccodes.GribInternalError as e:
+            raise GribDecodeError(
+                f"ecCodes cannot decode the data of the {len(message)}-byte message: {e} (truncated or corrupt?)"
+            ) from e
         if eccodes.codes_get(handle, "bitmapPresent"):
             missing = eccodes.codes_get(handle, "missingValue")
             values = np.where(values == missing, np.nan, values)

@@ -97,7 +97,9 @@ class ArchiveServer:
         return f"{self.url}/{rel_path.lstrip('/')}"
 
     def start(self) -> ArchiveServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="archive-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, args=(0.05,), name="archive-server", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -202,9 +204,9 @@ def _make_handler(server: ArchiveServer) -> type[BaseHTTPRequestHandler]:
             for k, v in headers.items():
                 self.send_header(k.replace("_", "-"), v)
             self.end_headers()
+            server._count(rel, 0 if head else len(body), status)
             if not head:
                 self.wfile.write(body)
-            server._count(rel, 0 if head else len(body), status)
 
         def _serve(self, head: bool) -> None:
             rel = unquote(urlsplit(self.path).path).lstrip("/")
@@ -289,15 +291,16 @@ def _make_handler(server: ArchiveServer) -> type[BaseHTTPRequestHandler]:
                 return
             if fault is not None and fault.kind == "truncate":
                 sent = body[: len(body) // 2]
+                server._count(rel, len(sent), status)
                 self.wfile.write(sent)
                 self.wfile.flush()
-                server._count(rel, len(sent), status)
                 self.close_connection = True
                 with contextlib.suppress(OSError):
                     self.connection.shutdown(socket.SHUT_RDWR)
                 return
-            self.wfile.write(body)
+            # Count before writing: the client may look at the counters as soon as it has the last byte.
             server._count(rel, len(body), status)
+            self.wfile.write(body)
 
     return Handler
 

@@ -228,6 +228,10 @@ def messages_for_lead(variable: str | ArchiveVariable, lead_hours: int) -> list[
 # Deterministic values
 
 
+def _f64(x: Any) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
 def _seed(*parts: object) -> int:
     return zlib.crc32("|".join(str(p) for p in parts).encode())
 
@@ -251,7 +255,7 @@ def _noise_pool(grid: GridSpec, name: str, init: str) -> tuple[np.ndarray, ...]:
 
 def _wave(grid: GridSpec, hours: float, k: int = 2, phase: float = 0.0) -> np.ndarray:
     lat, lon = _coords(grid)
-    return np.cos(lat) * np.sin(k * lon + 2 * np.pi * hours / 24.0 + phase)
+    return _f64(np.cos(lat) * np.sin(k * lon + 2 * np.pi * hours / 24.0 + phase))
 
 
 def _instant(v: ArchiveVariable, grid: GridSpec, init: datetime, hours: int) -> np.ndarray:
@@ -259,22 +263,24 @@ def _instant(v: ArchiveVariable, grid: GridSpec, init: datetime, hours: int) -> 
     n = _noise(grid, v.name, init.isoformat(), hours)
     e = v.element
     if e in ("TMP", "TMAX", "TMIN"):
-        return np.clip(300.0 - 55.0 * np.sin(lat) ** 2 + 6.0 * _wave(grid, hours) + 0.5 * n, 215.0, 315.0)
+        return _f64(np.clip(300.0 - 55.0 * np.sin(lat) ** 2 + 6.0 * _wave(grid, hours) + 0.5 * n, 215.0, 315.0))
     if e == "RH":
         return np.clip(70.0 + 25.0 * _wave(grid, hours, 3) + 3.0 * n, 1.0, 100.0)
     if e in ("UGRD", "VGRD"):
         scale = 1.3 if v.level_value == 100 else 1.0
-        return scale * (8.0 * np.cos(2 * lat) + 5.0 * _wave(grid, hours, 4, 1.0 if e == "VGRD" else 0.0) + 0.8 * n)
+        return _f64(
+            scale * (8.0 * np.cos(2 * lat) + 5.0 * _wave(grid, hours, 4, 1.0 if e == "VGRD" else 0.0) + 0.8 * n)
+        )
     if e == "PRES":
-        return 101000.0 - 6000.0 * np.abs(_wave(grid, 0, 5)) + 300.0 * _wave(grid, hours) + 40.0 * n
+        return _f64(101000.0 - 6000.0 * np.abs(_wave(grid, 0, 5)) + 300.0 * _wave(grid, hours) + 40.0 * n)
     if e == "PRMSL":
         return 101325.0 + 1500.0 * _wave(grid, hours, 3) + 30.0 * n
     if e == "PWAT":
-        return np.clip(8.0 + 40.0 * np.cos(lat) ** 2 + 8.0 * _wave(grid, hours) + 1.5 * n, 0.1, 80.0)
+        return _f64(np.clip(8.0 + 40.0 * np.cos(lat) ** 2 + 8.0 * _wave(grid, hours) + 1.5 * n, 0.1, 80.0))
     if e == "TCDC":
         return np.clip(50.0 + 70.0 * _wave(grid, hours, 3) + 8.0 * n, 0.0, 100.0)
     if e == "CPOFP":
-        return np.clip(100.0 * np.sin(lat) ** 2 + 20.0 * _wave(grid, hours) + 5.0 * n, 0.0, 100.0)
+        return _f64(np.clip(100.0 * np.sin(lat) ** 2 + 20.0 * _wave(grid, hours) + 5.0 * n, 0.0, 100.0))
     if e in ("CSNOW", "CICEP", "CFRZR", "CRAIN"):
         phase = {"CSNOW": 0.0, "CICEP": 1.5, "CFRZR": 3.0, "CRAIN": 4.5}[e]
         return ((_wave(grid, hours, 5, phase) + 0.1 * n) > 0.55).astype(np.float64)
@@ -294,10 +300,10 @@ def _interval(v: ArchiveVariable, grid: GridSpec, init: datetime, k: int) -> np.
     if e == "DSWRF":
         lat, lon = _coords(grid)
         sun = np.cos(lat) * np.cos(lon + 2 * np.pi * (k - 0.5) / 24.0 - np.pi)
-        return np.clip(1000.0 * sun, 0.0, None) * (1.0 - 0.1 * np.clip(pool, 0, 3))
+        return _f64(np.clip(1000.0 * sun, 0.0, None) * (1.0 - 0.1 * np.clip(pool, 0, 3)))
     if e == "DLWRF":
         lat, _ = _coords(grid)
-        return 250.0 + 150.0 * np.cos(lat) ** 2 + 20.0 * _wave(grid, k) + 10.0 * pool
+        return _f64(250.0 + 150.0 * np.cos(lat) ** 2 + 20.0 * _wave(grid, k) + 10.0 * pool)
     return _instant(v, grid, init, k)
 
 
@@ -338,7 +344,7 @@ def _spec_values(spec: MessageSpec, grid: GridSpec, init: datetime, lead_hours: 
     if spec.kind in ("max", "min"):
         base = _instant(v, grid, init, b)
         spread = 0.3 * (b - a) + np.abs(_noise(grid, v.name, "extreme", init.isoformat(), a, b))
-        return base + spread if spec.kind == "max" else base - spread
+        return _f64(base + spread if spec.kind == "max" else base - spread)
     total = np.zeros((grid.nj, grid.ni))
     for k in range(a + 1, b + 1):
         total += _interval(v, grid, init, k)
