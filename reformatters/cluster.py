@@ -9,7 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import psutil
+import dask.system
+import distributed.system
 import yaml
 from distributed import Client, LocalCluster
 
@@ -27,9 +28,11 @@ class ClusterUnavailableError(RuntimeError):
 
 def local_cluster_size(n_workers: int | None = None) -> tuple[int, int, int]:
     """Workers, threads per worker and memory per worker (bytes), sized to this machine or pod."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # In a pod, the node's CPUs and RAM are visible but the container's cgroup limits are what count:
+    # dask's CPU_COUNT honours affinity and the CPU quota, distributed's MEMORY_LIMIT the memory limit.
+    cores = dask.system.CPU_COUNT
     workers = n_workers or max(2, cores)
-    memory = psutil.virtual_memory().total
+    memory = distributed.system.MEMORY_LIMIT
     # Two threads per worker: one encodes while the other downloads or reads.
     return workers, 2, int(memory * 0.8 / workers)
 
