@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from reformatters.sources.grib_decode import GridSpec
 from reformatters.sources.grib_index import instant_step, normalize_step, window_step
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 CACHE_ENV_VAR = "REFORMATTERS_ARCHIVE_CACHE"
 
 Kind = Literal["instant", "acc", "ave", "max", "min"]
@@ -92,7 +92,7 @@ GFS_ARCHIVE_VARIABLES: tuple[ArchiveVariable, ...] = (
     _v("wind_v_10m", "VGRD", "10 m above ground", "instant", (0, 2, 3), 103, 10, units="m s-1"),
     _v("wind_u_100m", "UGRD", "100 m above ground", "instant", (0, 2, 2), 103, 100, units="m s-1"),
     _v("wind_v_100m", "VGRD", "100 m above ground", "instant", (0, 2, 3), 103, 100, units="m s-1"),
-    _v("pressure_surface", "PRES", "surface", "instant", (0, 3, 0), 1, bits_per_value=14, units="Pa"),
+    _v("pressure_surface", "PRES", "surface", "instant", (0, 3, 0), 1, bits_per_value=12, units="Pa"),
     _v(
         "pressure_reduced_to_mean_sea_level",
         "PRMSL",
@@ -100,7 +100,7 @@ GFS_ARCHIVE_VARIABLES: tuple[ArchiveVariable, ...] = (
         "instant",
         (0, 3, 1),
         101,
-        bits_per_value=14,
+        bits_per_value=12,
         units="Pa",
     ),
     _v(
