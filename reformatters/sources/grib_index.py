@@ -43,11 +43,7 @@ class IndexEntry:
     @property
     def byte_range_header(self) -> str:
         """HTTP Range header value (inclusive end)."""
-        return (
-            f"bytes={self.start}-"
-            if self.end is None
-            else f"bytes={self.start}-{self.end - 1}"
-        )
+        return f"bytes={self.start}-" if self.end is None else f"bytes={self.start}-{self.end - 1}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,17 +70,14 @@ def parse_ncep_idx(text: str) -> list[IndexEntry]:
         try:
             start = int(parts[1])
         except ValueError:
-            raise GribIndexParseError(
-                f"line {lineno}: start byte {parts[1]!r} is not an integer in {line!r}"
-            ) from None
+            raise GribIndexParseError(f"line {lineno}: start byte {parts[1]!r} is not an integer in {line!r}") from None
         extra = ":".join(parts[6:]).strip() if len(parts) > 6 else ""
         rows.append((parts[0], start, parts[3], parts[4], parts[5], extra, line))
 
     # End of each message = the next distinct start byte greater than its own start.
     distinct_starts = sorted({r[1] for r in rows})
     next_start: dict[int, int | None] = {
-        s: (distinct_starts[i + 1] if i + 1 < len(distinct_starts) else None)
-        for i, s in enumerate(distinct_starts)
+        s: (distinct_starts[i + 1] if i + 1 < len(distinct_starts) else None) for i, s in enumerate(distinct_starts)
     }
     return [
         IndexEntry(
@@ -156,9 +149,7 @@ def parse_ecmwf_index(text: str) -> list[IndexEntry]:
                 start=offset,
                 end=offset + length,
                 element=param,
-                level=ecmwf_level(
-                    str(record.get("levtype", "")), record.get("levelist")
-                ),
+                level=ecmwf_level(str(record.get("levtype", "")), record.get("levelist")),
                 step=ecmwf_step(record.get("step", 0)),
                 extra=extra,
                 raw=line,
@@ -200,11 +191,7 @@ def normalize_step(step: str) -> str:
         return f"{_fmt_hours(int(m.group(1)) * f)}-{_fmt_hours(int(m.group(2)) * f)} hour {m.group(4)} fcst"
     if m := _INSTANT_RE.match(s):
         hours = int(m.group(1)) * _UNIT_HOURS[m.group(2)]
-        return (
-            "anl"
-            if hours == 0 and m.group(2) != "min"
-            else f"{_fmt_hours(hours)} hour fcst"
-        )
+        return "anl" if hours == 0 and m.group(2) != "min" else f"{_fmt_hours(hours)} hour fcst"
     return s
 
 
@@ -226,22 +213,13 @@ def find_message(
 ) -> IndexEntry:
     """The single entry whose element, level and (normalised) step equal the ones asked for."""
     want_step = normalize_step(step)
-    matches = [
-        e
-        for e in entries
-        if e.element == element
-        and e.level == level
-        and normalize_step(e.step) == want_step
-    ]
+    matches = [e for e in entries if e.element == element and e.level == level and normalize_step(e.step) == want_step]
     if len(matches) == 1:
         return matches[0]
     sought = f"{element}:{level}:{step}"
     if not matches:
         close = closest_entries(entries, element, level, step)
-        listing = (
-            "\n  ".join(e.raw or f"{e.element}:{e.level}:{e.step}" for e in close)
-            or "(inventory is empty)"
-        )
+        listing = "\n  ".join(e.raw or f"{e.element}:{e.level}:{e.step}" for e in close) or "(inventory is empty)"
         raise GribMessageNotFoundError(
             f"{source}: no message {sought!r} among {len(entries)} inventory lines. Closest lines:\n  {listing}\n"
             "Check the element, level and step text (windows are 'A-B hour acc|ave|max|min fcst', lead 0 is 'anl')."
@@ -253,9 +231,7 @@ def find_message(
     )
 
 
-def closest_entries(
-    entries: Sequence[IndexEntry], element: str, level: str, step: str, n: int = 8
-) -> list[IndexEntry]:
+def closest_entries(entries: Sequence[IndexEntry], element: str, level: str, step: str, n: int = 8) -> list[IndexEntry]:
     """Entries nearest to a request: same element and level, then same element, then same level."""
     want_step = normalize_step(step)
 
@@ -301,25 +277,15 @@ class MergedRange:
 
     @property
     def byte_range_header(self) -> str:
-        return (
-            f"bytes={self.start}-"
-            if self.end is None
-            else f"bytes={self.start}-{self.end - 1}"
-        )
+        return f"bytes={self.start}-" if self.end is None else f"bytes={self.start}-{self.end - 1}"
 
     def split(self, data: bytes) -> dict[str, bytes]:
         """Cut the bytes downloaded for this range back into per-message bytes."""
         if self.end is not None and len(data) != self.end - self.start:
-            raise ValueError(
-                f"range {self.byte_range_header}: expected {self.end - self.start} bytes, got {len(data)}"
-            )
+            raise ValueError(f"range {self.byte_range_header}: expected {self.end - self.start} bytes, got {len(data)}")
         out: dict[str, bytes] = {}
         for s in self.slices:
-            out[s.key] = (
-                data[s.offset :]
-                if s.length is None
-                else data[s.offset : s.offset + s.length]
-            )
+            out[s.key] = data[s.offset :] if s.length is None else data[s.offset : s.offset + s.length]
         return out
 
 
@@ -340,9 +306,7 @@ def merge_byte_ranges(
         items = [(k, e.start, e.end) for k, e in ranges.items()]
     else:
         for r in ranges:
-            items.append(
-                (r.message, r.start, r.end) if isinstance(r, IndexEntry) else r
-            )
+            items.append((r.message, r.start, r.end) if isinstance(r, IndexEntry) else r)
     if file_size is not None:
         items = [(k, s, file_size if e is None else e) for k, s, e in items]
     items.sort(key=lambda t: (t[1], float("inf") if t[2] is None else t[2]))
@@ -363,10 +327,7 @@ def merge_byte_ranges(
             start=g_start,
             end=g_end,
             slices=tuple(
-                MessageSlice(
-                    key=k, offset=s - g_start, length=None if e is None else e - s
-                )
-                for k, s, e in members
+                MessageSlice(key=k, offset=s - g_start, length=None if e is None else e - s) for k, s, e in members
             ),
         )
         for g_start, g_end, members in groups
