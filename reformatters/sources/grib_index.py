@@ -216,6 +216,10 @@ def find_message(
     matches = [e for e in entries if e.element == element and e.level == level and normalize_step(e.step) == want_step]
     if len(matches) == 1:
         return matches[0]
+    # GFS lists the 0-6 h APCP accumulation twice at f006 (the 6-hourly window and the run total coincide):
+    # lines alike in everything but their position name the same field, so the first one serves.
+    if matches and len({e.extra for e in matches}) == 1:
+        return matches[0]
     sought = f"{element}:{level}:{step}"
     if not matches:
         close = closest_entries(entries, element, level, step)

@@ -207,6 +207,10 @@ def test_missing_variable_error_names_file_and_closest_lines(
     assert "596:428200066:d=2025080100:APCP:surface:6-7 hour acc fcst:" in msg
     assert msg.index("APCP:surface:6-7") < msg.index("Closest") + 200  # same element+level listed first
 
-    dup = [*entries, entries[0]]
+    # GFS f006 lists the 0-6 h APCP accumulation twice; identical lines name the same field: the first serves.
+    duplicate = [*entries, entries[0]]
+    assert find_message(duplicate, "PRMSL", "mean sea level", "7 hour fcst") is entries[0]
+    # Lines that differ in their extra field (ensemble members, statistics) are truly ambiguous.
+    other_member = dataclasses.replace(entries[0], extra="ENS=+1")
     with pytest.raises(GribMessageNotFoundError, match="2 messages match"):
-        find_message(dup, "PRMSL", "mean sea level", "7 hour fcst")
+        find_message([*entries, other_member], "PRMSL", "mean sea level", "7 hour fcst")
