@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 from pathlib import Path
 
