@@ -1,0 +1,367 @@
+"""The Kubernetes manifests and the cluster choices of the CLI, checked offline.
+
+The DaskCluster is validated against the CRD schema the dask-kubernetes wheel ships, strictly (unknown
+fields rejected, as `kubectl apply` does with server-side field validation). The CronJobs go through the
+Kubernetes client's own models. The CLI paths that cannot get a cluster run as real subprocesses.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import resource
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dask_kubernetes
+import jsonschema
+import pytest
+import typer
+import yaml
+
+from reformatters.cli import app
+from reformatters.cluster import (
+    CLUSTER_DIR,
+    ClusterUnavailableError,
+    dask_cluster_resource,
+    kubernetes_credentials_available,
+    open_client,
+)
+
+DASK_K8S = Path(dask_kubernetes.__file__).parent
+# The operator's CRDs with every $ref resolved, as the Helm chart installs them.
+CRD_CANDIDATES = [
+    DASK_K8S / "operator/deployment/helm/dask-kubernetes-operator/crds/daskcluster.yaml",
+    DASK_K8S / "operator/customresources/daskcluster.yaml",
+]
+
+
+def load_crd_schema() -> dict[str, Any]:
+    for path in CRD_CANDIDATES:
+        if not path.exists():
+            continue
+        crd = yaml.safe_load(path.read_text())
+        if crd.get("kind") != "CustomResourceDefinition":
+            continue
+        for version in crd["spec"]["versions"]:
+            schema = version.get("schema", {}).get("openAPIV3Schema")
+            if version["name"] == "v1" and schema and "$ref" not in schema:
+                assert crd["spec"]["names"]["kind"] == "DaskCluster"
+                return {"group": crd["spec"]["group"], "schema": schema}
+    pytest.fail(f"no resolved DaskCluster v1 CRD schema in the installed dask-kubernetes ({DASK_K8S})")
+
+
+def to_json_schema(node: Any, *, strict: bool = True) -> Any:
+    """OpenAPI v3 (Kubernetes structural schema) -> JSON Schema for `jsonschema`.
+
+    `x-kubernetes-int-or-string` becomes integer|string; `x-kubernetes-preserve-unknown-fields` keeps an
+    object open; other `x-kubernetes-*` keys (list/map types, validations) are dropped. With `strict`,
+    objects that declare properties reject unknown fields, as the API server does under strict field
+    validation: a misspelt field fails instead of being pruned silently.
+    """
+    if isinstance(node, list):
+        return [to_json_schema(item, strict=strict) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key.startswith("x-kubernetes-"):
+            continue
+        if key in ("properties", "patternProperties", "definitions"):
+            out[key] = {name: to_json_schema(sub, strict=strict) for name, sub in value.items()}
+        else:
+            out[key] = to_json_schema(value, strict=strict)
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    preserve = node.get("x-kubernetes-preserve-unknown-fields", False)
+    if strict and "properties" in node and "additionalProperties" not in node and not preserve:
+        out["additionalProperties"] = False
+    return out
+
+
+@pytest.fixture(scope="module")
+def crd_validator() -> Iterator[jsonschema.protocols.Validator]:
+    crd = load_crd_schema()
+    schema = to_json_schema(crd["schema"])
+    # The API server supplies these at the root of every custom resource; the CRD schema leaves them out.
+    schema["properties"] |= {
+        "apiVersion": {"type": "string"},
+        "kind": {"type": "string"},
+        "metadata": {"type": "object"},
+    }
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
+    cls.check_schema(schema)
+    yield cls(schema)
+
+
+def validation_errors(validator: jsonschema.protocols.Validator, resource: dict[str, Any]) -> list[str]:
+    problems = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(resource)]
+    if resource.get("apiVersion") != "kubernetes.dask.org/v1":
+        problems.append(f"apiVersion {resource.get('apiVersion')!r}")
+    if resource.get("kind") != "DaskCluster":
+        problems.append(f"kind {resource.get('kind')!r}")
+    name = resource.get("metadata", {}).get("name", "")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", name):
+        problems.append(f"metadata.name {name!r} is not a DNS-1123 label")
+    return problems
+
+
+def parse_quantity(text: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+    units |= {"k": 1e3, "M": 1e6, "G": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9}
+    match = re.fullmatch(r"([0-9.]+)\s*([A-Za-z]*)", str(text))
+    assert match, f"not a quantity: {text!r}"
+    return float(match.group(1)) * units.get(match.group(2), 1)
+
+
+def option_value(args: list[str], option: str) -> str:
+    assert option in args, f"{option} missing from {args}"
+    return args[args.index(option) + 1]
+
+
+# ---- DaskCluster ----
+
+
+def test_dask_cluster_resource_validates_against_the_operator_crd(crd_validator: Any) -> None:
+    resource = dask_cluster_resource()
+    assert validation_errors(crd_validator, resource) == []
+    # With the overrides `--cluster k8s` applies.
+    custom = dask_cluster_resource(image="registry.example/reformatters:2026.5.1", n_workers=3)
+    assert validation_errors(crd_validator, custom) == []
+    containers = [*custom["spec"]["scheduler"]["spec"]["containers"], *custom["spec"]["worker"]["spec"]["containers"]]
+    assert {c["image"] for c in containers} == {"registry.example/reformatters:2026.5.1"}
+    assert custom["spec"]["worker"]["replicas"] == 3
+    # Without overrides: the placeholder image of the checked-in file.
+    plain = dask_cluster_resource()["spec"]["worker"]["spec"]["containers"][0]
+    assert plain["image"] == "ghcr.io/OWNER/reformatters:latest"
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        (lambda r: r["spec"]["worker"].__setitem__("replicas", "8"), "replicas"),
+        (lambda r: r["spec"]["worker"].__setitem__("replica", 8), "replica"),
+        (lambda r: r["spec"].pop("scheduler"), "scheduler"),
+        (lambda r: r["spec"]["worker"]["spec"]["containers"][0]["resources"]["limits"].__setitem__("cpu", 2), "cpu"),
+        (lambda r: r["spec"]["worker"]["spec"]["containers"][0].__setitem__("args", "dask worker"), "args"),
+        (lambda r: r["spec"]["scheduler"]["service"]["ports"][0].__setitem__("port", "tcp"), "port"),
+        (lambda r: r.__setitem__("kind", "DaskWorkerGroup"), "kind"),
+        (lambda r: r["metadata"].__setitem__("name", "Reformatters_Backfill"), "metadata.name"),
+    ],
+    ids=[
+        "replicas-string",
+        "misspelt-field",
+        "no-scheduler",
+        "cpu-integer",
+        "args-string",
+        "port-string",
+        "kind",
+        "name",
+    ],
+)
+def test_a_broken_dask_cluster_fails_validation(crd_validator: Any, breakage: Any, expected: str) -> None:
+    broken = copy.deepcopy(dask_cluster_resource())
+    breakage(broken)
+    problems = validation_errors(crd_validator, broken)
+    assert problems, "the broken resource passed validation"
+    assert any(expected in p for p in problems), problems
+
+
+def test_dask_cluster_workers_and_scheduler_are_wired_for_backfills() -> None:
+    resource = dask_cluster_resource()
+    name = resource["metadata"]["name"]
+    scheduler = resource["spec"]["scheduler"]
+    worker_container = resource["spec"]["worker"]["spec"]["containers"][0]
+    args = worker_container["args"]
+    assert args[:2] == ["dask", "worker"]
+    assert option_value(args, "--resources") == "encode=1"
+    assert option_value(args, "--nthreads") == "2"
+    dask_memory = parse_quantity(option_value(args, "--memory-limit"))
+    limits = worker_container["resources"]["limits"]
+    requests = worker_container["resources"]["requests"]
+    # One GFS variable-region (868 MB) encoding plus the next one's fields and downloads in flight.
+    assert dask_memory >= 4 * 2**30
+    # Dask must pause/spill before the kernel OOM-kills the container.
+    assert dask_memory < parse_quantity(limits["memory"])
+    assert parse_quantity(requests["memory"]) == parse_quantity(limits["memory"])
+    assert parse_quantity(requests["cpu"]) >= 2
+    assert "ghcr.io/OWNER/reformatters" in worker_container["image"]
+    # The scheduler's Service selects the scheduler pod of this very cluster and exposes the comm port.
+    assert scheduler["service"]["selector"] == {"dask.org/cluster-name": name, "dask.org/component": "scheduler"}
+    container_ports = {p["name"]: p["containerPort"] for p in scheduler["spec"]["containers"][0]["ports"]}
+    service_ports = {p["targetPort"]: p["port"] for p in scheduler["service"]["ports"]}
+    assert container_ports["tcp-comm"] == service_ports["tcp-comm"] == 8786
+    assert scheduler["spec"]["containers"][0]["args"][:2] == ["dask", "scheduler"]
+
+
+# ---- CronJobs ----
+
+
+def load_cronjob(name: str) -> dict[str, Any]:
+    manifest = yaml.safe_load((CLUSTER_DIR / name).read_text())
+    assert isinstance(manifest, dict)
+    return manifest
+
+
+def cronjob_round_trip(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest after a pass through the Kubernetes client's V1CronJob model: unknown fields vanish."""
+    from kubernetes.client import ApiClient
+
+    api = ApiClient()
+    model = api._ApiClient__deserialize(manifest, "V1CronJob")  # type: ignore[attr-defined]
+    result: dict[str, Any] = api.sanitize_for_serialization(model)
+    return result
+
+
+def cli_command(name: str) -> Any:
+    group: Any = typer.main.get_command(app)
+    command = group.commands.get(name)
+    assert command is not None, f"reformatters has no `{name}` command"
+    return command
+
+
+def container_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    pod = manifest["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert len(pod["containers"]) == 1
+    return pod["containers"][0]
+
+
+@pytest.mark.parametrize(
+    ("file", "command"),
+    [("update-cronjob.yaml", "update"), ("validate-cronjob.yaml", "validate")],
+)
+def test_cronjobs_are_valid_and_run_the_right_command(file: str, command: str) -> None:
+    manifest = load_cronjob(file)
+    assert manifest["apiVersion"] == "batch/v1"
+    assert manifest["kind"] == "CronJob"
+    assert cronjob_round_trip(manifest) == manifest, "a field is unknown to the Kubernetes CronJob model"
+    assert manifest["spec"]["concurrencyPolicy"] == "Forbid"
+    assert manifest["spec"]["timeZone"] == "Etc/UTC"
+    container = container_of(manifest)
+    argv = [*container.get("command", []), *container.get("args", [])]
+    assert argv[:3] == ["reformatters", command, "noaa-gfs-forecast"]
+    # Every option the manifest passes exists on that CLI command (a renamed option breaks this test).
+    known = {opt for param in cli_command(command).params for opt in param.opts}
+    passed = [a for a in argv[3:] if a.startswith("--")]
+    assert passed and set(passed) <= known, (passed, known)
+    # $(VAR) references in args must be defined in the container's env.
+    env_names = {e["name"] for e in container.get("env", [])}
+    assert set(re.findall(r"\$\((\w+)\)", " ".join(argv))) <= env_names
+
+
+def test_update_schedule_and_pod_size() -> None:
+    manifest = load_cronjob("update-cronjob.yaml")
+    assert manifest["spec"]["schedule"].split() == ["38", "5,11,17,23", "*", "*", "*"]
+    job = manifest["spec"]["jobTemplate"]["spec"]
+    # Finishes before the next run, 6 hours later.
+    assert job["activeDeadlineSeconds"] < 6 * 3600
+    container = container_of(manifest)
+    assert option_value(container["args"], "--cluster") == "local"
+    memory = parse_quantity(container["resources"]["limits"]["memory"])
+    cpus = parse_quantity(container["resources"]["limits"]["cpu"])
+    # The LocalCluster gets one worker per CPU (two threads each); each needs room for a GFS variable-region.
+    assert cpus >= 2
+    assert memory * 0.8 / cpus >= 3 * 2**30
+
+
+def test_validate_runs_after_each_update() -> None:
+    update = load_cronjob("update-cronjob.yaml")["spec"]["schedule"].split()
+    validate = load_cronjob("validate-cronjob.yaml")["spec"]["schedule"].split()
+    update_minutes = [int(h) * 60 + int(update[0]) for h in update[1].split(",")]
+    validate_minutes = [int(h) * 60 + int(validate[0]) for h in validate[1].split(",")]
+    assert len(validate_minutes) == len(update_minutes)
+    for start in update_minutes:
+        delays = [(v - start) % (24 * 60) for v in validate_minutes]
+        # A validation follows every update, after it had time to publish but before the next update.
+        assert any(30 <= d < 6 * 60 for d in delays), (start, delays)
+
+
+# ---- the CLI without a cluster ----
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "reformatters.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBERNETES_SERVICE_HOST", "KUBECONFIG")}
+    env.update(extra)
+    return env
+
+
+def assert_one_clear_line(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode != 0
+    output = (result.stdout + result.stderr).strip()
+    assert "Traceback" not in output, output
+    lines = output.splitlines()
+    assert len(lines) == 1, output
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_k8s_without_credentials_fails_with_one_clear_line(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-kubeconfig"
+    env = clean_env(KUBECONFIG=str(missing))
+    store = tmp_path / "store.zarr"
+    result = run_cli(["backfill", "example", "2024-01-02", "--cluster", "k8s", "--store", str(store)], tmp_path, env)
+    assert_one_clear_line(result, "Kubernetes credentials", str(missing), "--cluster local")
+
+
+def test_credentials_detection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    assert kubernetes_credentials_available()[0] is False
+    (tmp_path / "config").write_text("apiVersion: v1\nkind: Config\n")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
+    assert kubernetes_credentials_available() == (True, str(tmp_path / "config"))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    assert kubernetes_credentials_available()[0] is True
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_unreachable_scheduler_fails_with_one_clear_line(tmp_path: Path) -> None:
+    address = f"tcp://127.0.0.1:{closed_port()}"
+    store = tmp_path / "store.zarr"
+    result = run_cli(
+        ["backfill", "example", "2024-01-02", "--cluster", address, "--store", str(store)], tmp_path, clean_env()
+    )
+    assert_one_clear_line(result, address, "dask scheduler")
+
+
+def test_unknown_cluster_spec_is_refused() -> None:
+    with pytest.raises(ClusterUnavailableError, match="unknown --cluster"), open_client("kubernetes"):
+        pass
+
+
+def test_local_cluster_is_sized_by_the_memory_limit_not_the_host() -> None:
+    """In a pod the host's RAM is visible; the LocalCluster must fit the container's limit instead."""
+    limit = 3 * 2**30
+    code = "from reformatters.cluster import local_cluster_size; print(local_cluster_size(2)[2])"
+
+    def limit_rss() -> None:
+        resource.setrlimit(resource.RLIMIT_RSS, (limit, limit))
+
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, preexec_fn=limit_rss, check=True
+    )
+    per_worker = int(result.stdout.strip())
+    assert 0 < per_worker <= limit * 0.8 / 2
