@@ -178,10 +178,7 @@ def update(
 def validate(dataset_id: str, store: StoreOption = None, now: NowOption = None) -> None:
     """Check DATASET_ID's published store: current data, recent NaNs, expected shards. Non-zero exit on failure."""
     dataset = _dataset(dataset_id)
-    run_validation = getattr(dataset, "validate", None)
-    if run_validation is None:
-        raise _fail(f"{dataset_id} declares no validators")
-    report = run_validation(store_url=store, now=parse_utc(now) if now else None)
+    report = dataset.run_validators(store_url=store, now=parse_utc(now) if now else None)
     for line in report.lines():
         typer.echo(line)
     if not report.ok:

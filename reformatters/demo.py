@@ -117,7 +117,7 @@ def run_demo(preset: str = "default", workdir: Path = Path("data/demo")) -> Path
         )
 
     _say("validating ...")
-    report = dataset.validate(store_url=str(store_path), now=update_now)
+    report = dataset.run_validators(store_url=str(store_path), now=update_now)
     for line in report.lines():
         _say(line)
 

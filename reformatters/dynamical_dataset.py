@@ -131,20 +131,22 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
     def update(self, **kwargs: Any) -> RunSummary:
         from reformatters.update.driver import run_operational_update
 
-        return run_operational_update(self, **kwargs)
+        summary: RunSummary = run_operational_update(self, **kwargs)
+        return summary
 
     def validators(self) -> Sequence[Any]:
         """The checks `validate` runs; datasets override."""
         return []
 
-    def validate(self, **kwargs: Any) -> Any:
+    def run_validators(self, **kwargs: Any) -> Any:
         from reformatters.validation import run_validation
 
         return run_validation(self, **kwargs)
 
     # ---- reading ----
     def open_published(self, store_url: str | None = None) -> xr.Dataset:
-        return self.store(store_url).open_dataset()
+        published: xr.Dataset = self.store(store_url).open_dataset()
+        return published
 
     def data_var_names(self) -> Sequence[str]:
         return [v.name for v in self.template_config.data_vars]

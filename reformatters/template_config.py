@@ -147,7 +147,7 @@ class TemplateConfig(FrozenModel, Generic[DataVarT]):
             # xarray writes CF time `units`/`calendar` from the encoding; they must not also be attrs.
             ds[coord.name].attrs = {k: v for k, v in coord.attrs.to_attrs().items() if k not in encoding}
             ds[coord.name].encoding = encoding
-        undeclared = set(ds.coords) - {c.name for c in self.coords}
+        undeclared = {str(name) for name in ds.coords} - {c.name for c in self.coords}
         if undeclared:
             raise ValueError(f"{self.dataset_id}: coordinates {sorted(undeclared)} need a Coordinate entry")
         return ds
@@ -162,7 +162,7 @@ class TemplateConfig(FrozenModel, Generic[DataVarT]):
         loaded = xr.open_zarr(path, chunks=None, decode_timedelta=True)
         append_coords = self.append_dim_coordinates(append_dim_end)
         coords: dict[str, Any] = {
-            name: loaded[name].variable.copy(deep=True)
+            str(name): loaded[name].variable.copy(deep=True)
             for name in loaded.dims
             if name != self.append_dim and name in loaded.coords
         }

@@ -29,7 +29,7 @@ def temperature(init_time: pd.Timestamp, lead_hours: int) -> npt.NDArray[np.floa
     lat = LATITUDES[:, None]
     lon = LONGITUDES[None, :]
     values = 25.0 - 0.6 * (lat - 30.0) + 4.0 * np.sin(2 * np.pi * hours / 24.0 + lon / 20.0)
-    return values.astype(np.float32)
+    return np.asarray(values, dtype=np.float32)
 
 
 def precipitation_rate(init_time: pd.Timestamp, lead_hours: int) -> npt.NDArray[np.float32]:
@@ -38,7 +38,7 @@ def precipitation_rate(init_time: pd.Timestamp, lead_hours: int) -> npt.NDArray[
     lat = LATITUDES[:, None]
     lon = LONGITUDES[None, :]
     rate = 1e-4 * (1.0 + np.cos(lat / 5.0 + lon / 7.0 + hours / 3.0))
-    return rate.astype(np.float32)
+    return np.asarray(rate, dtype=np.float32)
 
 
 def accumulated_precipitation(init_time: pd.Timestamp, lead_hours: int) -> npt.NDArray[np.float32]:

@@ -58,7 +58,7 @@ def run_region_jobs(
     if not use_resource:
         log.info("workers declare no '%s' resource; encodes are not capped per worker", "encode")
     pending = deque(enumerate(jobs))
-    in_flight: dict[int, tuple[RegionJob[Any, Any], list[Future], float]] = {}
+    in_flight: dict[int, tuple[RegionJob[Any, Any], list[Future[Any]], float]] = {}
     outcomes: dict[int, RegionOutcome] = {}
     completed = as_completed()
     future_region: dict[str, int] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import dask
+from dask.base import annotate
 from dask.base import tokenize
 from dask.delayed import Delayed, delayed
 
@@ -38,7 +38,7 @@ def build_region_graph(
     store_key = delayed(final_store, name=f"final-store-{token}", pure=True)
 
     uploads: list[Delayed] = []
-    with dask.annotate(priority=priority):
+    with annotate(priority=priority):
         for group_index, group in enumerate(job.source_groups(job.data_vars)):
             coords = job.generate_source_file_coords(processing_ds, group)
             downloads = [
@@ -59,7 +59,7 @@ def build_region_graph(
                     for start in range(0, len(downloads), job.read_batch_size)
                 ]
                 annotations = {"resources": {ENCODE_RESOURCE: 1}} if use_encode_resource else {}
-                with dask.annotate(**annotations):
+                with annotate(**annotations):
                     encoded = delayed(encode_variable_kernel, pure=False)(
                         job_key,
                         data_var,
