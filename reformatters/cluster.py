@@ -12,7 +12,7 @@ from typing import Any
 import dask.system
 import distributed.system
 import yaml
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, WorkerPlugin
 
 from reformatters.pipeline.graph import ENCODE_RESOURCE
 
@@ -64,15 +64,45 @@ def open_client(spec: str = "local", *, n_workers: int | None = None) -> Iterato
                 "or use --cluster local"
             ) from error
         with client:
+            prepare_remote_cluster(client)
             yield client
         return
     if spec == "k8s":
         with _kube_client() as client:
+            prepare_remote_cluster(client)
             yield client
         return
     raise ClusterUnavailableError(
         f"unknown --cluster {spec!r}: use 'local', 'k8s' or a scheduler address such as tcp://127.0.0.1:8786"
     )
+
+
+def import_dataset_integrations() -> int:
+    """Import every dataset integration; returns how many there are.
+
+    Task graphs carry dataset classes, among them parametrized pydantic models such as
+    `DataVar[ExampleInternalAttrs]` that exist (as attributes of `reformatters.common.config_models`) only
+    once the dataset's module has been imported. A scheduler or worker process that never imported it
+    cannot unpickle the graph ("Error during deserialization of the task graph").
+    """
+    from reformatters.registry import all_datasets
+
+    return len(all_datasets())
+
+
+class ImportDatasetIntegrations(WorkerPlugin):
+    """Runs `import_dataset_integrations` on every worker, also on workers that join later."""
+
+    name = "reformatters-import-datasets"
+
+    def setup(self, worker: Any) -> None:
+        import_dataset_integrations()
+
+
+def prepare_remote_cluster(client: Client) -> None:
+    """A cluster this process did not start (tcp://, k8s) imports the dataset integrations first."""
+    client.run_on_scheduler(import_dataset_integrations)
+    client.register_plugin(ImportDatasetIntegrations())
 
 
 def workers_have_encode_resource(client: Client) -> bool:
