@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -147,9 +148,26 @@ def _kube_client() -> Iterator[Client]:
 
     image = os.environ.get("REFORMATTERS_IMAGE")
     resource = dask_cluster_resource(image=image)
+    existing = set(KubeCluster._instances)
     try:
         cluster = KubeCluster(custom_cluster_spec=resource, shutdown_on_close=True)
     except Exception as error:
-        raise ClusterUnavailableError(f"could not create the DaskCluster on Kubernetes: {error}") from error
+        _abandon_half_started_clusters(KubeCluster, existing)
+        raise ClusterUnavailableError(
+            f"could not create the DaskCluster on Kubernetes ({detail}): {type(error).__name__}: {error}"
+        ) from error
     with cluster, Client(cluster) as client:
         yield client
+
+
+def _abandon_half_started_clusters(kube_cluster_class: Any, existing: set[Any]) -> None:
+    """Delete what a failed KubeCluster start left behind, then forget it.
+
+    dask-kubernetes reaps every KubeCluster it knows at interpreter exit; one whose start failed because the
+    API server is unreachable would fail again there and print a traceback after our one-line error.
+    """
+    for cluster in set(kube_cluster_class._instances) - existing:
+        with contextlib.suppress(Exception):
+            cluster.close(timeout=10)
+        cluster.shutdown_on_close = False
+        kube_cluster_class._instances.discard(cluster)

@@ -321,6 +321,32 @@ def test_k8s_without_credentials_fails_with_one_clear_line(tmp_path: Path) -> No
     assert_one_clear_line(result, "Kubernetes credentials", str(missing), "--cluster local")
 
 
+def test_k8s_with_an_unreachable_api_server_fails_with_one_clear_line(tmp_path: Path) -> None:
+    """Credentials exist but the API server does not answer: one line, and no traceback at exit either."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {
+                        "name": "gone",
+                        "cluster": {"server": f"https://127.0.0.1:{closed_port()}", "insecure-skip-tls-verify": True},
+                    }
+                ],
+                "users": [{"name": "u", "user": {"token": "not-a-real-token"}}],
+                "contexts": [{"name": "gone", "context": {"cluster": "gone", "user": "u", "namespace": "default"}}],
+                "current-context": "gone",
+            }
+        )
+    )
+    env = clean_env(KUBECONFIG=str(kubeconfig))
+    store = tmp_path / "store.zarr"
+    result = run_cli(["backfill", "example", "2024-01-02", "--cluster", "k8s", "--store", str(store)], tmp_path, env)
+    assert_one_clear_line(result, "could not create the DaskCluster", str(kubeconfig))
+
+
 def test_credentials_detection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
