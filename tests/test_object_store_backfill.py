@@ -51,3 +51,23 @@ def test_backfill_into_s3_reads_back_as_the_source_says(s3: S3Server, example_so
     machine = json.loads((tmp_path / "summary.json").read_text())
     assert machine["totals"]["files_failed"] == 2 * 3
     assert machine["totals"]["bytes_written"] > 0
+
+
+def test_objects_written_elsewhere_are_seen_after_a_listing(s3: S3Server) -> None:
+    """A worker or another publisher writes while this process holds a listing: no stale answer."""
+    with s3.environment():
+        store = ObjectStore(s3.url("listing-cache/store.zarr"))
+        store.put("temperature_2m/c/0/0/0/0", b"first")
+        assert store.list("temperature_2m") == ["temperature_2m/c/0/0/0/0"]
+        assert not store.exists("temperature_2m/c/1/0/0/0")
+        # Written by another client, as a worker process would.
+        s3.boto3_client().put_object(
+            Bucket=s3.bucket, Key="listing-cache/store.zarr/temperature_2m/c/1/0/0/0", Body=b"second"
+        )
+        assert store.exists("temperature_2m/c/1/0/0/0")
+        assert store.get("temperature_2m/c/1/0/0/0") == b"second"
+        assert store.list("temperature_2m") == ["temperature_2m/c/0/0/0/0", "temperature_2m/c/1/0/0/0"]
+        store.delete("temperature_2m/c/0/0/0/0")
+        s3.boto3_client().delete_object(Bucket=s3.bucket, Key="listing-cache/store.zarr/temperature_2m/c/1/0/0/0")
+        assert store.get("temperature_2m/c/1/0/0/0") is None
+        assert store.list() == []

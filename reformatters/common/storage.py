@@ -21,15 +21,19 @@ REMOTE_PROTOCOLS = ("s3", "gs", "gcs")
 
 def storage_options_for(url: str) -> dict[str, Any]:
     protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol not in REMOTE_PROTOCOLS:
+        return {}
+    # No listings cache: other processes (workers, a concurrent publisher) write to the store, and after a
+    # listing s3fs/gcsfs answer `exists`/`cat_file` from the cached listing, so an object written since
+    # would read as absent (a merge into a published shard would then start from an empty shard).
+    options: dict[str, Any] = {"use_listings_cache": False}
     if protocol == "s3":
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        options: dict[str, Any] = {}
         if endpoint:
             options["client_kwargs"] = {"endpoint_url": endpoint}
         if not os.environ.get("AWS_ACCESS_KEY_ID") and not os.environ.get("AWS_PROFILE"):
             options["anon"] = True
-        return options
-    return {}
+    return options
 
 
 class ObjectStore:
@@ -114,11 +118,17 @@ class ObjectStore:
                 str(p.relative_to(store_root)) for p in root.rglob("*") if p.is_file() and ".tmp-" not in p.name
             )
         try:
-            found = self.fs.find(base)
+            found = self.fs.find(base, detail=True)
         except FileNotFoundError:
             return []
-        root = self.fs._strip_protocol(self.url)
-        return sorted(str(p)[len(root) + 1 :] for p in found)
+        root = self.fs._strip_protocol(self.url) + "/"
+        # Servers with real folders (SeaweedFS, MinIO) keep a prefix after its last object is deleted, and
+        # s3fs then reports the prefix itself as a directory entry: only objects are keys.
+        return sorted(
+            path[len(root) :]
+            for path, info in found.items()
+            if info.get("type") != "directory" and path.startswith(root) and len(path) > len(root)
+        )
 
     def delete_prefix(self, prefix: str) -> None:
         for key in self.list(prefix):
