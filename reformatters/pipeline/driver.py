@@ -33,6 +33,7 @@ class RegionOutcome:
 
 
 RegionCallback = Callable[[RegionOutcome], None]
+UploadFactory = Callable[[RegionJob[Any, Any]], Callable[..., Any]]
 
 
 def default_regions_in_flight(client: Client) -> int:
@@ -47,6 +48,7 @@ def run_region_jobs(
     *,
     max_regions_in_flight: int | None = None,
     on_region_done: RegionCallback | None = None,
+    upload_for: UploadFactory | None = None,
 ) -> list[RegionOutcome]:
     """Run every job; `on_region_done` is called in completion order, the returned list is in job order.
 
@@ -66,8 +68,9 @@ def run_region_jobs(
     def submit_next() -> None:
         while pending and len(in_flight) < window:
             index, job = pending.popleft()
+            extra = {"upload": upload_for(job)} if upload_for is not None else {}
             graphs = build_region_graph(
-                job, var_metadata, final_store, priority=-index, use_encode_resource=use_resource
+                job, var_metadata, final_store, priority=-index, use_encode_resource=use_resource, **extra
             )
             futures = client.compute(graphs, optimize_graph=False)
             in_flight[index] = (job, list(futures), time.perf_counter())

@@ -7,7 +7,7 @@ The scheduler pipelines it: while one variable uploads, the next encodes and lat
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from dask.base import annotate
@@ -28,8 +28,13 @@ def build_region_graph(
     *,
     priority: int = 0,
     use_encode_resource: bool = True,
+    upload: Callable[..., Any] = upload_kernel,
 ) -> list[Delayed]:
-    """One Delayed per variable, each resolving to a `VariableResult` once its shards are uploaded."""
+    """One Delayed per variable, each resolving to a `VariableResult` once its shards are uploaded.
+
+    `upload(encoded, final_store) -> VariableResult` replaces the plain upload (the operational update
+    passes a gated upload that also records progress).
+    """
     processing = job.get_processing_region()
     processing_ds = job.template_ds.isel({job.append_dim: processing})
     worker_job = job.for_workers()
@@ -69,7 +74,7 @@ def build_region_graph(
                         dask_key_name=f"encode-{data_var.name}-{token}",
                     )
                 uploads.append(
-                    delayed(upload_kernel, pure=False)(
+                    delayed(upload, pure=False)(
                         encoded, store_key, dask_key_name=f"upload-{data_var.name}-{token}"
                     )
                 )
