@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import xarray as xr
 from reformatters_datasets.example.dataset import ExampleDataset
 
@@ -71,3 +75,30 @@ def test_objects_written_elsewhere_are_seen_after_a_listing(s3: S3Server) -> Non
         s3.boto3_client().delete_object(Bucket=s3.bucket, Key="listing-cache/store.zarr/temperature_2m/c/1/0/0/0")
         assert store.get("temperature_2m/c/1/0/0/0") is None
         assert store.list() == []
+
+
+def test_credentials_from_a_shared_credentials_file_sign_writes(s3: S3Server, tmp_path: Path) -> None:
+    """No AWS_ACCESS_KEY_ID in the environment, credentials in ~/.aws (or a role): writes must be signed."""
+    if s3.kind != "seaweedfs":
+        pytest.skip("moto accepts unsigned requests, so only SeaweedFS can tell signed from anonymous writes")
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        f"[default]\naws_access_key_id = {s3.access_key_id}\naws_secret_access_key = {s3.secret_access_key}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {
+        "AWS_ENDPOINT_URL": s3.endpoint_url,
+        "AWS_SHARED_CREDENTIALS_FILE": str(credentials),
+        "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
+        "AWS_DEFAULT_REGION": s3.region,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    code = (
+        "import sys; from reformatters.common.storage import ObjectStore; "
+        "store = ObjectStore(sys.argv[1]); store.put('probe', b'signed'); print(store.get('probe').decode())"
+    )
+    url = s3.url("shared-credentials/store.zarr")
+    result = subprocess.run([sys.executable, "-c", code, url], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "signed"
+    assert s3.list_keys("shared-credentials/") == ["shared-credentials/store.zarr/probe"]

@@ -8,6 +8,7 @@ environment variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ..., `STORAGE_EM
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import uuid
 from functools import cached_property
@@ -31,9 +32,24 @@ def storage_options_for(url: str) -> dict[str, Any]:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             options["client_kwargs"] = {"endpoint_url": endpoint}
-        if not os.environ.get("AWS_ACCESS_KEY_ID") and not os.environ.get("AWS_PROFILE"):
+        if not _aws_credentials_found(os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE")):
             options["anon"] = True
     return options
+
+
+@functools.lru_cache(maxsize=8)
+def _aws_credentials_found(access_key_id: str | None, profile: str | None) -> bool:
+    """Whether boto's credential chain finds anything: environment, ~/.aws files, SSO, web identity (IRSA),
+    container or instance roles. Only when nothing is found is the store read anonymously; checking just
+    AWS_ACCESS_KEY_ID would send unsigned (failing) writes from a pod with a role or a laptop with ~/.aws."""
+    if access_key_id or profile:
+        return True
+    import botocore.session
+
+    try:
+        return botocore.session.get_session().get_credentials() is not None
+    except Exception:  # noqa: BLE001 - a broken config file means no usable credentials
+        return False
 
 
 class ObjectStore:
