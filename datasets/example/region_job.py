@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Self
 
 import fsspec
 import numpy as np
@@ -11,7 +11,9 @@ import pandas as pd
 import xarray as xr
 
 from reformatters.common.deaccumulation import deaccumulate_along_axis
-from reformatters.region_job import RegionJob, SourceFileCoord
+from reformatters.common.storage import ObjectStore
+from reformatters.region_job import RegionJob, SourceFileCoord, append_dim_shard_length
+from reformatters.update.pause import pause_at
 
 from . import source
 from .template_config import ExampleDataVar
@@ -47,6 +49,7 @@ class ExampleRegionJob(RegionJob[ExampleDataVar, ExampleSourceFileCoord]):
         ]
 
     def download_file(self, coord: ExampleSourceFileCoord, data_var_group: Sequence[ExampleDataVar]) -> bytes:
+        pause_at("download")
         with fsspec.open(coord.get_url(), "rb") as file:
             data: bytes = file.read()
         return data
@@ -65,3 +68,34 @@ class ExampleRegionJob(RegionJob[ExampleDataVar, ExampleSourceFileCoord]):
                 data_array.values, lead_hours, data_array.dims.index("lead_time"), "accumulation", None
             )
         super().apply_data_transformations(data_array, data_var)
+
+    @classmethod
+    def operational_update_jobs(
+        cls,
+        final_store: Any,
+        template_ds: xr.Dataset,
+        append_dim: str,
+        all_data_vars: Sequence[ExampleDataVar],
+        source_url: str | None = None,
+    ) -> tuple[Sequence[Self], xr.Dataset]:
+        """Reprocess the newest init in the store (it may be incomplete) and append the newer ones.
+
+        The first region runs from the newest published init to the end of its shard (the encode step merges
+        it into the shard's published content); later regions are whole shards, up to the template's end.
+        """
+        store = final_store if isinstance(final_store, ObjectStore) else ObjectStore(final_store)
+        length = template_ds.sizes[append_dim]
+        start = 0
+        if store.exists("zarr.json"):
+            published = store.open_dataset()
+            if published.sizes[append_dim] > 0:
+                newest = published.get_index(append_dim)[-1]
+                start = int(template_ds.get_index(append_dim).get_loc(newest))
+        shard = append_dim_shard_length(all_data_vars, template_ds, append_dim)
+        regions = []
+        while start < length:
+            stop = min((start // shard + 1) * shard, length)
+            regions.append(slice(start, stop))
+            start = stop
+        jobs = cls.jobs_for_regions(template_ds, append_dim, all_data_vars, regions, source_url=source_url)
+        return jobs, template_ds

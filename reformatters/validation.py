@@ -1,0 +1,194 @@
+"""`reformatters validate DATASET_ID`: checks of a published store, declared per dataset.
+
+Each validator looks at the store as readers see it (consolidated metadata) and returns one result.
+Datasets declare theirs in `DynamicalDataset.validators()`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from pydantic import Field, field_validator
+
+from reformatters.common.config_models import FrozenModel
+from reformatters.common.storage import ObjectStore
+from reformatters.common.time_utils import utc_now
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    message: str
+
+
+@dataclass
+class ValidationReport:
+    dataset_id: str
+    store: str
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    def lines(self) -> list[str]:
+        """One line per check, failures first; the last line says the overall outcome."""
+        ordered = sorted(self.results, key=lambda r: r.ok)
+        lines = [f"{'ok  ' if r.ok else 'FAIL'} {r.name}: {r.message}" for r in ordered]
+        failed = sum(1 for r in self.results if not r.ok)
+        verdict = "passed" if self.ok else f"FAILED ({failed} of {len(self.results)} checks)"
+        lines.append(f"validation of {self.dataset_id} at {self.store}: {verdict}")
+        return lines
+
+
+@dataclass(frozen=True)
+class ValidationContext:
+    ds: xr.Dataset
+    store: ObjectStore
+    now: pd.Timestamp
+    append_dim: str
+    append_dim_start: pd.Timestamp
+    append_dim_frequency: pd.Timedelta
+
+
+class Validator(FrozenModel):
+    def check(self, context: ValidationContext) -> CheckResult:
+        raise NotImplementedError(f"{type(self).__name__} must implement check()")
+
+
+class CurrentData(Validator):
+    """The newest position due `max_delay` after its label is published and holds some data."""
+
+    max_delay: pd.Timedelta
+
+    @field_validator("max_delay", mode="before")
+    @classmethod
+    def _parse(cls, value: Any) -> pd.Timedelta:
+        return pd.Timedelta(value)
+
+    def check(self, context: ValidationContext) -> CheckResult:
+        name = f"current data (max delay {self.max_delay})"
+        steps = (context.now - self.max_delay - context.append_dim_start) // context.append_dim_frequency
+        due = context.append_dim_start + context.append_dim_frequency * max(int(steps), 0)
+        index = context.ds.get_index(context.append_dim)
+        if len(index) == 0:
+            return CheckResult(name, False, f"expected {context.append_dim} up to {due}, found an empty dataset")
+        newest = index[-1]
+        if newest < due:
+            return CheckResult(
+                name,
+                False,
+                f"expected {context.append_dim} {due} to be published by {context.now}, newest is {newest}; "
+                "check the update CronJob's logs and the source",
+            )
+        empty = [
+            str(var)
+            for var in context.ds.data_vars
+            if context.append_dim in context.ds[var].dims
+            and bool(context.ds[var].sel({context.append_dim: due}).isnull().all())
+        ]
+        if empty:
+            return CheckResult(name, False, f"{context.append_dim} {due} is published but all NaN in {empty}")
+        return CheckResult(name, True, f"{context.append_dim} {due} is published (newest {newest})")
+
+
+class RecentNaNs(Validator):
+    """The NaN fraction over the newest `positions` positions, on `sample` points, stays under `threshold`."""
+
+    threshold: float = Field(ge=0.0, le=1.0)
+    positions: int = Field(1, ge=1)
+    sample: int = Field(512, ge=1)
+    seed: int = 0
+
+    def check(self, context: ValidationContext) -> CheckResult:
+        name = f"recent NaNs (newest {self.positions}, threshold {self.threshold:.0%})"
+        recent = context.ds.isel({context.append_dim: slice(-self.positions, None)})
+        rng = np.random.default_rng(self.seed)
+        fractions: dict[str, float] = {}
+        for var in recent.data_vars:
+            array = recent[var]
+            if context.append_dim not in array.dims:
+                continue
+            other = [d for d in array.dims if d != context.append_dim]
+            picks = {d: xr.DataArray(rng.integers(0, array.sizes[d], self.sample), dims="sample") for d in other}
+            values = array.isel(picks).values
+            fractions[str(var)] = float(np.isnan(values).mean()) if values.size else 1.0
+        over = {k: v for k, v in fractions.items() if v > self.threshold}
+        listed = ", ".join(f"{k} {v:.1%}" for k, v in sorted(fractions.items()))
+        if over:
+            worst = ", ".join(f"{k} {v:.1%}" for k, v in sorted(over.items()))
+            return CheckResult(
+                name, False, f"expected at most {self.threshold:.0%} NaN, found {worst}; look for failed files"
+            )
+        return CheckResult(name, True, listed or "no variables")
+
+
+class ExpectedShards(Validator):
+    """Every shard object of the newest `positions` positions exists (region writes persist all-NaN shards)."""
+
+    positions: int = Field(1, ge=1)
+
+    def check(self, context: ValidationContext) -> CheckResult:
+        name = f"expected shards (newest {self.positions})"
+        root = json.loads(context.store.get("zarr.json") or b"{}")
+        metadata = (root.get("consolidated_metadata") or {}).get("metadata") or {}
+        missing: list[str] = []
+        checked = 0
+        for var in context.ds.data_vars:
+            meta = metadata.get(str(var), {})
+            dims = meta.get("dimension_names") or []
+            if context.append_dim not in dims:
+                continue
+            shape = meta["shape"]
+            shard = meta["chunk_grid"]["configuration"]["chunk_shape"]
+            axis = dims.index(context.append_dim)
+            length = shape[axis]
+            first = max(length - self.positions, 0)
+            grid = [range(-(-n // s)) for n, s in zip(shape, shard, strict=True)]
+            grid[axis] = range(first // shard[axis], -(-length // shard[axis]))
+            present = set(context.store.list(f"{var}/c/"))
+            for index in itertools.product(*grid):
+                key = f"{var}/c/" + "/".join(map(str, index))
+                checked += 1
+                if key not in present:
+                    missing.append(key)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            return CheckResult(
+                name, False, f"expected {checked} shard objects, {len(missing)} missing: {shown}; re-run the update"
+            )
+        return CheckResult(name, True, f"all {checked} shard objects present")
+
+
+def run_validation(dataset: Any, *, store_url: str | None = None, now: pd.Timestamp | None = None) -> ValidationReport:
+    store: ObjectStore = dataset.store(store_url)
+    config = dataset.template_config
+    report = ValidationReport(dataset_id=dataset.dataset_id, store=store.url)
+    if not store.exists("zarr.json"):
+        report.results.append(
+            CheckResult("store", False, f"expected a published dataset at {store.url}, found no zarr.json")
+        )
+        return report
+    context = ValidationContext(
+        ds=store.open_dataset(),
+        store=store,
+        now=now if now is not None else utc_now(),
+        append_dim=config.append_dim,
+        append_dim_start=config.append_dim_start,
+        append_dim_frequency=config.append_dim_frequency,
+    )
+    validators: Sequence[Validator] = dataset.validators()
+    for validator in validators:
+        try:
+            report.results.append(validator.check(context))
+        except Exception as error:  # noqa: BLE001 - a broken check is a failed check, not a crash
+            report.results.append(CheckResult(type(validator).__name__, False, f"{type(error).__name__}: {error}"))
+    return report
