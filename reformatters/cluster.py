@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,10 +113,18 @@ def workers_have_encode_resource(client: Client) -> bool:
     return bool(workers) and all(ENCODE_RESOURCE in w.get("resources", {}) for w in workers.values())
 
 
-def dask_cluster_resource(image: str | None = None, n_workers: int | None = None) -> dict[str, Any]:
-    """The DaskCluster custom resource that `--cluster k8s` creates, from `cluster/dask-cluster.yaml`."""
+def dask_cluster_resource(
+    image: str | None = None, n_workers: int | None = None, name: str | None = None
+) -> dict[str, Any]:
+    """The DaskCluster custom resource that `--cluster k8s` creates, from `cluster/dask-cluster.yaml`.
+
+    `name` renames the cluster and the scheduler Service's selector with it (they must agree).
+    """
     resource: dict[str, Any] = yaml.safe_load(DASK_CLUSTER_SPEC.read_text())
     spec = resource["spec"]
+    if name:
+        resource["metadata"]["name"] = name
+        spec["scheduler"]["service"]["selector"]["dask.org/cluster-name"] = name
     if image:
         for container in (
             *spec["scheduler"]["spec"]["containers"],
@@ -147,7 +156,10 @@ def _kube_client() -> Iterator[Client]:
     from dask_kubernetes.operator import KubeCluster
 
     image = os.environ.get("REFORMATTERS_IMAGE")
-    resource = dask_cluster_resource(image=image)
+    # A name of its own per run: KubeCluster connects to an existing DaskCluster of the same name, and
+    # closing it (shutdown_on_close) would then delete the cluster of a backfill that is still running.
+    base = yaml.safe_load(DASK_CLUSTER_SPEC.read_text())["metadata"]["name"]
+    resource = dask_cluster_resource(image=image, name=f"{base}-{uuid.uuid4().hex[:8]}")
     existing = set(KubeCluster._instances)
     try:
         cluster = KubeCluster(custom_cluster_spec=resource, shutdown_on_close=True)

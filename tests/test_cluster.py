@@ -142,6 +142,19 @@ def test_dask_cluster_resource_validates_against_the_operator_crd(crd_validator:
     assert plain["image"] == "ghcr.io/OWNER/reformatters:latest"
 
 
+def test_each_k8s_backfill_gets_a_cluster_of_its_own(crd_validator: Any) -> None:
+    from dask_kubernetes.operator.validation import validate_cluster_name
+
+    renamed = dask_cluster_resource(name="reformatters-backfill-0a1b2c3d")
+    assert validation_errors(crd_validator, renamed) == []
+    assert renamed["metadata"]["name"] == "reformatters-backfill-0a1b2c3d"
+    # The Service must follow the rename, or it selects no scheduler pod.
+    assert (
+        renamed["spec"]["scheduler"]["service"]["selector"]["dask.org/cluster-name"] == "reformatters-backfill-0a1b2c3d"
+    )
+    validate_cluster_name(renamed["metadata"]["name"])
+
+
 @pytest.mark.parametrize(
     ("breakage", "expected"),
     [
