@@ -139,10 +139,13 @@ def dask_cluster_resource(
 def kubernetes_credentials_available() -> tuple[bool, str]:
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         return True, "in-cluster service account"
-    kubeconfig = Path(os.environ.get("KUBECONFIG", "~/.kube/config")).expanduser()
-    if kubeconfig.exists():
-        return True, str(kubeconfig)
-    return False, f"no in-cluster service account and no kubeconfig at {kubeconfig}"
+    # KUBECONFIG may list several files (like PATH); kubectl merges those that exist.
+    listed = os.environ.get("KUBECONFIG") or "~/.kube/config"
+    paths = [Path(p).expanduser() for p in listed.split(os.pathsep) if p]
+    found = [str(p) for p in paths if p.is_file()]
+    if found:
+        return True, os.pathsep.join(found)
+    return False, f"no in-cluster service account and no kubeconfig at {os.pathsep.join(map(str, paths))}"
 
 
 @contextmanager

@@ -367,6 +367,11 @@ def test_credentials_detection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     (tmp_path / "config").write_text("apiVersion: v1\nkind: Config\n")
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
     assert kubernetes_credentials_available() == (True, str(tmp_path / "config"))
+    # A KUBECONFIG list (as kubectl accepts) counts when any of its files exists.
+    monkeypatch.setenv("KUBECONFIG", os.pathsep.join([str(tmp_path / "missing"), str(tmp_path / "config")]))
+    assert kubernetes_credentials_available() == (True, str(tmp_path / "config"))
+    monkeypatch.setenv("KUBECONFIG", os.pathsep.join([str(tmp_path / "missing"), str(tmp_path / "gone")]))
+    assert kubernetes_credentials_available()[0] is False
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     assert kubernetes_credentials_available()[0] is True
 
