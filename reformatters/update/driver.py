@@ -159,7 +159,13 @@ def _plan_regions(
             remaining = []
             for var in job.data_vars:
                 record = records.get(var.name)
-                if record is not None and record.metadata_digest == metadata_digest(var_metadata[var.name]):
+                # Only real uploads are skipped: a refusal of the gate says what the source lacked back then.
+                reusable = record is not None and not record.gated
+                if (
+                    record is not None
+                    and reusable
+                    and record.metadata_digest == metadata_digest(var_metadata[var.name])
+                ):
                     plan.results.append(record.result)
                     plan.resumed.append(f"{var.name} (run {record.run_id})")
                 else:
@@ -300,10 +306,12 @@ def _log_variable(key: str, result: VariableResult) -> None:
     failed = len(result.results) - ok
     if "resumed_from_run" in result.extra:
         how = f"skipped, uploaded by run {result.extra['resumed_from_run']}"
+    elif result.extra.get("gate") == "unchanged":
+        how = "not uploaded, same as published"
     elif result.extra.get("gate"):
         how = (
-            f"NOT uploaded, kept published data ({result.extra['new_valid']} new values < "
-            f"{result.extra['published_valid']} published)"
+            f"kept the published values ({result.extra['new_valid']} new values < "
+            f"{result.extra['published_valid']} published), uploaded {result.objects_written} objects"
         )
     else:
         how = f"uploaded {result.objects_written} objects, {result.bytes_written / 1e6:.2f} MB"

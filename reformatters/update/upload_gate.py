@@ -2,8 +2,9 @@
 
 A region readers already see (it overlaps the published extent) is re-uploaded for a variable only if
 its new data holds at least as many non-NaN values over the visible positions as the published data does.
-Otherwise the published shards stay and the variable's result says so. Every upload, or refusal, is then
-recorded by the progress tracker so a resumed update can skip it.
+Otherwise the published shards stay and the variable's result says so. A visible region whose new data
+changes nothing (same count over the visible positions, nothing beyond them) is not rewritten either.
+Every upload, or refusal, is then recorded by the progress tracker so a resumed update can skip it.
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ from reformatters.update.progress_tracker import UpdateProgressTracker, metadata
 log = logging.getLogger("reformatters.update")
 
 
-def count_valid_published(final_store: ObjectStore, var_name: str, axis: int, positions: slice) -> int:
+def _published_array(final_store: ObjectStore, var_name: str) -> Any:
     import zarr
 
-    array = zarr.open_array(final_store.zarr_store(), path=var_name, mode="r")
-    return _count(array, axis, positions)
+    return zarr.open_array(final_store.zarr_store(), path=var_name, mode="r")
 
 
-def count_valid_encoded(encoded: EncodedVariable, var_metadata: bytes, axis: int, positions: slice) -> int:
+def _encoded_array(encoded: EncodedVariable, var_metadata: bytes) -> tuple[Any, dict[str, Any]]:
     import zarr
     import zarr.storage
     from zarr.core.buffer import default_buffer_prototype
@@ -40,15 +40,34 @@ def count_valid_encoded(encoded: EncodedVariable, var_metadata: bytes, axis: int
         f"{encoded.var_name}/zarr.json": buffer.from_bytes(var_metadata),
         **{key: buffer.from_bytes(data) for key, data in encoded.objects.items()},
     }
-    array = zarr.open_array(zarr.storage.MemoryStore(store_dict=store_dict), path=encoded.var_name, mode="r")
-    return _count(array, axis, positions)
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        array = zarr.open_array(zarr.storage.MemoryStore(store_dict=store_dict), path=encoded.var_name, mode="r+")
+    return array, store_dict
+
+
+def _selection(ndim: int, axis: int, positions: slice) -> tuple[slice, ...]:
+    selection = [slice(None)] * ndim
+    selection[axis] = positions
+    return tuple(selection)
 
 
 def _count(array: Any, axis: int, positions: slice) -> int:
-    selection = [slice(None)] * array.ndim
-    selection[axis] = positions
-    values = np.asarray(array[tuple(selection)])
+    values = np.asarray(array[_selection(array.ndim, axis, positions)])
     return int(np.count_nonzero(~np.isnan(values)))
+
+
+def keep_published_positions(
+    encoded: EncodedVariable, var_metadata: bytes, published: Any, axis: int, positions: slice
+) -> EncodedVariable:
+    """The encoded shards with the visible positions replaced by their published values."""
+    import zarr
+
+    array, store_dict = _encoded_array(encoded, var_metadata)
+    selection = _selection(array.ndim, axis, positions)
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        array[selection] = np.asarray(published[selection])
+    objects = {key: store_dict[key].to_bytes() for key in encoded.objects}
+    return replace(encoded, objects=objects)
 
 
 @dataclass(frozen=True)
@@ -68,20 +87,34 @@ class GatedUpload:
         name = encoded.var_name
         digest = metadata_digest(self.var_metadata[name])
         visible_stop = min(self.region_stop, self.published_length)
+        extra: dict[str, Any] = {}
         if visible_stop > self.region_start:
             axis = self.append_axis[name]
             positions = slice(self.region_start, visible_stop)
-            published = count_valid_published(final_store, name, axis, positions)
-            new = count_valid_encoded(encoded, self.var_metadata[name], axis, positions)
+            published_array = _published_array(final_store, name)
+            published = _count(published_array, axis, positions)
+            new_array, _ = _encoded_array(encoded, self.var_metadata[name])
+            new = _count(new_array, axis, positions)
+            beyond = _count(new_array, axis, slice(visible_stop, self.region_stop))
+            extra = {"published_valid": published, "new_valid": new}
             if new < published:
                 log.warning(
-                    "upload gate: %s %s keeps its published data: new results hold %d values over the "
-                    "visible positions, the published data %d (a source outage?)",
+                    "upload gate: %s %s keeps its published values at the visible positions: the new results "
+                    "hold %d values there, the published data %d (a source outage?)",
                     name,
                     self.region_key,
                     new,
                     published,
                 )
+                extra["gate"] = "kept published"
+                if beyond > 0:
+                    encoded = keep_published_positions(
+                        encoded, self.var_metadata[name], published_array, axis, positions
+                    )
+            elif new == published and beyond == 0:
+                extra["gate"] = "unchanged"
+            if extra.get("gate") and beyond == 0:
+                # Nothing readers could see would change: leave the published objects alone.
                 result = VariableResult(
                     var_name=name,
                     results=encoded.results,
@@ -89,12 +122,12 @@ class GatedUpload:
                     bytes_written=0,
                     objects_written=0,
                     skipped=True,
-                    extra={"gate": "kept published", "published_valid": published, "new_valid": new},
+                    extra=extra,
                 )
                 self.tracker.record(self.region_key, result, digest, gated=True)
                 return result
         result = upload_kernel(encoded, final_store)
-        result = replace(result, extra={**result.extra, "uploaded_by_run": self.tracker.run_id})
+        result = replace(result, extra={**result.extra, **extra, "uploaded_by_run": self.tracker.run_id})
         self.tracker.record(self.region_key, result, digest)
         pause_at("upload")
         return result
