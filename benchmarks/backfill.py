@@ -357,7 +357,7 @@ def run_staged(config: BenchConfig, size: int, server: ServerProcess, manifest: 
     from reformatters.pipeline.graph import ENCODE_RESOURCE
     from reformatters.pipeline.kernels import download_kernel, encode_variable_kernel, read_kernel, upload_kernel
     from reformatters.publish import publish_from_tmp_store, tmp_metadata_store, variable_metadata
-    from reformatters.region_job import RegionJobFilters, SourceFileCoord
+    from reformatters.region_job import RegionJobFilters, SourceFileCoord, SourceFileStatus
 
     store = work / f"staged-{size}.zarr"
     shutil.rmtree(store, ignore_errors=True)
@@ -439,7 +439,7 @@ def run_staged(config: BenchConfig, size: int, server: ServerProcess, manifest: 
             all_results.setdefault(result.var_name, []).extend(result.results)
             bytes_fetched += result.bytes_fetched
             bytes_written += result.bytes_written
-            ok = sum(1 for c in result.results if c.status.value == "Succeeded")
+            ok = sum(1 for c in result.results if c.status is SourceFileStatus.Succeeded)
             files_ok += ok
             files_failed += len(result.results) - ok
         del uploads

@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import pandas as pd
 import xarray as xr
@@ -14,12 +14,13 @@ from pydantic import BaseModel, ConfigDict, InstanceOf
 
 from reformatters.cluster import open_client
 from reformatters.common.storage import ObjectStore
+from reformatters.common.time_utils import parse_utc
 from reformatters.pipeline.driver import RegionOutcome, run_region_jobs
 from reformatters.progress import RunProgress
 from reformatters.publish import publish_from_tmp_store, tmp_metadata_store, variable_metadata
 from reformatters.region_job import RegionJob, RegionJobFilters, SourceFileCoord
 from reformatters.summary import RunSummary
-from reformatters.template_config import TemplateConfig
+from reformatters.template_config import TemplateConfig, with_template_encodings
 
 log = logging.getLogger("reformatters")
 
@@ -46,6 +47,21 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
     def default_store_url(self) -> str:
         version = self.template_config.dataset_attributes.dataset_version
         return f"{self.store_base.rstrip('/')}/{self.dataset_id}/v{version}.zarr"
+
+    def starting_at(self, append_dim_start: pd.Timestamp | str) -> Self:
+        """This dataset with its append dimension starting later: for a demo or a trial store of recent data.
+
+        The start must fall on the dataset's own grid (a multiple of `append_dim_frequency` from its start).
+        """
+        config = self.template_config
+        start = parse_utc(append_dim_start)
+        offset = start - config.append_dim_start
+        if offset < pd.Timedelta(0) or offset % config.append_dim_frequency != pd.Timedelta(0):
+            raise ValueError(
+                f"{self.dataset_id}: {config.append_dim} start {start} is not on the dataset's grid; expected "
+                f"{config.append_dim_start} or later in steps of {config.append_dim_frequency}"
+            )
+        return self.model_copy(update={"template_config": config.model_copy(update={"append_dim_start": start})})
 
     def store(self, store_url: str | None = None) -> ObjectStore:
         return ObjectStore(store_url or self.default_store_url())
@@ -119,7 +135,9 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
     ) -> xr.Dataset:
         """`update_template_with_results` over all results, then publish; never shorter than published."""
         append_dim = self.template_config.append_dim
-        updated = self.region_job_class.update_template_with_results(template_ds, append_dim, results)
+        updated = with_template_encodings(
+            self.region_job_class.update_template_with_results(template_ds, append_dim, results), template_ds
+        )
         published_length = published_append_length(final_store, append_dim)
         if published_length is not None and updated.sizes[append_dim] < published_length:
             updated = _keep_published_extent(template_ds, updated, final_store, append_dim, published_length)

@@ -202,6 +202,20 @@ def _kept_encoding(encoding: Mapping[str, Any]) -> dict[str, Any]:
     return kept
 
 
+def with_template_encodings(updated: xr.Dataset, template_ds: xr.Dataset) -> xr.Dataset:
+    """`updated` with every variable's encoding taken from the template.
+
+    `update_template_with_results` hooks rebuild coordinates (`assign_coords(name=(dims, values))`), which
+    drops their encoding; written as is, xarray would pick chunks from the current length and the store's
+    structure would drift from the template, so the next update refuses to run.
+    """
+    restored = updated.copy()
+    for name, variable in template_ds.variables.items():
+        if name in restored.variables:
+            restored[name].encoding = dict(variable.encoding)
+    return restored
+
+
 def write_metadata(ds: xr.Dataset, store: Any, *, mode: str = "w") -> None:
     """Write array metadata and coordinate values, never data-variable chunks."""
     import zarr

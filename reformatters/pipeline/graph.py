@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from dask.base import annotate
-from dask.base import tokenize
+from dask.base import annotate, tokenize
 from dask.delayed import Delayed, delayed
 
 from reformatters.common.storage import ObjectStore
@@ -74,9 +73,7 @@ def build_region_graph(
                         dask_key_name=f"encode-{data_var.name}-{token}",
                     )
                 uploads.append(
-                    delayed(upload, pure=False)(
-                        encoded, store_key, dask_key_name=f"upload-{data_var.name}-{token}"
-                    )
+                    delayed(upload, pure=False)(encoded, store_key, dask_key_name=f"upload-{data_var.name}-{token}")
                 )
     return uploads
 

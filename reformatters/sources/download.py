@@ -125,9 +125,7 @@ def _cluster_slot(config: DownloadConfig) -> AbstractContextManager[Any]:
         return nullcontext()
     from distributed import Semaphore  # only when asked: needs a running distributed client
 
-    return Semaphore(
-        max_leases=config.cluster_semaphore_max_leases, name=config.cluster_semaphore_name
-    )
+    return Semaphore(max_leases=config.cluster_semaphore_max_leases, name=config.cluster_semaphore_name)
 
 
 def _is_http(url: str) -> bool:

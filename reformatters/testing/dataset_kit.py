@@ -17,9 +17,11 @@ import xarray as xr
 
 from reformatters.common.binary_rounding import max_relative_rounding_error
 from reformatters.dynamical_dataset import DynamicalDataset
+from reformatters.publish import tmp_metadata_store
 from reformatters.region_job import RegionJobFilters, append_dim_shard_length
 from reformatters.summary import RunSummary
 from reformatters.template_config import template_differences
+from reformatters.update.drift import structure_differences
 
 
 class DatasetTestKit:
@@ -49,6 +51,18 @@ class DatasetTestKit:
 
     def kit_filters(self, variable_names: tuple[str, ...] | None = None) -> RegionJobFilters:
         return RegionJobFilters(variable_names=variable_names or self.backfill_variables)
+
+    def check_no_structure_drift(self, store_url: str) -> None:
+        """The published structure equals the template's, as the next operational update demands."""
+        config = self.dataset.template_config
+        with tmp_metadata_store(config.get_template(self.backfill_end)) as tmp_store:
+            differences = structure_differences(
+                (tmp_store / "zarr.json").read_bytes(), (Path(store_url) / "zarr.json").read_bytes(), config.append_dim
+            )
+        assert not differences, (
+            f"after a backfill the store's structure differs from the template (an update would refuse to run): "
+            f"{differences}; keep each variable's encoding in update_template_with_results"
+        )
 
     # ---- the suite ----
     def test_template_matches_code(self, tmp_path: Path) -> None:
@@ -99,6 +113,7 @@ class DatasetTestKit:
             show_progress=False,
         )
         assert (tmp_path / "summary.json").exists()
+        self.check_no_structure_drift(store_url)
         published = xr.open_zarr(store_url, decode_timedelta=True)
         names = self.backfill_variables or tuple(v.name for v in self.dataset.template_config.data_vars)
         for name in names:

@@ -34,6 +34,7 @@ from reformatters.progress import RunProgress
 from reformatters.publish import ROOT_METADATA_KEY, metadata_keys, tmp_metadata_store, variable_metadata
 from reformatters.region_job import RegionJob, SourceFileCoord, SourceFileStatus
 from reformatters.summary import RunSummary
+from reformatters.template_config import with_template_encodings
 from reformatters.update.drift import check_no_drift
 from reformatters.update.lease import DEFAULT_TTL_SECONDS, UpdateLease, UpdateRefusedError
 from reformatters.update.pause import pause_at
@@ -262,7 +263,10 @@ class _Publisher:
             for r in plan.results
         ]
         self.summary.add(counted)
-        updated = self.job_class.update_template_with_results(self.template_ds, self.append_dim, self.cumulative)
+        updated = with_template_encodings(
+            self.job_class.update_template_with_results(self.template_ds, self.append_dim, self.cumulative),
+            self.template_ds,
+        )
         updated = _keep_published_coords(updated, self.published_ds, self.append_dim, self.first_start)
         new_length = int(updated.sizes[self.append_dim])
         if new_length < self.published_length:

@@ -16,6 +16,8 @@ from reformatters_datasets.noaa.gfs.forecast.dataset import GfsForecastDataset
 from reformatters_datasets.noaa.gfs.forecast.region_job import step_text
 from reformatters_datasets.noaa.gfs.forecast.template_config import DATA_VARS, LEAD_HOURS
 
+from reformatters.region_job import RegionJobFilters
+from reformatters.sources.download import SourceFileNotFoundError
 from reformatters.sources.grib_index import find_message, parse_ncep_idx
 from reformatters.summary import RunSummary
 from reformatters.testing.archive_server import ArchiveServer
@@ -137,3 +139,26 @@ class TestGfsForecastDataset(DatasetTestKit):
         ]
         assert published["expected_forecast_length"].values[0] == np.timedelta64(384, "h")
         assert published.sizes["longitude"] == 1440 and float(published.longitude[0]) == -180.0
+
+
+def test_windowed_variables_at_lead_zero_succeed_only_where_the_file_is_published(server: ArchiveServer) -> None:
+    """Windowed variables have no lead-0 message, but their lead-0 status must still say whether the run exists:
+    `ingested_forecast_length` and the trim of unpublished inits rely on it."""
+    dataset = GfsForecastDataset()
+    config = dataset.template_config
+    template = config.get_template("2021-05-01T12:00")  # INIT (00z) is in the archive, 06z is not
+    windowed = [v for v in config.data_vars if v.name == "precipitation_surface"]
+    job = dataset.region_job_class.get_jobs(
+        template,
+        config.append_dim,
+        config.data_vars,
+        RegionJobFilters(variable_names=("precipitation_surface",)),
+        source_url=server.url,
+    )[0]
+    coords = {
+        (c.init_time, c.lead_hours): c
+        for c in job.generate_source_file_coords(template.isel(init_time=slice(0, 2)), windowed)
+    }
+    assert job.download_file(coords[(pd.Timestamp(INIT), 0)], windowed) == {}
+    with pytest.raises(SourceFileNotFoundError):
+        job.download_file(coords[(pd.Timestamp(INIT) + pd.Timedelta(hours=6), 0)], windowed)

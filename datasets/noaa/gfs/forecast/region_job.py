@@ -50,6 +50,12 @@ def step_text(data_var: GfsDataVar, lead_hours: int) -> str | None:
 
 def fetch_available_messages(coord: GfsSourceFileCoord, wanted: Mapping[str, tuple[str, str, str]]) -> dict[str, bytes]:
     """The wanted messages the inventory lists; one missing variable does not cost the others."""
+    if not wanted:
+        # No variable of the group has a message at this lead (windows at lead 0). Still confirm the file is
+        # published: a succeeded coord must mean the source has this lead, or an unpublished run would count
+        # as ingested (and be published as an empty init) through its lead-0 windowed variables.
+        fetch_bytes(coord.get_idx_url())
+        return {}
     try:
         return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), wanted)
     except GribMessageNotFoundError:
@@ -107,8 +113,6 @@ class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
             step = step_text(var, coord.lead_hours)
             if step is not None:
                 wanted[var.name] = (var.internal_attrs.grib_element, var.internal_attrs.grib_level, step)
-        if not wanted:
-            return {}
         try:
             return fetch_available_messages(coord, wanted)
         except SourceFileNotFoundError:
@@ -164,7 +168,7 @@ class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
         for i, init in enumerate(ds.get_index("init_time")):
             if init in ingested:
                 values[i] = ingested[init].to_timedelta64()
-        return ds.assign_coords(ingested_forecast_length=(("init_time",), values))
+        return ds.assign_coords(ingested_forecast_length=ds["ingested_forecast_length"].copy(data=values))
 
     @classmethod
     def operational_update_jobs(

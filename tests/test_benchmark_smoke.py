@@ -1,0 +1,94 @@
+"""The backfill benchmark's machinery, run tiny in the default suite; the full run is marked `benchmark`.
+
+No wall-clock limits here: the smoke run checks that every number the benchmark reports is there and sane.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.backfill import MODES, RunResult, main
+
+TINY_ARGS = ["--sizes", "1,2", "--leads", "0,1", "--variables", "temperature_2m", "--bound-fields", "2"]
+DERIVED_KEYS = {
+    "marginal_seconds_per_init",
+    "fixed_seconds",
+    "marginal_fields_per_second",
+    "marginal_var_regions_per_second",
+    "marginal_output_mb_per_second",
+}
+
+
+def run_cli(tmp_path: Path, args: list[str]) -> dict[str, Any]:
+    report_path = tmp_path / "report.json"
+    assert main([*args, "--workdir", str(tmp_path / "work"), "--json", str(report_path)]) == 0
+    report: dict[str, Any] = json.loads(report_path.read_text())
+    return report
+
+
+def check_report(report: dict[str, Any], sizes: tuple[int, ...], fields_per_init: int) -> None:
+    assert report["machine"]["cores"] >= 1 and report["machine"]["memory_gib"] > 0
+    bound = report["bound"]
+    assert 0 < bound["seconds_per_field_one_core"] < 10
+    assert bound["fields_per_second"] == pytest.approx(bound["cores"] / bound["seconds_per_field_one_core"])
+
+    runs = report["runs"]
+    assert {(r["mode"], r["size"]) for r in runs} == {(m, s) for m in MODES for s in sizes}
+    expected_fields = {f.name for f in fields(RunResult)} | {"peak_rss_max"}
+    for run in runs:
+        assert set(run) == expected_fields, run["mode"]
+        size = run["size"]
+        assert run["wall_seconds"] > 0
+        assert run["fields"] == size * fields_per_init
+        assert run["var_regions"] == size * len(report["config"]["variables"])
+        assert run["bytes_written"] > 0
+        assert run["server_cpu_seconds"] >= 0
+        assert run["archive_bytes"] > 0 and run["requests_served"] > 0
+        assert run["peak_rss_per_worker"] and all(rss > 20e6 for rss in run["peak_rss_per_worker"].values())
+        assert run["peak_rss_max"] == max(run["peak_rss_per_worker"].values())
+        if run["mode"] == "naive":
+            # Whole files travel.
+            assert run["bytes_fetched"] == run["archive_bytes"] == run["bytes_served"]
+        else:
+            # Only the wanted messages (plus the inventories) travel; the rest of each file stays put.
+            assert 0 < run["bytes_fetched"] <= run["bytes_served"] < run["archive_bytes"]
+            assert run["files_ok"] == run["fields"]
+            assert run["tasks"] > 0 and run["mean_task_seconds"] > 0
+            assert {"download", "read", "encode", "upload"} <= {k.split("_")[0] for k in run["tasks_by_kind"]}
+            assert run["worker_threads"] >= 2
+            assert run["cluster_ready_seconds"] is not None and 0 < run["cluster_ready_seconds"] < run["wall_seconds"]
+
+    derived = report["derived"]
+    for mode in MODES:
+        assert set(derived[mode]) >= DERIVED_KEYS, mode
+        assert all(math.isfinite(derived[mode][k]) for k in DERIVED_KEYS)
+    pipelined = derived["pipelined"]
+    for key in ("speedup_over_naive", "efficiency_vs_bound", "overlap_gain_over_staged"):
+        assert math.isfinite(pipelined[key]), key
+    goals = derived["goals"]
+    for key in (
+        "speedup_over_naive_ge_5",
+        "efficiency_vs_bound_ge_0.7",
+        "fixed_cost_lt_8s",
+        "peak_rss_per_worker_le_1.5GB",
+    ):
+        assert isinstance(goals[key], bool), key
+    assert set(goals["peak_rss_by_size"]) == {str(s) for s in sizes}
+
+
+def test_benchmark_smoke(tmp_path: Path) -> None:
+    report = run_cli(tmp_path, TINY_ARGS)
+    check_report(report, (1, 2), fields_per_init=2)  # temperature_2m at leads 0 and 1
+
+
+@pytest.mark.benchmark
+def test_backfill_benchmark_full(tmp_path: Path) -> None:
+    """The full benchmark (about 10-15 minutes); prints the results table."""
+    report = run_cli(tmp_path, [])
+    check_report(report, (1, 3), fields_per_init=4 * 49 - 1)  # precipitation has no lead-0 field

@@ -1,0 +1,53 @@
+"""A reader in another process: polls a store until a stop file appears, checking every open.
+
+Usage: python reader.py STORE RESULT_JSON STOP_FILE. Every open must parse; the extent must be one of
+the published steps (never shrinking); every visible init must hold all of its data.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+INITS = pd.date_range("2024-01-01T00:00", periods=7, freq="6h")
+
+
+def check_once(store: str) -> int:
+    ds = xr.open_zarr(store, decode_timedelta=True)
+    n = int(ds.sizes["init_time"])
+    np.testing.assert_array_equal(ds.init_time.values, INITS[:n].values)
+    temperature = ds.temperature_2m.values
+    precipitation = ds.precipitation_surface.isel(lead_time=slice(1, None)).values
+    for i in range(n):
+        if np.isnan(temperature[i]).any() or np.isnan(precipitation[i]).any():
+            raise AssertionError(f"init {INITS[i]} is visible but holds NaN (extent {n})")
+    return n
+
+
+def main() -> None:
+    store, result_path, stop_file = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    opens, extents, errors = 0, [], []
+    while True:
+        stopping = stop_file.exists()
+        try:
+            n = check_once(store)
+            opens += 1
+            if not extents or extents[-1] != n:
+                extents.append(n)
+        except Exception:  # noqa: BLE001 - every failure is reported to the test
+            errors.append(traceback.format_exc(limit=3))
+        result_path.write_text(json.dumps({"opens": opens, "extents": extents, "errors": errors[:5]}))
+        if stopping:
+            return
+        time.sleep(0.01)
+
+
+if __name__ == "__main__":
+    main()
