@@ -20,11 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("root", type=Path)
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
-    server = ArchiveServer(args.root, port=args.port)
-    # http.server writes headers and body in separate sends: with Nagle's algorithm on, loopback's delayed ACK
-    # stalls every response ~40 ms, which no real object store does. Send at once, as a production server would.
-    server._httpd.RequestHandlerClass.disable_nagle_algorithm = True
-    with server:
+    with ArchiveServer(args.root, port=args.port) as server:
         print(server.url, flush=True)
         for line in sys.stdin:
             command = line.strip()

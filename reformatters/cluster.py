@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import dask
 import dask.system
 import distributed.system
 import yaml
@@ -39,11 +40,18 @@ def local_cluster_size(n_workers: int | None = None) -> tuple[int, int, int]:
     return workers, 2, int(memory * 0.8 / workers)
 
 
+# What each worker process starts with. Dask's default adds MALLOC_TRIM_THRESHOLD_=65536; setting any
+# glibc malloc variable turns off its dynamic mmap threshold, so every multi-MB chunk buffer of an encode is a
+# fresh mmap that page-faults in. Measured here: 3.0 s per GFS variable-region encode with it, 0.5 s without.
+WORKER_ENVIRON = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1, "BLOSC_NTHREADS": 1}
+
+
 @contextmanager
 def open_client(spec: str = "local", *, n_workers: int | None = None) -> Iterator[Client]:
     if spec == "local":
         workers, threads, memory = local_cluster_size(n_workers)
         with (
+            dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON}),
             LocalCluster(
                 n_workers=workers,
                 threads_per_worker=threads,

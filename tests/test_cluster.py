@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dask
 import dask_kubernetes
 import jsonschema
 import pytest
@@ -409,3 +410,32 @@ def test_local_cluster_is_sized_by_the_memory_limit_not_the_host() -> None:
     )
     per_worker = int(result.stdout.strip())
     assert 0 < per_worker <= limit * 0.8 / 2
+
+
+def _worker_malloc_environ() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+
+
+def test_local_workers_keep_glibcs_dynamic_mmap_threshold() -> None:
+    """Dask's default MALLOC_TRIM_THRESHOLD_ makes every shard encode page-fault its buffers afresh."""
+    with open_client("local", n_workers=2) as client:
+        environs = client.run(_worker_malloc_environ)
+    assert len(environs) == 2
+    assert all(environ == {} for environ in environs.values()), environs
+
+
+def test_kubernetes_workers_unset_the_malloc_trim_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    from distributed.nanny import _get_env_variables
+
+    worker_container = dask_cluster_resource()["spec"]["worker"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in worker_container["env"] if "value" in e}
+    assert "MALLOC_TRIM_THRESHOLD_" not in env
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    # What the worker pod's nanny computes from the manifest's environment.
+    overrides = dask.config.collect_env(
+        {"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": env["DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"]}
+    )
+    with dask.config.set(dask.config.merge(dask.config.config, overrides)):
+        spawned = _get_env_variables("distributed.nanny.pre-spawn-environ")
+    assert "MALLOC_TRIM_THRESHOLD_" not in spawned
+    assert spawned["OMP_NUM_THREADS"] == "1"

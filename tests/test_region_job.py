@@ -11,7 +11,13 @@ from reformatters_datasets.example.region_job import ExampleRegionJob
 
 from reformatters.common.storage import ObjectStore
 from reformatters.pipeline.graph import build_region_graph, count_tasks
-from reformatters.pipeline.kernels import download_kernel, encode_variable_kernel, read_kernel, upload_kernel
+from reformatters.pipeline.kernels import (
+    RegionBufferPool,
+    download_kernel,
+    encode_variable_kernel,
+    read_kernel,
+    upload_kernel,
+)
 from reformatters.publish import metadata_keys, publish_from_tmp_store, tmp_metadata_store, variable_metadata
 from reformatters.region_job import RegionJobFilters, SourceFileStatus
 
@@ -137,3 +143,18 @@ def test_metadata_is_published_root_last(tmp_path: Path) -> None:
         keys = metadata_keys(tmp_store)
     assert keys[-1] == "zarr.json"
     assert keys.index("temperature_2m/zarr.json") > keys.index("init_time/c/0")
+
+
+def test_region_buffers_are_reused_refilled_and_bounded() -> None:
+    pool = RegionBufferPool(keep=1)
+    first = pool.take((2, 3), np.float32, np.nan)
+    first[:] = 7.0
+    pool.give_back(first)
+    second = pool.take((2, 3), np.float32, np.nan)
+    assert np.shares_memory(first, second), "an idle buffer of the same shape is reused"
+    assert np.isnan(second).all(), "a reused buffer holds no values of its previous variable"
+    third = pool.take((2, 3), np.float32, np.nan)
+    assert not np.shares_memory(second, third)
+    pool.give_back(second)
+    pool.give_back(third)
+    assert pool.idle_count() == 1, "at most `keep` idle buffers per shape stay allocated"

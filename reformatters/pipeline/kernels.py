@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -133,12 +134,53 @@ def read_kernel(
     return ReadOutcome(data_var.name, coords, fields, fetched)
 
 
+class RegionBufferPool:
+    """Variable-region buffers reused across encodes within a worker process.
+
+    A GFS variable-region is ~0.9 GB. Fresh memory costs a page fault per 4 KiB page, which here took
+    1.9 s per variable-region against 0.05 s to refill a reused buffer with NaN. At most `keep` idle buffers
+    per shape stay allocated, so a worker holds one variable-region between encodes, never more.
+    """
+
+    def __init__(self, keep: int = 1) -> None:
+        self._keep = keep
+        self._idle: dict[tuple[tuple[int, ...], str], list[npt.NDArray[Any]]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: Any, fill: float) -> npt.NDArray[Any]:
+        key = (tuple(shape), np.dtype(dtype).str)
+        with self._lock:
+            idle = self._idle.get(key)
+            buffer = idle.pop() if idle else None
+        if buffer is None:
+            return np.full(shape, fill, dtype=dtype)
+        buffer.fill(fill)
+        return buffer
+
+    def give_back(self, buffer: npt.NDArray[Any]) -> None:
+        key = (buffer.shape, buffer.dtype.str)
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self._keep:
+                idle.append(buffer)
+
+    def idle_count(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._idle.values())
+
+
+REGION_BUFFERS = RegionBufferPool()
+
+
 def assemble_variable(
     job: RegionJob[Any, Any], data_var: Any, reads: Sequence[ReadOutcome]
 ) -> tuple[xr.DataArray, list[SourceFileCoord]]:
-    """The processing region of one variable, NaN where no file delivered a field."""
+    """The processing region of one variable, NaN where no file delivered a field.
+
+    The values come from `REGION_BUFFERS`; give them back once nothing refers to them.
+    """
     template = job.template_ds[data_var.name]
-    values = np.full(template.shape, np.nan, dtype=np.float32)
+    values = REGION_BUFFERS.take(template.shape, np.float32, np.nan)
     indexes = {dim: template.get_index(dim) for dim in template.dims}
     results: list[SourceFileCoord] = []
     for read in reads:
@@ -176,12 +218,28 @@ def encode_variable_kernel(
     final_store: ObjectStore,
 ) -> EncodedVariable:
     """Transform one variable-region and encode its whole shards in memory, ready to upload."""
+    limit_library_threads()
+    data_array, results = assemble_variable(job, data_var, reads)
+    try:
+        return _encode_assembled(job, data_var, data_array, results, reads, var_metadata, final_store)
+    finally:
+        # Encoded chunks are copies: the buffer is free once the shards are encoded (or the encode failed).
+        REGION_BUFFERS.give_back(data_array.values)
+
+
+def _encode_assembled(
+    job: RegionJob[Any, Any],
+    data_var: Any,
+    data_array: xr.DataArray,
+    results: list[SourceFileCoord],
+    reads: Sequence[ReadOutcome],
+    var_metadata: bytes,
+    final_store: ObjectStore,
+) -> EncodedVariable:
     import zarr
     import zarr.storage
     from zarr.core.buffer import default_buffer_prototype
 
-    limit_library_threads()
-    data_array, results = assemble_variable(job, data_var, reads)
     job.apply_data_transformations(data_array, data_var)
 
     processing = job.get_processing_region()
