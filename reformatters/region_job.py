@@ -50,6 +50,29 @@ class SourceFileCoord(FrozenModel):
         return self.model_copy(update={"status": status, "status_reason": reason})
 
 
+class ForecastSourceFileCoord(SourceFileCoord):
+    """One source file per (init_time, lead_time) under a source root: the layout of most forecast archives."""
+
+    source_url: str
+    init_time: pd.Timestamp
+    lead_time: pd.Timedelta
+
+    @property
+    def lead_hours(self) -> int:
+        return int(self.lead_time.total_seconds() // 3600)
+
+    def out_loc(self) -> Mapping[str, Any]:
+        return {"init_time": self.init_time, "lead_time": self.lead_time}
+
+    @classmethod
+    def for_each_init_and_lead(cls, processing_region_ds: xr.Dataset, source_url: str) -> list[Self]:
+        return [
+            cls(source_url=source_url, init_time=init_time, lead_time=lead_time)
+            for init_time in processing_region_ds["init_time"].to_index()
+            for lead_time in processing_region_ds["lead_time"].to_index()
+        ]
+
+
 SourceFileCoordT = TypeVar("SourceFileCoordT", bound=SourceFileCoord)
 
 # What download_file hands to read_data: the bytes of the file (or of the messages fetched from it,

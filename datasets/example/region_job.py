@@ -7,12 +7,11 @@ from typing import Any, Self
 import fsspec
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
 import xarray as xr
 
 from reformatters.common.deaccumulation import deaccumulate_along_axis
 from reformatters.common.storage import ObjectStore
-from reformatters.region_job import RegionJob, SourceFileCoord, append_dim_shard_length
+from reformatters.region_job import ForecastSourceFileCoord, RegionJob, append_dim_shard_length
 from reformatters.update.pause import pause_at
 
 from . import source
@@ -21,17 +20,9 @@ from .template_config import ExampleDataVar
 DEFAULT_SOURCE_URL = "data/example-source"
 
 
-class ExampleSourceFileCoord(SourceFileCoord):
-    source_url: str
-    init_time: pd.Timestamp
-    lead_time: pd.Timedelta
-
+class ExampleSourceFileCoord(ForecastSourceFileCoord):
     def get_url(self) -> str:
-        lead_hours = int(self.lead_time.total_seconds() // 3600)
-        return f"{self.source_url.rstrip('/')}/{source.relative_path(self.init_time, lead_hours)}"
-
-    def out_loc(self) -> Mapping[str, Any]:
-        return {"init_time": self.init_time, "lead_time": self.lead_time}
+        return f"{self.source_url.rstrip('/')}/{source.relative_path(self.init_time, self.lead_hours)}"
 
 
 class ExampleRegionJob(RegionJob[ExampleDataVar, ExampleSourceFileCoord]):
@@ -41,12 +32,9 @@ class ExampleRegionJob(RegionJob[ExampleDataVar, ExampleSourceFileCoord]):
     def generate_source_file_coords(
         self, processing_region_ds: xr.Dataset, data_var_group: Sequence[ExampleDataVar]
     ) -> Sequence[ExampleSourceFileCoord]:
-        root = self.source_url or DEFAULT_SOURCE_URL
-        return [
-            ExampleSourceFileCoord(source_url=root, init_time=init_time, lead_time=lead_time)
-            for init_time in processing_region_ds["init_time"].to_index()
-            for lead_time in processing_region_ds["lead_time"].to_index()
-        ]
+        return ExampleSourceFileCoord.for_each_init_and_lead(
+            processing_region_ds, self.source_url or DEFAULT_SOURCE_URL
+        )
 
     def download_file(self, coord: ExampleSourceFileCoord, data_var_group: Sequence[ExampleDataVar]) -> bytes:
         pause_at("download")

@@ -34,7 +34,7 @@ def metadata_digest(var_metadata: bytes) -> str:
 def region_key(append_dim: str, labels: Sequence[Any]) -> str:
     def text(label: Any) -> str:
         if isinstance(label, pd.Timestamp | pd.Timedelta) or hasattr(label, "isoformat"):
-            return pd.Timestamp(label).strftime("%Y%m%dT%H%M%S")
+            return str(pd.Timestamp(label).strftime("%Y%m%dT%H%M%S"))
         return str(label).replace("/", "_")
 
     return f"{append_dim}-{text(labels[0])}-{text(labels[-1])}"

@@ -13,7 +13,7 @@ import xarray as xr
 from reformatters.common.deaccumulation import deaccumulate_along_axis
 from reformatters.common.storage import ObjectStore
 from reformatters.common.time_utils import utc_now
-from reformatters.region_job import ProcessResults, RegionJob, SourceFileCoord, SourceFileStatus
+from reformatters.region_job import ForecastSourceFileCoord, ProcessResults, RegionJob, SourceFileStatus
 from reformatters.sources.download import SourceFileNotFoundError, fetch_bytes, fetch_grib_messages
 from reformatters.sources.grib_decode import GridSpec, decode_message
 from reformatters.sources.grib_index import (
@@ -70,15 +70,7 @@ def fetch_available_messages(coord: GfsSourceFileCoord, wanted: Mapping[str, tup
         return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), available) if available else {}
 
 
-class GfsSourceFileCoord(SourceFileCoord):
-    source_url: str
-    init_time: pd.Timestamp
-    lead_time: pd.Timedelta
-
-    @property
-    def lead_hours(self) -> int:
-        return int(self.lead_time.total_seconds() // 3600)
-
+class GfsSourceFileCoord(ForecastSourceFileCoord):
     def get_url(self) -> str:
         init = self.init_time
         return (
@@ -89,9 +81,6 @@ class GfsSourceFileCoord(SourceFileCoord):
     def get_idx_url(self) -> str:
         return f"{self.get_url()}.idx"
 
-    def out_loc(self) -> Mapping[str, Any]:
-        return {"init_time": self.init_time, "lead_time": self.lead_time}
-
 
 class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
     max_vars_per_job = 4
@@ -100,12 +89,7 @@ class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
     def generate_source_file_coords(
         self, processing_region_ds: xr.Dataset, data_var_group: Sequence[GfsDataVar]
     ) -> Sequence[GfsSourceFileCoord]:
-        root = self.source_url or NOAA_BUCKET_URL
-        return [
-            GfsSourceFileCoord(source_url=root, init_time=init_time, lead_time=lead_time)
-            for init_time in processing_region_ds["init_time"].to_index()
-            for lead_time in processing_region_ds["lead_time"].to_index()
-        ]
+        return GfsSourceFileCoord.for_each_init_and_lead(processing_region_ds, self.source_url or NOAA_BUCKET_URL)
 
     def download_file(self, coord: GfsSourceFileCoord, data_var_group: Sequence[GfsDataVar]) -> Mapping[str, bytes]:
         wanted = {}
