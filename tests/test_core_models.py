@@ -103,3 +103,18 @@ def test_clearly_negative_rates_become_nan_and_are_counted() -> None:
     assert negatives == 1
     assert values[2, 0] == 0.0  # packing noise clamps to zero
     assert np.isnan(values[2, 1])
+
+
+def test_a_dataset_can_start_later_on_its_own_grid_only() -> None:
+    from reformatters_datasets.example.dataset import ExampleDataset
+
+    dataset = ExampleDataset()
+    later = dataset.starting_at("2024-01-02T06:00")
+    template = later.template_config.get_template("2024-01-03T00:00")
+    assert template.get_index("init_time")[0] == pd.Timestamp("2024-01-02T06:00")
+    assert template.sizes["init_time"] == 3
+    assert dataset.template_config.append_dim_start == pd.Timestamp("2024-01-01T00:00"), "the original is unchanged"
+    with pytest.raises(ValueError, match="not on the dataset's grid"):
+        dataset.starting_at("2024-01-02T03:00")
+    with pytest.raises(ValueError, match="not on the dataset's grid"):
+        dataset.starting_at("2023-12-31T18:00")
