@@ -12,6 +12,7 @@ marginal = (work at the larger size - work at the smaller) / (wall at the larger
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import multiprocessing
@@ -40,7 +41,7 @@ INIT_STEP = timedelta(hours=6)
 DEFAULT_SIZES = (1, 3)
 DEFAULT_LEADS = tuple(range(0, 49))
 DEFAULT_VARIABLES = ("temperature_2m", "relative_humidity_2m", "wind_u_10m", "precipitation_surface")
-MODES = ("pipelined", "staged", "naive")
+MODES = ("pipelined", "read-tasks", "staged", "naive")
 RSS_SAMPLE_SECONDS = 0.05
 MB = 1e6
 
@@ -79,6 +80,9 @@ class RunResult:
     bytes_written: int
     server_cpu_seconds: float
     peak_rss_per_worker: dict[str, int] = field(default_factory=dict)
+    worker_cpu_seconds: float = 0.0  # user + system, all workers (naive: its process)
+    worker_system_seconds: float = 0.0
+    driver_cpu_seconds: float = 0.0  # this process: the driver, and the scheduler of a LocalCluster
     tasks: int = 0
     mean_task_seconds: float = 0.0
     task_seconds_by_kind: dict[str, float] = field(default_factory=dict)
@@ -162,7 +166,25 @@ class RssSampler(threading.Thread):
         super().__init__(name="rss-sampler", daemon=True)
         self._processes = {address: psutil.Process(pid) for address, pid in pids.items()}
         self.peaks: dict[str, int] = dict.fromkeys(pids, 0)
+        self._cpu_at_start = {address: self._cpu(process) for address, process in self._processes.items()}
         self._stop_event = threading.Event()
+
+    @staticmethod
+    def _cpu(process: psutil.Process) -> tuple[float, float]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            return 0.0, 0.0
+        return float(times.user), float(times.system)
+
+    def cpu_seconds(self) -> dict[str, tuple[float, float]]:
+        """(user, system) CPU seconds each worker process used since sampling started."""
+        used = {}
+        for address, process in self._processes.items():
+            user, system = self._cpu(process)
+            user0, system0 = self._cpu_at_start[address]
+            used[address] = (user - user0, system - system0)
+        return used
 
     def sample(self) -> None:
         for address, process in self._processes.items():
@@ -191,6 +213,7 @@ class ClusterProbe:
     opened_at: float = 0.0
     ready_at: float = 0.0
     peaks: dict[str, int] = field(default_factory=dict)
+    worker_cpu: dict[str, tuple[float, float]] = field(default_factory=dict)
     task_records: list[dict[str, Any]] = field(default_factory=list)
     threads: int = 0
 
@@ -243,6 +266,7 @@ def instrumented_open_client(probe: ClusterProbe) -> Iterator[Callable[..., Any]
             try:
                 yield client
             finally:
+                probe.worker_cpu = sampler.cpu_seconds()
                 probe.peaks = sampler.stop()
                 stack.close()
                 probe.task_records = list(stream.data)
@@ -289,22 +313,29 @@ def _data_var_bytes(store: Path, variables: Sequence[str]) -> int:
 # (1) the project's backfill
 
 
-def run_pipelined(config: BenchConfig, size: int, server: ServerProcess, manifest: Any, work: Path) -> RunResult:
+def run_pipelined(
+    config: BenchConfig, size: int, server: ServerProcess, manifest: Any, work: Path, *, read_tasks: bool = False
+) -> RunResult:
+    """The backfill as a user runs it; `read_tasks` switches to the graph shape with separate read tasks."""
     from unittest import mock
 
     from reformatters_datasets.noaa.gfs.forecast.dataset import GfsForecastDataset
+    from reformatters_datasets.noaa.gfs.forecast.region_job import GfsForecastRegionJob
 
     from reformatters.region_job import RegionJobFilters
 
-    store = work / f"pipelined-{size}.zarr"
+    mode = "read-tasks" if read_tasks else "pipelined"
+    store = work / f"{mode}-{size}.zarr"
     shutil.rmtree(store, ignore_errors=True)
     server.reset()
     cpu_before = server.cpu_seconds()
     probe = ClusterProbe()
+    driver_cpu_before = _own_cpu_seconds()
     started = time.perf_counter()
     with (
         instrumented_open_client(probe) as open_client,
         mock.patch("reformatters.dynamical_dataset.open_client", open_client),
+        mock.patch.object(GfsForecastRegionJob, "separate_read_tasks", read_tasks),
     ):
         dataset = GfsForecastDataset()
         summary = dataset.backfill(
@@ -320,7 +351,7 @@ def run_pipelined(config: BenchConfig, size: int, server: ServerProcess, manifes
     served, requests = server.counters()
     n_tasks, mean_task, by_kind, counts = summarise_tasks(probe.task_records)
     result = RunResult(
-        mode="pipelined",
+        mode=mode,
         size=size,
         wall_seconds=wall,
         fields=present_fields(config.variables, config.leads, size),
@@ -332,6 +363,9 @@ def run_pipelined(config: BenchConfig, size: int, server: ServerProcess, manifes
         bytes_written=summary.bytes_written,
         server_cpu_seconds=server.cpu_seconds() - cpu_before,
         peak_rss_per_worker=probe.peaks,
+        worker_cpu_seconds=sum(user + system for user, system in probe.worker_cpu.values()),
+        worker_system_seconds=sum(system for _, system in probe.worker_cpu.values()),
+        driver_cpu_seconds=_own_cpu_seconds() - driver_cpu_before,
         tasks=n_tasks,
         mean_task_seconds=mean_task,
         task_seconds_by_kind=by_kind,
@@ -364,6 +398,7 @@ def run_staged(config: BenchConfig, size: int, server: ServerProcess, manifest: 
     server.reset()
     cpu_before = server.cpu_seconds()
     probe = ClusterProbe()
+    driver_cpu_before = _own_cpu_seconds()
     started = time.perf_counter()
     dataset = GfsForecastDataset()
     template_config = dataset.template_config
@@ -394,42 +429,50 @@ def run_staged(config: BenchConfig, size: int, server: ServerProcess, manifest: 
             job_future = client.scatter(job.for_workers(), broadcast=True, hash=False)
             processing_ds = job.template_ds.isel({job.append_dim: job.get_processing_region()})
             for group in job.source_groups(job.data_vars):
-                coords = job.generate_source_file_coords(processing_ds, group)
-                downloads = [client.submit(download_kernel, job_future, c, list(group), pure=False) for c in coords]
+                coords = list(job.generate_source_file_coords(processing_ds, group))
+                step = max(1, job.download_batch_size)
+                downloads = [
+                    client.submit(download_kernel, job_future, coords[i : i + step], list(group), pure=False)
+                    for i in range(0, len(coords), step)
+                ]
                 planned.append((job_future, job, list(group), downloads))
         wait([d for *_, downloads in planned for d in downloads])
 
-        # Stage 2: every read.
-        reads: list[tuple[Any, Any, Any, list[Any]]] = []  # (job future, job, data var, read futures)
+        # Stage 2 (only in the graph shape with read tasks): every read.
+        inputs: list[tuple[Any, Any, Any, list[Any], bool]] = []  # (job future, job, data var, inputs, first)
         for job_future, job, group, downloads in planned:
             for var_index, data_var in enumerate(group):
-                batch = job.read_batch_size
-                var_reads = [
-                    client.submit(
-                        read_kernel, job_future, data_var, downloads[s : s + batch], var_index == 0, pure=False
-                    )
-                    for s in range(0, len(downloads), batch)
-                ]
-                reads.append((job_future, job, data_var, var_reads))
-        wait([r for *_, var_reads in reads for r in var_reads])
+                var_inputs = downloads
+                if job.separate_read_tasks:
+                    batch = max(1, job.read_batch_size // max(1, job.download_batch_size))
+                    var_inputs = [
+                        client.submit(
+                            read_kernel, job_future, data_var, downloads[s : s + batch], var_index == 0, pure=False
+                        )
+                        for s in range(0, len(downloads), batch)
+                    ]
+                inputs.append((job_future, job, data_var, var_inputs, var_index == 0))
+        if any(job.separate_read_tasks for job in jobs):
+            wait([r for *_, var_inputs, _ in inputs for r in var_inputs])
         del planned
 
-        # Stage 3: every encode.
+        # Stage 3: every encode (decoding the downloads unless read tasks did).
         encodes = [
             client.submit(
                 encode_variable_kernel,
                 job_future,
                 data_var,
-                var_reads,
+                var_inputs,
                 var_metadata[data_var.name],
                 store_future,
+                first,
                 resources=encode_resources,
                 pure=False,
             )
-            for job_future, _, data_var, var_reads in reads
+            for job_future, _, data_var, var_inputs, first in inputs
         ]
         wait(encodes)
-        del reads
+        del inputs
 
         # Stage 4: every upload.
         uploads = [client.submit(upload_kernel, e, store_future, pure=False) for e in encodes]
@@ -461,6 +504,9 @@ def run_staged(config: BenchConfig, size: int, server: ServerProcess, manifest: 
         bytes_written=bytes_written,
         server_cpu_seconds=server.cpu_seconds() - cpu_before,
         peak_rss_per_worker=probe.peaks,
+        worker_cpu_seconds=sum(user + system for user, system in probe.worker_cpu.values()),
+        worker_system_seconds=sum(system for _, system in probe.worker_cpu.values()),
+        driver_cpu_seconds=_own_cpu_seconds() - driver_cpu_before,
         tasks=n_tasks,
         mean_task_seconds=mean_task,
         task_seconds_by_kind=by_kind,
@@ -584,6 +630,8 @@ def naive_backfill(
         "fields": fields,
         "bytes_written": written,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "cpu_seconds": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]),
+        "system_seconds": resource.getrusage(resource.RUSAGE_SELF).ru_stime,
     }
 
 
@@ -615,6 +663,8 @@ def run_naive(config: BenchConfig, size: int, server: ServerProcess, manifest: A
         bytes_written=out["bytes_written"],
         server_cpu_seconds=server.cpu_seconds() - cpu_before,
         peak_rss_per_worker={"naive-process": int(out["peak_rss"])},
+        worker_cpu_seconds=float(out["cpu_seconds"]),
+        worker_system_seconds=float(out["system_seconds"]),
         worker_threads=1,
         files_ok=out["fields"],
     )
@@ -712,6 +762,11 @@ def measure_bound(config: BenchConfig, manifest: Any) -> dict[str, Any]:
     }
 
 
+def _own_cpu_seconds() -> float:
+    times = psutil.Process().cpu_times()
+    return float(times.user + times.system)
+
+
 def _cpu_count() -> int:
     import dask.system
 
@@ -750,16 +805,17 @@ def derive(runs: Sequence[RunResult], bound: Mapping[str, Any] | None) -> dict[s
         mode_runs.sort(key=lambda r: r.size)
         if len(mode_runs) >= 2:
             derived[mode] = split_cost(mode_runs[0], mode_runs[-1])
+    for mode, d in derived.items():
+        if "naive" in derived and mode != "naive":
+            d["speedup_over_naive"] = d["marginal_fields_per_second"] / derived["naive"]["marginal_fields_per_second"]
+        if bound is not None:
+            d["efficiency_vs_bound"] = d["marginal_fields_per_second"] / bound["fields_per_second"]
     goals: dict[str, Any] = {}
     pipelined = derived.get("pipelined")
     if pipelined is not None:
-        throughput = pipelined["marginal_fields_per_second"]
-        if "naive" in derived:
-            naive = derived["naive"]["marginal_fields_per_second"]
-            pipelined["speedup_over_naive"] = throughput / naive
+        if "speedup_over_naive" in pipelined:
             goals["speedup_over_naive_ge_5"] = pipelined["speedup_over_naive"] >= 5
-        if bound is not None:
-            pipelined["efficiency_vs_bound"] = throughput / bound["fields_per_second"]
+        if "efficiency_vs_bound" in pipelined:
             goals["efficiency_vs_bound_ge_0.7"] = pipelined["efficiency_vs_bound"] >= 0.7
         if "staged" in derived:
             staged = derived["staged"]
@@ -810,15 +866,16 @@ def render_table(report: Mapping[str, Any]) -> str:
     derived = report["derived"]
     lines = [
         "| mode | inits | wall s | fields | var-regions | fetched MB / archive MB | written MB | "
-        "peak RSS/worker MB | tasks | mean task s | server CPU s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "peak RSS/worker MB | tasks | mean task s | worker CPU s (system) | driver CPU s | server CPU s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in runs:
         lines.append(
             f"| {r.mode} | {r.size} | {r.wall_seconds:.1f} | {r.fields} | {r.var_regions} | "
             f"{r.bytes_served / MB:.0f} / {r.archive_bytes / MB:.0f} | {r.bytes_written / MB:.0f} | "
             f"{r.peak_rss_max / MB:.0f} | {r.tasks or '-'} | "
-            f"{r.mean_task_seconds:.3f} | {r.server_cpu_seconds:.1f} |"
+            f"{r.mean_task_seconds:.3f} | {r.worker_cpu_seconds:.1f} ({r.worker_system_seconds:.1f}) | "
+            f"{r.driver_cpu_seconds:.1f} | {r.server_cpu_seconds:.1f} |"
         )
     lines += [
         "",
@@ -857,6 +914,7 @@ def render_table(report: Mapping[str, Any]) -> str:
 
 RUNNERS: dict[str, Callable[[BenchConfig, int, ServerProcess, Any, Path], RunResult]] = {
     "pipelined": run_pipelined,
+    "read-tasks": functools.partial(run_pipelined, read_tasks=True),
     "staged": run_staged,
     "naive": run_naive,
 }

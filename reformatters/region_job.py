@@ -120,6 +120,13 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
     source_url: str | None = Field(None, description="replaces the dataset's default source root")
 
     max_vars_per_job: ClassVar[int] = 8
+    # Source files per download task. Dask costs ~2 ms per task, so a task should do 100 ms or more: one file
+    # from a nearby object store often does, a missing file (one 404) or a loopback server never does.
+    download_batch_size: ClassVar[int] = 4
+    # False (default): each shard-write task decodes its variable from the downloads straight into its
+    # variable-region buffer, so decoded fields never wait in worker memory or travel between workers.
+    # True: separate read tasks decode about `read_batch_size` files each and hand the fields on.
+    separate_read_tasks: ClassVar[bool] = False
     read_batch_size: ClassVar[int] = 8
 
     # ---- hooks ----

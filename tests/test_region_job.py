@@ -73,11 +73,27 @@ def test_graph_shape_per_region(tmp_path: Path) -> None:
         metadata = variable_metadata(tmp_store, [v.name for v in job.data_vars])
     graphs = build_region_graph(job, metadata, ObjectStore(tmp_path / "store.zarr"))
     files = 2 * len(source.LEAD_HOURS)
-    reads_per_var = -(-files // job.read_batch_size)
+    download_tasks = -(-files // job.download_batch_size)
+    variables = len(job.data_vars)
+    # job + store + downloads + (encode + upload) per variable: encodes decode the downloads themselves
+    assert len(graphs) == variables
+    assert count_tasks(graphs) == 2 + download_tasks + variables * 2
+    keys = set().union(*(g.__dask_graph__().keys() for g in graphs))
+    assert not any(str(k).startswith("read-") for k in keys)
+
+
+def test_graph_shape_with_separate_read_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ExampleRegionJob, "separate_read_tasks", True)
+    job = jobs_for(RegionJobFilters())[0]
+    with tmp_metadata_store(job.template_ds) as tmp_store:
+        metadata = variable_metadata(tmp_store, [v.name for v in job.data_vars])
+    graphs = build_region_graph(job, metadata, ObjectStore(tmp_path / "store.zarr"))
+    files = 2 * len(source.LEAD_HOURS)
+    download_tasks = -(-files // job.download_batch_size)
+    reads_per_var = -(-download_tasks // (job.read_batch_size // job.download_batch_size))
     variables = len(job.data_vars)
     # job + store + downloads + (reads + encode + upload) per variable
-    assert len(graphs) == variables
-    assert count_tasks(graphs) == 2 + files + variables * (reads_per_var + 2)
+    assert count_tasks(graphs) == 2 + download_tasks + variables * (reads_per_var + 2)
 
 
 def run_job_without_cluster(job: ExampleRegionJob, store: ObjectStore, metadata: dict[str, bytes]) -> dict[str, list]:
@@ -86,12 +102,41 @@ def run_job_without_cluster(job: ExampleRegionJob, store: ObjectStore, metadata:
     results = {}
     for group in job.source_groups(job.data_vars):
         coords = job.generate_source_file_coords(processing, group)
-        downloads = [download_kernel(worker_job, c, list(group)) for c in coords]
+        downloads = download_kernel(worker_job, coords, list(group))
         for data_var in group:
-            reads = [read_kernel(worker_job, data_var, downloads, True)]
+            reads = [read_kernel(worker_job, data_var, [downloads], True)]
             encoded = encode_variable_kernel(worker_job, data_var, reads, metadata[data_var.name], store)
             results[data_var.name] = upload_kernel(encoded, store).results
     return results
+
+
+def test_decoding_in_the_shard_task_writes_what_read_tasks_would(tmp_path: Path) -> None:
+    inits = pd.date_range("2024-01-01", periods=2, freq="6h")
+    source.generate_source(tmp_path / "src", inits, missing=[(inits[0], 2)], corrupt=[(inits[1], 4)])
+    template = CONFIG.get_template("2024-01-01T12:00")
+    job = ExampleRegionJob.get_jobs(template, "init_time", CONFIG.data_vars, source_url=str(tmp_path / "src"))[0]
+    with tmp_metadata_store(template) as tmp_store:
+        metadata = variable_metadata(tmp_store, [v.name for v in CONFIG.data_vars])
+    worker_job = job.for_workers()
+    coords = job.generate_source_file_coords(job.template_ds.isel(init_time=job.get_processing_region()), [])
+    batches = [download_kernel(worker_job, coords[i : i + 5], list(job.data_vars)) for i in range(0, len(coords), 5)]
+    store = ObjectStore(tmp_path / "store.zarr")
+    for index, data_var in enumerate(job.data_vars):
+        reads = [
+            read_kernel(worker_job, data_var, batches[:2], index == 0),
+            read_kernel(worker_job, data_var, batches[2:], index == 0),
+        ]
+        via_reads = encode_variable_kernel(worker_job, data_var, reads, metadata[data_var.name], store)
+        direct = encode_variable_kernel(worker_job, data_var, batches, metadata[data_var.name], store, index == 0)
+        assert direct.objects == via_reads.objects
+        assert [(c.get_url(), c.status) for c in direct.results] == [(c.get_url(), c.status) for c in via_reads.results]
+        assert (
+            direct.bytes_fetched
+            == via_reads.bytes_fetched
+            == (sum(d.nbytes for b in batches for d in b) if index == 0 else 0)
+        )
+    assert any(c.status == SourceFileStatus.ReadFailed for c in direct.results)
+    assert any(c.status == SourceFileStatus.DownloadFailed for c in direct.results)
 
 
 def test_kernels_mark_failures_and_write_whole_shards(tmp_path: Path) -> None:

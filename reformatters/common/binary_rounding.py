@@ -16,12 +16,16 @@ def round_float32_inplace(values: npt.NDArray[np.float32], keep_mantissa_bits: i
     if keep_mantissa_bits == FLOAT32_MANTISSA_BITS:
         return values
     drop = FLOAT32_MANTISSA_BITS - keep_mantissa_bits
+    # A variable-region is ~0.9 GB: whole-array temporaries would triple a worker's memory and leave the
+    # cache for every pass. Blocks of a few MB keep the passes in cache; the arithmetic is the same.
     if values.flags.c_contiguous or values.flags.f_contiguous:
-        # A variable-region is ~0.9 GB: whole-array temporaries would triple a worker's memory and leave the
-        # cache for every pass. Blocks of a few MB keep the passes in cache; the arithmetic is the same.
         flat = values.reshape(-1, order="A")  # a view: the array is contiguous
         for start in range(0, flat.size, _BLOCK_ELEMENTS):
             _round_block(flat[start : start + _BLOCK_ELEMENTS], drop)
+    elif values.ndim > 2:
+        # A view into a larger buffer (a region inside its shard-padded buffer): one 2-D slice at a time.
+        for index in np.ndindex(values.shape[:-2]):
+            _round_block(values[index], drop)
     else:
         _round_block(values, drop)
     return values

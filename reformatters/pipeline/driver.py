@@ -36,8 +36,15 @@ RegionCallback = Callable[[RegionOutcome], None]
 UploadFactory = Callable[[RegionJob[Any, Any]], Callable[..., Any]]
 
 
-def default_regions_in_flight(client: Client) -> int:
-    return max(2, 2 * len(client.scheduler_info().get("workers", {})))
+def default_regions_in_flight(client: Client, jobs: Sequence[RegionJob[Any, Any]]) -> int:
+    """Enough regions for two shard-write tasks per worker (one encoding, the next one's downloads arriving).
+
+    Every region in flight holds its downloads on the workers until its last variable is encoded, so more
+    regions than that only add memory.
+    """
+    workers = len(client.scheduler_info().get("workers", {}))
+    encodes_per_region = max(1, min((len(job.data_vars) for job in jobs), default=1))
+    return max(2, -(-2 * workers // encodes_per_region))
 
 
 def run_region_jobs(
@@ -55,7 +62,7 @@ def run_region_jobs(
     At most `max_regions_in_flight` regions are on the scheduler at once, so a backfill of thousands
     of regions never floods it; earlier regions get higher priority.
     """
-    window = max_regions_in_flight or default_regions_in_flight(client)
+    window = max_regions_in_flight or default_regions_in_flight(client, jobs)
     use_resource = workers_have_encode_resource(client)
     if not use_resource:
         log.info("workers declare no '%s' resource; encodes are not capped per worker", "encode")

@@ -1,8 +1,10 @@
 """Turn a region job into one Dask graph.
 
-download (per source file) -> read (per variable x batch of files) -> encode (per variable: transform
-and encode whole shards in memory) -> upload (per variable: chunk objects into the final store).
-The scheduler pipelines it: while one variable uploads, the next encodes and later files download.
+download (per batch of source files) -> encode (per variable: decode its fields from the downloads into one
+variable-region buffer, transform, encode whole shards in memory) -> upload (per variable: shard objects
+into the final store). With `RegionJob.separate_read_tasks`, read tasks (per variable x batch of files)
+decode between download and encode instead. The scheduler pipelines it: while one variable uploads,
+the next encodes and later files download.
 """
 
 from __future__ import annotations
@@ -44,32 +46,40 @@ def build_region_graph(
     uploads: list[Delayed] = []
     with annotate(priority=priority):
         for group_index, group in enumerate(job.source_groups(job.data_vars)):
-            coords = job.generate_source_file_coords(processing_ds, group)
+            coords = list(job.generate_source_file_coords(processing_ds, group))
+            batch = max(1, job.download_batch_size)
             downloads = [
                 delayed(download_kernel, pure=False)(
-                    job_key, coord, list(group), dask_key_name=f"download-{token}-{group_index}-{i}"
+                    job_key,
+                    coords[start : start + batch],
+                    list(group),
+                    dask_key_name=f"download-{token}-{group_index}-{start}",
                 )
-                for i, coord in enumerate(coords)
+                for start in range(0, len(coords), batch)
             ]
+            batches_per_read = max(1, job.read_batch_size // batch)
             for var_index, data_var in enumerate(group):
-                reads = [
-                    delayed(read_kernel, pure=False)(
-                        job_key,
-                        data_var,
-                        downloads[start : start + job.read_batch_size],
-                        var_index == 0,
-                        dask_key_name=f"read-{data_var.name}-{token}-{start}",
-                    )
-                    for start in range(0, len(downloads), job.read_batch_size)
-                ]
+                inputs: list[Delayed] = downloads
+                if job.separate_read_tasks:
+                    inputs = [
+                        delayed(read_kernel, pure=False)(
+                            job_key,
+                            data_var,
+                            downloads[start : start + batches_per_read],
+                            var_index == 0,
+                            dask_key_name=f"read-{data_var.name}-{token}-{start}",
+                        )
+                        for start in range(0, len(downloads), batches_per_read)
+                    ]
                 annotations = {"resources": {ENCODE_RESOURCE: 1}} if use_encode_resource else {}
                 with annotate(**annotations):
                     encoded = delayed(encode_variable_kernel, pure=False)(
                         job_key,
                         data_var,
-                        reads,
+                        inputs,
                         var_metadata[data_var.name],
                         store_key,
+                        var_index == 0,
                         dask_key_name=f"encode-{data_var.name}-{token}",
                     )
                 uploads.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import threading
 import time
@@ -17,6 +18,7 @@ import numpy.typing as npt
 import xarray as xr
 
 from reformatters.common.storage import ObjectStore
+from reformatters.pipeline.shard_encoding import ShardEncoder, padded_shape
 from reformatters.region_job import RegionJob, SourceFileCoord, SourceFileStatus
 
 log = logging.getLogger("reformatters.pipeline")
@@ -83,7 +85,14 @@ def _payload_size(payload: bytes | Mapping[str, bytes]) -> int:
     return sum(len(v) for v in payload.values())
 
 
-def download_kernel(job: RegionJob[Any, Any], coord: SourceFileCoord, group: Sequence[Any]) -> DownloadOutcome:
+def download_kernel(
+    job: RegionJob[Any, Any], coords: Sequence[SourceFileCoord], group: Sequence[Any]
+) -> list[DownloadOutcome]:
+    """Download a batch of source files one after another (`RegionJob.download_batch_size` of them)."""
+    return [download_one(job, coord, group) for coord in coords]
+
+
+def download_one(job: RegionJob[Any, Any], coord: SourceFileCoord, group: Sequence[Any]) -> DownloadOutcome:
     started = time.perf_counter()
     try:
         payload = job.download_file(coord, group)
@@ -108,30 +117,37 @@ def _url_of(coord: SourceFileCoord) -> str:
         return repr(coord)
 
 
+def read_one(
+    job: RegionJob[Any, Any], data_var: Any, outcome: DownloadOutcome
+) -> tuple[SourceFileCoord, npt.NDArray[np.float32] | None]:
+    """One variable's field from one download, with the coord's status; None where there is no field."""
+    if outcome.payload is None:
+        return outcome.coord.with_status(SourceFileStatus.DownloadFailed, outcome.failure), None
+    try:
+        values = np.asarray(job.read_data(outcome.coord, data_var, outcome.payload), dtype=np.float32)
+    except Exception as error:  # noqa: BLE001 - one bad file never sinks a run
+        reason = f"{type(error).__name__}: {error}"
+        log.warning("read failed %s %s: %s", _url_of(outcome.coord), data_var.name, reason)
+        return outcome.coord.with_status(SourceFileStatus.ReadFailed, reason), None
+    return outcome.coord.with_status(SourceFileStatus.Succeeded), values
+
+
 def read_kernel(
-    job: RegionJob[Any, Any], data_var: Any, downloads: Sequence[DownloadOutcome], count_bytes: bool
+    job: RegionJob[Any, Any], data_var: Any, download_batches: Sequence[Sequence[DownloadOutcome]], count_bytes: bool
 ) -> ReadOutcome:
+    """Decode one variable from some download batches (the graph shape with separate read tasks)."""
+    downloads = [outcome for batch in download_batches for outcome in batch]
     coords: list[SourceFileCoord] = []
     fields: list[npt.NDArray[np.float32] | None] = []
-    fetched = 0
     for outcome in downloads:
-        if outcome.payload is None:
-            coords.append(outcome.coord.with_status(SourceFileStatus.DownloadFailed, outcome.failure))
-            fields.append(None)
-            continue
-        if count_bytes:
-            fetched += outcome.nbytes
-        try:
-            values = np.asarray(job.read_data(outcome.coord, data_var, outcome.payload), dtype=np.float32)
-        except Exception as error:  # noqa: BLE001 - one bad file never sinks a run
-            reason = f"{type(error).__name__}: {error}"
-            log.warning("read failed %s %s: %s", _url_of(outcome.coord), data_var.name, reason)
-            coords.append(outcome.coord.with_status(SourceFileStatus.ReadFailed, reason))
-            fields.append(None)
-            continue
-        coords.append(outcome.coord.with_status(SourceFileStatus.Succeeded))
+        coord, values = read_one(job, data_var, outcome)
+        coords.append(coord)
         fields.append(values)
-    return ReadOutcome(data_var.name, coords, fields, fetched)
+    return ReadOutcome(data_var.name, coords, fields, _fetched(downloads) if count_bytes else 0)
+
+
+def _fetched(downloads: Sequence[DownloadOutcome]) -> int:
+    return sum(d.nbytes for d in downloads if d.payload is not None)
 
 
 class RegionBufferPool:
@@ -172,125 +188,194 @@ class RegionBufferPool:
 REGION_BUFFERS = RegionBufferPool()
 
 
+# What a shard-write task decodes from: read tasks' outcomes, or download batches (decoded in the task).
+VariableInputs = Sequence[ReadOutcome] | Sequence[Sequence[DownloadOutcome]]
+
+
+@dataclass(frozen=True)
+class AssembledVariable:
+    """One variable over the processing region, inside a buffer padded to the shard grid."""
+
+    data_array: xr.DataArray  # a view of `padded` over the processing region
+    padded: npt.NDArray[np.float32]  # position 0 along the append dim is the processing region's start
+    results: list[SourceFileCoord]
+
+
 def assemble_variable(
-    job: RegionJob[Any, Any], data_var: Any, reads: Sequence[ReadOutcome]
-) -> tuple[xr.DataArray, list[SourceFileCoord]]:
+    job: RegionJob[Any, Any], data_var: Any, inputs: VariableInputs, shards: Sequence[int] | None = None
+) -> AssembledVariable:
     """The processing region of one variable, NaN where no file delivered a field.
 
-    The values come from `REGION_BUFFERS`; give them back once nothing refers to them.
+    `inputs` are read tasks' outcomes, or download batches, decoded here one field at a time straight into
+    the buffer. The buffer comes from `REGION_BUFFERS`, padded to whole `shards` (every shard the region covers
+    is then a view of it); give it back once nothing refers to it.
     """
     template = job.template_ds[data_var.name]
-    values = REGION_BUFFERS.take(template.shape, np.float32, np.nan)
+    axis = template.dims.index(job.append_dim)
+    shape = list(template.shape)
+    if shards is not None:
+        shape = list(padded_shape(shape, shards, skip_axes=(axis,)))
+        # A shard clipped by the array's end is encoded whole too: room for its padding.
+        processing = job.get_processing_region()
+        shape[axis] = max(shape[axis], -(-job.region.stop // shards[axis]) * shards[axis] - processing.start)
+    padded = REGION_BUFFERS.take(tuple(shape), np.float32, np.nan)
+    values = padded[tuple(slice(0, n) for n in template.shape)]
     indexes = {dim: template.get_index(dim) for dim in template.dims}
     results: list[SourceFileCoord] = []
-    for read in reads:
-        for coord, field_values in zip(read.coords, read.fields, strict=True):
-            location = coord.out_loc()
-            unknown = set(location) - set(template.dims)
-            if unknown:
-                raise ValueError(f"{type(coord).__name__}.out_loc() names dims {unknown} not in {template.dims}")
-            position = tuple(
-                indexes[dim].get_loc(location[dim]) if dim in location else slice(None) for dim in template.dims
+
+    def place(coord: SourceFileCoord, field_values: npt.NDArray[np.float32] | None) -> None:
+        location = coord.out_loc()
+        unknown = set(location) - set(template.dims)
+        if unknown:
+            raise ValueError(f"{type(coord).__name__}.out_loc() names dims {unknown} not in {template.dims}")
+        position = tuple(
+            indexes[dim].get_loc(location[dim]) if dim in location else slice(None) for dim in template.dims
+        )
+        results.append(coord)
+        if field_values is None:
+            return
+        target = values[position]
+        if field_values.shape != target.shape:
+            raise ValueError(
+                f"{data_var.name}: read_data returned shape {field_values.shape} for {coord.get_url()}, "
+                f"the template expects {target.shape}"
             )
-            results.append(coord)
-            if field_values is None:
-                continue
-            target = values[position]
-            if field_values.shape != target.shape:
-                raise ValueError(
-                    f"{data_var.name}: read_data returned shape {field_values.shape} for {coord.get_url()}, "
-                    f"the template expects {target.shape}"
-                )
-            values[position] = field_values
+        values[position] = field_values
+
+    try:
+        for item in inputs:
+            if isinstance(item, ReadOutcome):
+                for coord, field_values in zip(item.coords, item.fields, strict=True):
+                    place(coord, field_values)
+            else:
+                for outcome in item:
+                    place(*read_one(job, data_var, outcome))
+    except BaseException:
+        REGION_BUFFERS.give_back(padded)
+        raise
     data_array = xr.DataArray(values, coords=template.coords, dims=template.dims, name=data_var.name)
-    return data_array, results
-
-
-def _shard_ranges(length: int, write_unit: int, start: int, stop: int) -> list[int]:
-    return list(range(start // write_unit, -(-stop // write_unit)))
+    return AssembledVariable(data_array, padded, results)
 
 
 def encode_variable_kernel(
     job: RegionJob[Any, Any],
     data_var: Any,
-    reads: Sequence[ReadOutcome],
+    inputs: VariableInputs,
     var_metadata: bytes,
     final_store: ObjectStore,
+    count_download_bytes: bool = False,
 ) -> EncodedVariable:
-    """Transform one variable-region and encode its whole shards in memory, ready to upload."""
+    """Assemble one variable-region (decoding downloads if given them), transform it, encode its shards."""
     limit_library_threads()
-    data_array, results = assemble_variable(job, data_var, reads)
+    encoder = ShardEncoder(var_metadata)
+    assembled = assemble_variable(job, data_var, inputs, encoder.shard_shape)
+    reads = [r for r in inputs if isinstance(r, ReadOutcome)]
+    downloads = [d for batch in inputs if not isinstance(batch, ReadOutcome) for d in batch]
+    fetched = sum(r.bytes_fetched for r in reads) + (_fetched(downloads) if count_download_bytes else 0)
     try:
-        return _encode_assembled(job, data_var, data_array, results, reads, var_metadata, final_store)
+        return _encode_assembled(job, data_var, assembled, encoder, var_metadata, final_store, fetched)
     finally:
         # Encoded chunks are copies: the buffer is free once the shards are encoded (or the encode failed).
-        REGION_BUFFERS.give_back(data_array.values)
+        REGION_BUFFERS.give_back(assembled.padded)
 
 
 def _encode_assembled(
     job: RegionJob[Any, Any],
     data_var: Any,
-    data_array: xr.DataArray,
-    results: list[SourceFileCoord],
-    reads: Sequence[ReadOutcome],
+    assembled: AssembledVariable,
+    encoder: ShardEncoder,
     var_metadata: bytes,
     final_store: ObjectStore,
+    bytes_fetched: int,
 ) -> EncodedVariable:
-    import zarr
-    import zarr.storage
-    from zarr.core.buffer import default_buffer_prototype
-
-    job.apply_data_transformations(data_array, data_var)
+    job.apply_data_transformations(assembled.data_array, data_var)
 
     processing = job.get_processing_region()
     region = job.region
+    data_array = assembled.data_array
     axis = data_array.dims.index(job.append_dim)
     offset = region.start - processing.start
-    cut = [slice(None)] * data_array.ndim
-    cut[axis] = slice(offset, offset + (region.stop - region.start))
-    region_values = data_array.values[tuple(cut)]
     in_region = set(job.template_ds.get_index(job.append_dim)[offset : offset + region.stop - region.start])
-    results = [c for c in results if c.out_loc().get(job.append_dim) in in_region]
+    results = [c for c in assembled.results if c.out_loc().get(job.append_dim) in in_region]
 
-    buffer = default_buffer_prototype().buffer
-    store_dict: dict[str, Any] = {
-        "zarr.json": buffer.from_bytes(b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'),
-        f"{data_var.name}/zarr.json": buffer.from_bytes(var_metadata),
-    }
-    memory_store = zarr.storage.MemoryStore(store_dict=store_dict)
-    array = zarr.open_array(memory_store, path=data_var.name, mode="r+")
-    write_unit = array.shards or array.chunks
-    full_length = array.shape[axis]
+    array_shape = json.loads(var_metadata)["shape"]
+    full_length = array_shape[axis]
     if region.stop > full_length:
         raise ValueError(
             f"{data_var.name}: region {region} runs past the array's {job.append_dim} length {full_length}"
         )
-
-    # A shard covered only in part is merged into its published content (design invariant 2).
-    shard_grid = [range(-(-n // u)) for n, u in zip(array.shape, write_unit, strict=True)]
-    touched = _shard_ranges(full_length, write_unit[axis], region.start, region.stop)
-    for index in touched:
-        shard_start = index * write_unit[axis]
-        shard_stop = min(shard_start + write_unit[axis], full_length)
-        if region.start <= shard_start and region.stop >= shard_stop:
+    unit = encoder.shard_shape[axis]
+    shard_grid = [range(-(-n // s)) for n, s in zip(array_shape, encoder.shard_shape, strict=True)]
+    objects: dict[str, bytes] = {}
+    partial: list[int] = []
+    for index in range(region.start // unit, -(-region.stop // unit)):
+        shard_start = index * unit
+        if region.start > shard_start or region.stop < min(shard_start + unit, full_length):
+            partial.append(index)
             continue
         grid = list(shard_grid)
         grid[axis] = range(index, index + 1)
         for shard_index in itertools.product(*grid):
+            block = []
+            for dim, (i, s) in enumerate(zip(shard_index, encoder.shard_shape, strict=True)):
+                start = i * s - (processing.start if dim == axis else 0)
+                block.append(slice(start, start + s))
             key = f"{data_var.name}/c/" + "/".join(map(str, shard_index))
+            objects[key] = encoder.encode(assembled.padded[tuple(block)])
+    if partial:
+        cut = [slice(None)] * data_array.ndim
+        cut[axis] = slice(offset, offset + (region.stop - region.start))
+        objects.update(
+            _merge_partial_shards(
+                data_var.name, data_array.values[tuple(cut)], partial, region, axis, var_metadata, final_store
+            )
+        )
+    return EncodedVariable(data_var.name, objects, results, bytes_fetched)
+
+
+def _merge_partial_shards(
+    var_name: str,
+    region_values: npt.NDArray[np.float32],
+    partial: Sequence[int],
+    region: slice,
+    axis: int,
+    var_metadata: bytes,
+    final_store: ObjectStore,
+) -> dict[str, bytes]:
+    """Shards the region covers only in part along the append dim, merged into their published content
+    (design invariant 2). Updates of datasets with long shards come here; whole shards never do."""
+    import zarr
+    import zarr.storage
+    from zarr.core.buffer import default_buffer_prototype
+
+    buffer = default_buffer_prototype().buffer
+    store_dict: dict[str, Any] = {
+        "zarr.json": buffer.from_bytes(b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'),
+        f"{var_name}/zarr.json": buffer.from_bytes(var_metadata),
+    }
+    array = zarr.open_array(zarr.storage.MemoryStore(store_dict=store_dict), path=var_name, mode="r+")
+    unit = array.shards[axis]  # type: ignore[index]
+    shard_grid = [range(-(-n // s)) for n, s in zip(array.shape, array.shards, strict=True)]  # type: ignore[arg-type]
+    prefix = f"{var_name}/c/"
+    for index in partial:
+        grid = list(shard_grid)
+        grid[axis] = range(index, index + 1)
+        for shard_index in itertools.product(*grid):
+            key = prefix + "/".join(map(str, shard_index))
             published = final_store.get(key)
             if published is not None:
                 store_dict[key] = buffer.from_bytes(published)
-
-    selection = [slice(None)] * array.ndim
-    selection[axis] = slice(region.start, region.stop)
     with zarr.config.set({"array.write_empty_chunks": True}):
-        array = zarr.open_array(memory_store, path=data_var.name, mode="r+")
-        array[tuple(selection)] = region_values
-
-    prefix = f"{data_var.name}/c/"
-    objects = {key: value.to_bytes() for key, value in store_dict.items() if key.startswith(prefix)}
-    return EncodedVariable(data_var.name, objects, results, sum(r.bytes_fetched for r in reads))
+        array = zarr.open_array(zarr.storage.MemoryStore(store_dict=store_dict), path=var_name, mode="r+")
+        for index in partial:
+            start = max(region.start, index * unit)
+            stop = min(region.stop, (index + 1) * unit)
+            selection = [slice(None)] * array.ndim
+            selection[axis] = slice(start, stop)
+            values = [slice(None)] * array.ndim
+            values[axis] = slice(start - region.start, stop - region.start)
+            array[tuple(selection)] = region_values[tuple(values)]
+    return {key: value.to_bytes() for key, value in store_dict.items() if key.startswith(prefix)}
 
 
 def upload_kernel(encoded: EncodedVariable, final_store: ObjectStore) -> VariableResult:

@@ -1,0 +1,145 @@
+"""Shards encoded straight from a padded buffer read back exactly through zarr and xarray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec
+
+from reformatters.common.binary_rounding import round_float32_inplace
+from reformatters.pipeline.kernels import limit_library_threads
+from reformatters.pipeline.shard_encoding import ShardEncoder, padded_shape
+
+SHAPE = (2, 9, 13, 20)
+CHUNKS = (1, 5, 4, 8)
+SHARDS = (1, 10, 8, 16)
+
+
+def create_array(path: Path, fill_value: float = float("nan")) -> zarr.Array:
+    return zarr.create_array(
+        str(path),
+        shape=SHAPE,
+        chunks=CHUNKS,
+        shards=SHARDS,
+        dtype="float32",
+        fill_value=fill_value,
+        compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")],
+    )
+
+
+def array_metadata(path: Path) -> bytes:
+    return (path / "zarr.json").read_bytes()
+
+
+def sample_values(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    values = rng.normal(280, 10, SHAPE).astype(np.float32)
+    values[:, 5:] = np.nan  # the second chunk along axis 1 holds no data: left out of the shard
+    values[1, :, :4] = np.nan
+    return values
+
+
+def write_shards(path: Path, values: np.ndarray) -> int:
+    encoder = ShardEncoder(array_metadata(path))
+    padded = np.full(padded_shape(SHAPE, SHARDS), np.nan, dtype=np.float32)
+    padded[tuple(slice(0, n) for n in SHAPE)] = values
+    written = 0
+    for index in np.ndindex(*(-(-n // s) for n, s in zip(SHAPE, SHARDS, strict=True))):
+        block = tuple(slice(i * s, (i + 1) * s) for i, s in zip(index, SHARDS, strict=True))
+        key = path / "c" / "/".join(map(str, index))
+        key.parent.mkdir(parents=True, exist_ok=True)
+        key.write_bytes(encoder.encode(padded[block]))
+        written += 1
+    return written
+
+
+def test_padded_shape_rounds_up_to_whole_shards_except_skipped_axes() -> None:
+    assert padded_shape(SHAPE, SHARDS) == (2, 10, 16, 32)
+    assert padded_shape((3, 209, 721, 1440), (1, 210, 726, 726), skip_axes=(0,)) == (3, 210, 726, 1452)
+
+
+def test_direct_shards_read_back_exactly(tmp_path: Path) -> None:
+    limit_library_threads()
+    path = tmp_path / "direct.zarr"
+    create_array(path)
+    values = sample_values()
+    assert write_shards(path, values) == 2 * 1 * 2 * 2
+    np.testing.assert_array_equal(zarr.open_array(str(path), mode="r")[...], values)
+
+
+def test_direct_shards_match_zarrs_own_write_without_empty_chunks(tmp_path: Path) -> None:
+    limit_library_threads()
+    values = sample_values(1)
+    direct = tmp_path / "direct.zarr"
+    create_array(direct)
+    write_shards(direct, values)
+    reference = tmp_path / "reference.zarr"
+    with zarr.config.set({"array.write_empty_chunks": False}):
+        create_array(reference)[...] = values
+    for shard in sorted((reference / "c").rglob("*")):
+        if shard.is_file():
+            relative = shard.relative_to(reference)
+            assert (direct / relative).read_bytes() == shard.read_bytes(), relative
+
+
+def test_an_all_fill_shard_still_yields_an_object_that_reads_as_fill(tmp_path: Path) -> None:
+    path = tmp_path / "empty.zarr"
+    create_array(path)
+    encoder = ShardEncoder(array_metadata(path))
+    data = encoder.encode(np.full(SHARDS, np.nan, dtype=np.float32))
+    assert 0 < len(data) < 4096
+    (path / "c" / "0" / "0" / "0").mkdir(parents=True)
+    (path / "c" / "0" / "0" / "0" / "0").write_bytes(data)
+    assert np.isnan(zarr.open_array(str(path), mode="r")[0, :, :8, :16]).all()
+
+
+def test_non_nan_fill_value_chunks_are_recognised(tmp_path: Path) -> None:
+    path = tmp_path / "zero.zarr"
+    create_array(path, fill_value=0.0)
+    values = np.zeros(SHAPE, dtype=np.float32)
+    values[0, 0, 0, 0] = 1.5
+    write_shards(path, values)
+    np.testing.assert_array_equal(zarr.open_array(str(path), mode="r")[...], values)
+    # Only one inner chunk holds anything but the fill value; its shard is the only one with a chunk of data.
+    sizes = sorted(p.stat().st_size for p in (path / "c").rglob("*") if p.is_file())
+    assert sizes[-1] > sizes[0]
+
+
+def test_wrong_shard_shape_or_dtype_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "a.zarr"
+    create_array(path)
+    encoder = ShardEncoder(array_metadata(path))
+    with pytest.raises(ValueError, match=r"shards are \(1, 10, 8, 16\)"):
+        encoder.encode(np.zeros((1, 10, 8, 8), dtype=np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        encoder.encode(np.zeros(SHARDS, dtype=np.float64))
+
+
+def test_unsharded_arrays_get_one_object_per_chunk(tmp_path: Path) -> None:
+    path = tmp_path / "plain.zarr"
+    zarr.create_array(str(path), shape=(4, 3), chunks=(2, 3), dtype="float32", fill_value=float("nan"))
+    encoder = ShardEncoder(array_metadata(path))
+    assert encoder.shard_shape == (2, 3)
+    values = np.arange(12, dtype=np.float32).reshape(4, 3)
+    (path / "c" / "1").mkdir(parents=True)
+    (path / "c" / "1" / "0").write_bytes(encoder.encode(values[2:]))
+    read = zarr.open_array(str(path), mode="r")[...]
+    np.testing.assert_array_equal(read[2:], values[2:])
+    assert np.isnan(read[:2]).all()
+    assert json.loads(array_metadata(path))["shape"] == [4, 3]
+
+
+def test_rounding_a_view_into_a_padded_buffer_leaves_the_padding_alone() -> None:
+    padded = np.full((2, 6, 8, 12), 7.123456789, dtype=np.float32)
+    view = padded[:, :5, :7, :10]
+    assert not view.flags.c_contiguous
+    expected = round_float32_inplace(np.ascontiguousarray(view), 7)
+    round_float32_inplace(view, 7)
+    np.testing.assert_array_equal(view, expected)
+    assert (padded[:, 5:] == np.float32(7.123456789)).all()
+    assert (padded[:, :, 7:] == np.float32(7.123456789)).all()
+    assert (padded[..., 10:] == np.float32(7.123456789)).all()
