@@ -388,7 +388,7 @@ def run_staged(config: BenchConfig, size: int, server: ServerProcess, manifest: 
     from reformatters_datasets.noaa.gfs.forecast.dataset import GfsForecastDataset
 
     from reformatters.cluster import workers_have_encode_resource
-    from reformatters.pipeline.graph import ENCODE_RESOURCE
+    from reformatters.pipeline.graph import ENCODE_RESOURCE, coord_batches
     from reformatters.pipeline.kernels import download_kernel, encode_variable_kernel, read_kernel, upload_kernel
     from reformatters.publish import publish_from_tmp_store, tmp_metadata_store, variable_metadata
     from reformatters.region_job import RegionJobFilters, SourceFileCoord, SourceFileStatus
@@ -423,35 +423,35 @@ def run_staged(config: BenchConfig, size: int, server: ServerProcess, manifest: 
         encode_resources = {ENCODE_RESOURCE: 1} if workers_have_encode_resource(client) else None
         store_future = client.scatter(final_store, broadcast=True, hash=False)
 
-        # Stage 1: every download of every region.
-        planned: list[tuple[Any, Any, list[Any], list[Any]]] = []  # (job future, job, group, download futures)
+        # Stage 1: every download of every region, shared by a group or one set per variable, as the graph has it.
+        planned: list[tuple[Any, Any, Any, list[Any], bool]] = []  # (job future, job, data var, downloads, count)
         for job in jobs:
             job_future = client.scatter(job.for_workers(), broadcast=True, hash=False)
             processing_ds = job.template_ds.isel({job.append_dim: job.get_processing_region()})
             for group in job.source_groups(job.data_vars):
-                coords = list(job.generate_source_file_coords(processing_ds, group))
-                step = max(1, job.download_batch_size)
-                downloads = [
-                    client.submit(download_kernel, job_future, coords[i : i + step], list(group), pure=False)
-                    for i in range(0, len(coords), step)
-                ]
-                planned.append((job_future, job, list(group), downloads))
-        wait([d for *_, downloads in planned for d in downloads])
+                batches = coord_batches(job, job.generate_source_file_coords(processing_ds, group))
+
+                def submit(variables: list[Any], job_future: Any = job_future, batches: Any = batches) -> list[Any]:
+                    return [client.submit(download_kernel, job_future, b, variables, pure=False) for b in batches]
+
+                shared = [] if job.download_per_variable else submit(list(group))
+                for var_index, data_var in enumerate(group):
+                    downloads = submit([data_var]) if job.download_per_variable else shared
+                    count = job.download_per_variable or var_index == 0
+                    planned.append((job_future, job, data_var, downloads, count))
+        wait([d for *_, downloads, _ in planned for d in downloads])
 
         # Stage 2 (only in the graph shape with read tasks): every read.
-        inputs: list[tuple[Any, Any, Any, list[Any], bool]] = []  # (job future, job, data var, inputs, first)
-        for job_future, job, group, downloads in planned:
-            for var_index, data_var in enumerate(group):
-                var_inputs = downloads
-                if job.separate_read_tasks:
-                    batch = max(1, job.read_batch_size // max(1, job.download_batch_size))
-                    var_inputs = [
-                        client.submit(
-                            read_kernel, job_future, data_var, downloads[s : s + batch], var_index == 0, pure=False
-                        )
-                        for s in range(0, len(downloads), batch)
-                    ]
-                inputs.append((job_future, job, data_var, var_inputs, var_index == 0))
+        inputs: list[tuple[Any, Any, Any, list[Any], bool]] = []  # (job future, job, data var, inputs, count)
+        for job_future, job, data_var, downloads, count in planned:
+            var_inputs = downloads
+            if job.separate_read_tasks:
+                batch = max(1, job.read_batch_size // max(1, job.download_batch_size))
+                var_inputs = [
+                    client.submit(read_kernel, job_future, data_var, downloads[s : s + batch], count, pure=False)
+                    for s in range(0, len(downloads), batch)
+                ]
+            inputs.append((job_future, job, data_var, var_inputs, count))
         if any(job.separate_read_tasks for job in jobs):
             wait([r for *_, var_inputs, _ in inputs for r in var_inputs])
         del planned

@@ -123,6 +123,10 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
     # Source files per download task. Dask costs ~2 ms per task, so a task should do 100 ms or more: one file
     # from a nearby object store often does, a missing file (one 404) or a loopback server never does.
     download_batch_size: ClassVar[int] = 4
+    # True: one download per (file, variable), so a shard write depends only on its own variable's bytes and a
+    # worker never holds a whole group's messages for one variable. Right for byte-range sources with an index
+    # (inventories are cached per worker); whole-file sources keep False or they fetch each file once per variable.
+    download_per_variable: ClassVar[bool] = False
     # False (default): each shard-write task decodes its variable from the downloads straight into its
     # variable-region buffer, so decoded fields never wait in worker memory or travel between workers.
     # True: separate read tasks decode about `read_batch_size` files each and hand the fields on.

@@ -225,3 +225,34 @@ def test_naive_concurrent_partial_shard_writes_lose_data(tmp_path: Path) -> None
     sequential[0] = 1
     sequential[1] = 2
     np.testing.assert_array_equal(sequential[:], [[1] * 4, [2] * 4])
+
+
+# ---- only shard writes wait for an encode slot ----
+
+
+def _restrictions(dask_scheduler: Any) -> dict[str, Any]:
+    return {str(key): ts.resource_restrictions for key, ts in dask_scheduler.tasks.items()}
+
+
+def test_only_shard_writes_need_an_encode_slot(client: Client, example_source: Any, tmp_path: Path) -> None:
+    """Downloads of the next region must not wait for an encode slot (they did when the job travelled as a
+    literal key inside the shard write's layer, which took that layer's resource annotation)."""
+    inits = pd.date_range("2024-01-01", periods=4, freq="6h")
+    src = example_source(inits)
+    store = ObjectStore(tmp_path / "store.zarr")
+    template = CONFIG.get_template("2024-01-02T00:00")
+    with tmp_metadata_store(template) as tmp_store:
+        publish_from_tmp_store(tmp_store, store)
+        metadata = variable_metadata(tmp_store, [v.name for v in CONFIG.data_vars])
+    jobs = ExampleRegionJob.get_jobs(template, "init_time", CONFIG.data_vars, source_url=src.url)
+    seen: dict[str, Any] = {}
+
+    def record(outcome: Any) -> None:
+        seen.update(client.run_on_scheduler(_restrictions))
+
+    run_region_jobs(client, jobs, metadata, store, on_region_done=record)
+    assert any(key.startswith("download-") for key in seen)
+    restricted = {key for key, resources in seen.items() if resources}
+    assert restricted, "no task asked for an encode slot: the cap on concurrent encodes is gone"
+    assert all(key.startswith("encode-") for key in restricted), sorted(restricted)
+    assert all(seen[key] == {"encode": 1} for key in restricted)

@@ -6,7 +6,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from distributed import Client, Future, as_completed
@@ -36,15 +36,20 @@ RegionCallback = Callable[[RegionOutcome], None]
 UploadFactory = Callable[[RegionJob[Any, Any]], Callable[..., Any]]
 
 
-def default_regions_in_flight(client: Client, jobs: Sequence[RegionJob[Any, Any]]) -> int:
-    """Enough regions for two shard-write tasks per worker (one encoding, the next one's downloads arriving).
+def _unit_weight(job: RegionJob[Any, Any]) -> int:
+    """Shard writes submitted together: one variable when its downloads are its own, else the whole region."""
+    return 1 if job.download_per_variable else max(1, len(job.data_vars))
 
-    Every region in flight holds its downloads on the workers until its last variable is encoded, so more
-    regions than that only add memory.
+
+def default_variables_in_flight(client: Client, jobs: Sequence[RegionJob[Any, Any]]) -> int:
+    """Two shard writes per worker: one encoding, the next one's downloads arriving.
+
+    What is in flight holds its downloaded bytes on the workers until encoded, so more only adds memory.
+    Regions whose variables share downloads go in whole; two of them fit at once.
     """
     workers = len(client.scheduler_info().get("workers", {}))
-    encodes_per_region = max(1, min((len(job.data_vars) for job in jobs), default=1))
-    return max(2, -(-2 * workers // encodes_per_region))
+    largest_unit = max((_unit_weight(job) for job in jobs), default=1)
+    return max(2 * workers, 2 * largest_unit)
 
 
 def run_region_jobs(
@@ -54,33 +59,65 @@ def run_region_jobs(
     final_store: ObjectStore,
     *,
     max_regions_in_flight: int | None = None,
+    max_variables_in_flight: int | None = None,
     on_region_done: RegionCallback | None = None,
     upload_for: UploadFactory | None = None,
 ) -> list[RegionOutcome]:
     """Run every job; `on_region_done` is called in completion order, the returned list is in job order.
 
-    At most `max_regions_in_flight` regions are on the scheduler at once, so a backfill of thousands
-    of regions never floods it; earlier regions get higher priority.
+    Variable-regions (one variable's shard writes for one region) go to the scheduler in append order, at most
+    `max_variables_in_flight` at once (and, if given, from at most `max_regions_in_flight` regions), so a
+    backfill of thousands of regions never floods the scheduler or the workers' memory; earlier regions get
+    higher priority. A region is done when all its variables are uploaded.
     """
-    window = max_regions_in_flight or default_regions_in_flight(client, jobs)
+    window = max_variables_in_flight or default_variables_in_flight(client, jobs)
+    region_cap = max_regions_in_flight or len(jobs) or 1
     use_resource = workers_have_encode_resource(client)
     if not use_resource:
         log.info("workers declare no '%s' resource; encodes are not capped per worker", "encode")
-    pending = deque(enumerate(jobs))
-    in_flight: dict[int, tuple[RegionJob[Any, Any], list[Future[Any]], float]] = {}
+    pending_regions = deque(enumerate(jobs))
+    pending_units: deque[tuple[int, list[Any]]] = deque()  # (region index, delayed uploads submitted together)
+    regions: dict[int, _RegionInFlight] = {}
     outcomes: dict[int, RegionOutcome] = {}
     completed = as_completed()
     future_region: dict[str, int] = {}
+    variables_in_flight = 0
+    store_ref = client.scatter(final_store, hash=False)
 
     def submit_next() -> None:
-        while pending and len(in_flight) < window:
-            index, job = pending.popleft()
-            extra = {"upload": upload_for(job)} if upload_for is not None else {}
-            graphs = build_region_graph(
-                job, var_metadata, final_store, priority=-index, use_encode_resource=use_resource, **extra
-            )
-            futures = client.compute(graphs, optimize_graph=False)
-            in_flight[index] = (job, list(futures), time.perf_counter())
+        nonlocal variables_in_flight
+        while True:
+            if not pending_units:
+                if not pending_regions or len(regions) >= region_cap:
+                    return
+                index, job = pending_regions.popleft()
+                extra = {"upload": upload_for(job)} if upload_for is not None else {}
+                job_ref = client.scatter(job.for_workers(), hash=False)
+                graphs = build_region_graph(
+                    job,
+                    var_metadata,
+                    final_store,
+                    priority=-index,
+                    use_encode_resource=use_resource,
+                    job_ref=job_ref,
+                    store_ref=store_ref,
+                    **extra,
+                )
+                if not graphs:
+                    outcomes[index] = RegionOutcome(index, job, [], 0.0)
+                    if on_region_done is not None:
+                        on_region_done(outcomes[index])
+                    continue
+                regions[index] = _RegionInFlight(job, len(graphs), time.perf_counter(), job_ref)
+                weight = _unit_weight(job)
+                pending_units.extend((index, graphs[i : i + weight]) for i in range(0, len(graphs), weight))
+            index, unit = pending_units[0]
+            if variables_in_flight > 0 and variables_in_flight + len(unit) > window:
+                return
+            pending_units.popleft()
+            futures = client.compute(unit, optimize_graph=False)
+            variables_in_flight += len(unit)
+            regions[index].futures.extend(futures)
             for future in futures:
                 future_region[future.key] = index
                 completed.add(future)
@@ -89,21 +126,33 @@ def run_region_jobs(
     try:
         for future in completed:
             index = future_region.pop(future.key)
-            if index not in in_flight:
+            if index not in regions:
                 continue
-            job, futures, started = in_flight[index]
+            region = regions[index]
             if future.status == "error":
                 error = future.exception()
-                raise RegionFailedError(f"region {job.describe()} failed: {type(error).__name__}: {error}") from error
-            if all(f.done() for f in futures):
-                results = [f.result() for f in futures]
-                del in_flight[index]
-                outcome = RegionOutcome(index, job, results, time.perf_counter() - started)
+                raise RegionFailedError(
+                    f"region {region.job.describe()} failed: {type(error).__name__}: {error}"
+                ) from error
+            variables_in_flight -= 1
+            if len(region.futures) == region.variables and all(f.done() for f in region.futures):
+                results = [f.result() for f in region.futures]
+                del regions[index]
+                outcome = RegionOutcome(index, region.job, results, time.perf_counter() - region.started)
                 outcomes[index] = outcome
                 if on_region_done is not None:
                     on_region_done(outcome)
-                submit_next()
+            submit_next()
     finally:
-        for _, futures, _ in in_flight.values():
-            client.cancel(futures)
+        for region in regions.values():
+            client.cancel(region.futures)
     return [outcomes[i] for i in sorted(outcomes)]
+
+
+@dataclass
+class _RegionInFlight:
+    job: RegionJob[Any, Any]
+    variables: int
+    started: float
+    job_ref: Future[Any]  # held until the region is done
+    futures: list[Future[Any]] = field(default_factory=list)

@@ -30,35 +30,50 @@ def build_region_graph(
     priority: int = 0,
     use_encode_resource: bool = True,
     upload: Callable[..., Any] = upload_kernel,
+    job_ref: Any = None,
+    store_ref: Any = None,
 ) -> list[Delayed]:
     """One Delayed per variable, each resolving to a `VariableResult` once its shards are uploaded.
 
     `upload(encoded, final_store) -> VariableResult` replaces the plain upload (the operational update
-    passes a gated upload that also records progress).
+    passes a gated upload that also records progress). `job_ref` and `store_ref` are futures of
+    `job.for_workers()` and `final_store` already on the cluster (the driver scatters them); without them
+    both travel as literal keys of the graph.
     """
     processing = job.get_processing_region()
     processing_ds = job.template_ds.isel({job.append_dim: processing})
-    worker_job = job.for_workers()
     token = tokenize(job.template_ds.get_index(job.append_dim)[job.region].tolist(), [v.name for v in job.data_vars])
-    job_key = delayed(worker_job, name=f"region-job-{token}", pure=True)
-    store_key = delayed(final_store, name=f"final-store-{token}", pure=True)
+    # Literal keys land in the layer of their first consumer and take its annotations: a job key inside a
+    # shard write's layer would need a free encode slot before any download could start. The driver passes
+    # scattered futures instead, which belong to no layer.
+    job_key = job_ref if job_ref is not None else delayed(job.for_workers(), name=f"region-job-{token}", pure=True)
+    store_key = store_ref if store_ref is not None else delayed(final_store, name=f"final-store-{token}", pure=True)
 
     uploads: list[Delayed] = []
-    with annotate(priority=priority):
-        for group_index, group in enumerate(job.source_groups(job.data_vars)):
-            coords = list(job.generate_source_file_coords(processing_ds, group))
-            batch = max(1, job.download_batch_size)
-            downloads = [
+    position = 0
+    for group_index, group in enumerate(job.source_groups(job.data_vars)):
+        coords = list(job.generate_source_file_coords(processing_ds, group))
+        batches = coord_batches(job, coords)
+        batches_per_read = max(1, job.read_batch_size // max(1, job.download_batch_size))
+
+        def download_tasks(variables: Sequence[Any], name: str, batches: list[list[Any]] = batches) -> list[Delayed]:
+            return [
                 delayed(download_kernel, pure=False)(
-                    job_key,
-                    coords[start : start + batch],
-                    list(group),
-                    dask_key_name=f"download-{token}-{group_index}-{start}",
+                    job_key, batch, list(variables), dask_key_name=f"download-{name}-{token}-{index}"
                 )
-                for start in range(0, len(coords), batch)
+                for index, batch in enumerate(batches)
             ]
-            batches_per_read = max(1, job.read_batch_size // batch)
-            for var_index, data_var in enumerate(group):
+
+        with annotate(priority=priority - position / len(job.data_vars)):
+            shared = [] if job.download_per_variable else download_tasks(group, f"group{group_index}")
+        for var_index, data_var in enumerate(group):
+            # Within the region, variables in turn: the first one's downloads all come before the second's, so
+            # its shard write starts while the others download (Dask would otherwise interleave them).
+            with annotate(priority=priority - position / len(job.data_vars)):
+                position += 1
+                downloads = download_tasks([data_var], data_var.name) if job.download_per_variable else shared
+                # Bytes fetched are counted once: by each variable's task when downloads are its own.
+                count_bytes = job.download_per_variable or var_index == 0
                 inputs: list[Delayed] = downloads
                 if job.separate_read_tasks:
                     inputs = [
@@ -66,7 +81,7 @@ def build_region_graph(
                             job_key,
                             data_var,
                             downloads[start : start + batches_per_read],
-                            var_index == 0,
+                            count_bytes,
                             dask_key_name=f"read-{data_var.name}-{token}-{start}",
                         )
                         for start in range(0, len(downloads), batches_per_read)
@@ -79,13 +94,19 @@ def build_region_graph(
                         inputs,
                         var_metadata[data_var.name],
                         store_key,
-                        var_index == 0,
+                        count_bytes,
                         dask_key_name=f"encode-{data_var.name}-{token}",
                     )
                 uploads.append(
                     delayed(upload, pure=False)(encoded, store_key, dask_key_name=f"upload-{data_var.name}-{token}")
                 )
     return uploads
+
+
+def coord_batches(job: RegionJob[Any, Any], coords: Sequence[Any]) -> list[list[Any]]:
+    """Source file coords in download-task batches of `job.download_batch_size`."""
+    size = max(1, job.download_batch_size)
+    return [list(coords[start : start + size]) for start in range(0, len(coords), size)]
 
 
 def count_tasks(graphs: Sequence[Delayed]) -> int:

@@ -13,6 +13,7 @@ import random
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -24,7 +25,7 @@ import fsspec
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from reformatters.sources.grib_index import MergedRange, find_message, merge_byte_ranges, parse_index
+from reformatters.sources.grib_index import IndexEntry, MergedRange, find_message, merge_byte_ranges, parse_index
 
 log = logging.getLogger("reformatters.sources")
 
@@ -249,6 +250,50 @@ def fetch_bytes(
     return _get_with_retries(url, byte_range[0], byte_range[1], config)
 
 
+class _IndexCache:
+    """Parsed inventories by URL, the most recent `capacity` of them, for this process.
+
+    Inventories of published files never change. Downloads that fetch one variable at a time ask for the same
+    inventory once per variable; this keeps it to once per worker. Failures are never cached: a file that is
+    missing now may be published by the next update.
+    """
+
+    def __init__(self, capacity: int = 256) -> None:
+        self._capacity = capacity
+        self._entries: OrderedDict[str, list[IndexEntry]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, url: str) -> list[IndexEntry] | None:
+        with self._lock:
+            entries = self._entries.get(url)
+            if entries is not None:
+                self._entries.move_to_end(url)
+            return entries
+
+    def put(self, url: str, entries: list[IndexEntry]) -> None:
+        with self._lock:
+            self._entries[url] = entries
+            self._entries.move_to_end(url)
+            while len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+INDEX_CACHE = _IndexCache()
+
+
+def fetch_index(idx_url: str, *, config: DownloadConfig | None = None) -> list[IndexEntry]:
+    """The parsed inventory (NCEP `.idx` or ECMWF JSON lines) at `idx_url`, fetched once per process."""
+    entries = INDEX_CACHE.get(idx_url)
+    if entries is None:
+        entries = parse_index(fetch_bytes(idx_url, config=config).decode())
+        INDEX_CACHE.put(idx_url, entries)
+    return entries
+
+
 def grib_problem(data: bytes) -> str | None:
     """Why `data` is not one or more whole GRIB messages, or None if it looks right."""
     if data[:4] != b"GRIB":
@@ -285,7 +330,7 @@ def fetch_grib_messages(
     Raises SourceFileNotFoundError, SourceDownloadError, GribMessageNotFoundError.
     """
     config = config or DownloadConfig()
-    entries = parse_index(fetch_bytes(idx_url, config=config).decode())
+    entries = fetch_index(idx_url, config=config)
     selected = {key: find_message(entries, el, lev, step, source=idx_url) for key, (el, lev, step) in wanted.items()}
     ranges = merge_byte_ranges(selected, config.max_gap_bytes)
 

@@ -14,13 +14,12 @@ from reformatters.common.deaccumulation import deaccumulate_along_axis
 from reformatters.common.storage import ObjectStore
 from reformatters.common.time_utils import utc_now
 from reformatters.region_job import ForecastSourceFileCoord, ProcessResults, RegionJob, SourceFileStatus
-from reformatters.sources.download import SourceFileNotFoundError, fetch_bytes, fetch_grib_messages
+from reformatters.sources.download import SourceFileNotFoundError, fetch_grib_messages, fetch_index
 from reformatters.sources.grib_decode import GridSpec, decode_message
 from reformatters.sources.grib_index import (
     GribMessageNotFoundError,
     find_message,
     instant_step,
-    parse_index,
     window_step,
 )
 
@@ -54,12 +53,12 @@ def fetch_available_messages(coord: GfsSourceFileCoord, wanted: Mapping[str, tup
         # No variable of the group has a message at this lead (windows at lead 0). Still confirm the file is
         # published: a succeeded coord must mean the source has this lead, or an unpublished run would count
         # as ingested (and be published as an empty init) through its lead-0 windowed variables.
-        fetch_bytes(coord.get_idx_url())
+        fetch_index(coord.get_idx_url())
         return {}
     try:
         return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), wanted)
     except GribMessageNotFoundError:
-        entries = parse_index(fetch_bytes(coord.get_idx_url()).decode())
+        entries = fetch_index(coord.get_idx_url())
         available = {}
         for name, (element, level, step) in wanted.items():
             try:
@@ -84,7 +83,9 @@ class GfsSourceFileCoord(ForecastSourceFileCoord):
 
 class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
     max_vars_per_job = 4
-    read_batch_size = 12
+    download_per_variable = True  # byte ranges from the .idx: each variable's messages on their own
+    download_batch_size = 8
+    read_batch_size = 16
 
     def generate_source_file_coords(
         self, processing_region_ds: xr.Dataset, data_var_group: Sequence[GfsDataVar]
