@@ -250,29 +250,44 @@ def fetch_bytes(
     return _get_with_retries(url, byte_range[0], byte_range[1], config)
 
 
-class _IndexCache:
+class IndexCache:
     """Parsed inventories by URL, the most recent `capacity` of them, for this process.
 
     Inventories of published files never change. Downloads that fetch one variable at a time ask for the same
-    inventory once per variable; this keeps it to once per worker. Failures are never cached: a file that is
-    missing now may be published by the next update.
+    inventory once per variable; this keeps it to once per worker. A missing inventory is remembered for
+    `not_found_seconds` only: the file may be published by the time a later task (or the next update) asks.
     """
 
-    def __init__(self, capacity: int = 256) -> None:
+    def __init__(self, capacity: int = 256, not_found_seconds: float = 30.0) -> None:
         self._capacity = capacity
-        self._entries: OrderedDict[str, list[IndexEntry]] = OrderedDict()
+        self._not_found_seconds = not_found_seconds
+        self._entries: OrderedDict[str, list[IndexEntry] | tuple[float, str]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, url: str) -> list[IndexEntry] | None:
+        """The entries, None if unknown; raises SourceFileNotFoundError if recently found missing."""
         with self._lock:
-            entries = self._entries.get(url)
-            if entries is not None:
-                self._entries.move_to_end(url)
-            return entries
+            cached = self._entries.get(url)
+            if cached is None:
+                return None
+            self._entries.move_to_end(url)
+            if isinstance(cached, list):
+                return cached
+            until, reason = cached
+            if time.monotonic() < until:
+                raise SourceFileNotFoundError(reason)
+            del self._entries[url]
+            return None
 
     def put(self, url: str, entries: list[IndexEntry]) -> None:
+        self._store(url, entries)
+
+    def put_missing(self, url: str, reason: str) -> None:
+        self._store(url, (time.monotonic() + self._not_found_seconds, reason))
+
+    def _store(self, url: str, value: list[IndexEntry] | tuple[float, str]) -> None:
         with self._lock:
-            self._entries[url] = entries
+            self._entries[url] = value
             self._entries.move_to_end(url)
             while len(self._entries) > self._capacity:
                 self._entries.popitem(last=False)
@@ -282,15 +297,21 @@ class _IndexCache:
             self._entries.clear()
 
 
-INDEX_CACHE = _IndexCache()
+INDEX_CACHE = IndexCache()
 
 
-def fetch_index(idx_url: str, *, config: DownloadConfig | None = None) -> list[IndexEntry]:
+def fetch_index(
+    idx_url: str, *, config: DownloadConfig | None = None, cache: IndexCache = INDEX_CACHE
+) -> list[IndexEntry]:
     """The parsed inventory (NCEP `.idx` or ECMWF JSON lines) at `idx_url`, fetched once per process."""
-    entries = INDEX_CACHE.get(idx_url)
+    entries = cache.get(idx_url)
     if entries is None:
-        entries = parse_index(fetch_bytes(idx_url, config=config).decode())
-        INDEX_CACHE.put(idx_url, entries)
+        try:
+            entries = parse_index(fetch_bytes(idx_url, config=config).decode())
+        except SourceFileNotFoundError as error:
+            cache.put_missing(idx_url, str(error))
+            raise
+        cache.put(idx_url, entries)
     return entries
 
 

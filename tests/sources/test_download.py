@@ -8,11 +8,13 @@ import pytest
 
 from reformatters.sources.download import (
     DownloadConfig,
+    IndexCache,
     SourceDownloadError,
     SourceFileNotFoundError,
     download_file,
     fetch_bytes,
     fetch_grib_messages,
+    fetch_index,
     write_atomic,
 )
 from reformatters.sources.grib_index import GribMessageNotFoundError, find_message, parse_ncep_idx
@@ -241,3 +243,39 @@ def test_requests_per_minute_and_concurrency_cap(server: ArchiveServer, small_ar
         t.join()
     assert time.monotonic() - start >= 0.39
     assert server.requests[rel + ".idx"] == 5
+
+
+def test_an_inventory_is_fetched_once_per_process(server: ArchiveServer, small_archive: ArchiveManifest) -> None:
+    rel = _rel(small_archive)
+    wanted = _wanted()
+    for name in wanted:
+        got = fetch_grib_messages(server.url_for(rel), server.url_for(rel + ".idx"), {name: wanted[name]}, config=FAST)
+        assert got == {name: _expected_bytes(small_archive, {name: wanted[name]})[name]}
+    assert server.requests[rel + ".idx"] == 1
+    assert server.requests[rel] == len(wanted)
+    assert fetch_index(server.url_for(rel + ".idx")) == parse_ncep_idx(
+        Path(str(small_archive.path(INIT, LEAD)) + ".idx").read_text()
+    )
+    assert server.requests[rel + ".idx"] == 1
+
+
+def test_a_missing_inventory_is_remembered_briefly(server: ArchiveServer) -> None:
+    cache = IndexCache(not_found_seconds=0.3)
+    rel = "gfs.20990101/00/atmos/gfs.t00z.pgrb2.0p25.f001.idx"
+    for _ in range(3):
+        with pytest.raises(SourceFileNotFoundError, match="404"):
+            fetch_index(server.url_for(rel), config=FAST, cache=cache)
+    assert server.requests[rel] == 1
+    time.sleep(0.35)  # forgotten: the file may have been published since
+    with pytest.raises(SourceFileNotFoundError):
+        fetch_index(server.url_for(rel), config=FAST, cache=cache)
+    assert server.requests[rel] == 2
+
+
+def test_the_inventory_cache_keeps_only_the_most_recent(small_archive: ArchiveManifest) -> None:
+    cache = IndexCache(capacity=2)
+    entries = parse_ncep_idx(Path(str(small_archive.path(INIT, LEAD)) + ".idx").read_text())
+    for name in ("a", "b", "c"):
+        cache.put(name, entries)
+    assert cache.get("a") is None
+    assert cache.get("b") == entries and cache.get("c") == entries
