@@ -16,6 +16,7 @@ from reformatters.pipeline.kernels import (
     download_kernel,
     encode_variable_kernel,
     read_kernel,
+    region_buffer_shape,
     upload_kernel,
 )
 from reformatters.publish import metadata_keys, publish_from_tmp_store, tmp_metadata_store, variable_metadata
@@ -202,4 +203,38 @@ def test_region_buffers_are_reused_refilled_and_bounded() -> None:
     assert not np.shares_memory(second, third)
     pool.give_back(second)
     pool.give_back(third)
-    assert pool.idle_count() == 1, "at most `keep` idle buffers per shape stay allocated"
+    assert pool.idle_count() == 1, "at most `keep` idle buffers stay allocated"
+    other = pool.take((4, 3), np.float32, np.nan)
+    pool.give_back(other)
+    assert pool.idle_count() == 1, "at most `keep` idle buffers whatever their shape"
+    assert pool.take((4, 3), np.float32, np.nan).shape == (4, 3)
+
+
+def test_the_first_region_buffer_is_warmed_in_the_background_once() -> None:
+    pool = RegionBufferPool(keep=1)
+    assert pool.warm((3, 5), np.float32, np.nan)
+    buffer = pool.take((3, 5), np.float32, np.nan)  # waits for the warm-up and gets its buffer
+    assert buffer.shape == (3, 5) and np.isnan(buffer).all()
+    assert not pool.warm((3, 5), np.float32, np.nan), "a buffer is in use: no second one"
+    pool.give_back(buffer)
+    assert not pool.warm((3, 5), np.float32, np.nan), "a buffer is idle: nothing to warm"
+    assert pool.idle_count() == 1
+    assert np.shares_memory(pool.take((3, 5), np.float32, np.nan), buffer)
+
+
+def test_downloads_warm_the_shard_padded_buffer_their_variables_need(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = RegionBufferPool(keep=1)
+    monkeypatch.setattr("reformatters.pipeline.kernels.REGION_BUFFERS", pool)
+    inits = pd.date_range("2024-01-01", periods=2, freq="6h")
+    source.generate_source(tmp_path / "src", inits)
+    template = CONFIG.get_template("2024-01-01T12:00")
+    job = ExampleRegionJob.get_jobs(template, "init_time", CONFIG.data_vars, source_url=str(tmp_path / "src"))[0]
+    worker_job = job.for_workers()
+    coords = job.generate_source_file_coords(job.template_ds.isel(init_time=job.get_processing_region()), [])
+    download_kernel(worker_job, coords[:1], list(job.data_vars))
+    data_var = job.data_vars[0]
+    expected = region_buffer_shape(worker_job, data_var, data_var.encoding.shards)
+    assert pool.take(expected, np.float32, np.nan).shape == expected
+    assert pool.idle_count() == 0, "the warmed buffer was the one taken"

@@ -89,6 +89,9 @@ def download_kernel(
     job: RegionJob[Any, Any], coords: Sequence[SourceFileCoord], group: Sequence[Any]
 ) -> list[DownloadOutcome]:
     """Download a batch of source files one after another (`RegionJob.download_batch_size` of them)."""
+    if group:
+        encoding = group[0].encoding
+        REGION_BUFFERS.warm(region_buffer_shape(job, group[0], encoding.shards or encoding.chunks), np.float32, np.nan)
     return [download_one(job, coord, group) for coord in coords]
 
 
@@ -153,36 +156,79 @@ def _fetched(downloads: Sequence[DownloadOutcome]) -> int:
 class RegionBufferPool:
     """Variable-region buffers reused across encodes within a worker process.
 
-    A GFS variable-region is ~0.9 GB. Fresh memory costs a page fault per 4 KiB page, which here took
-    1.9 s per variable-region against 0.05 s to refill a reused buffer with NaN. At most `keep` idle buffers
-    per shape stay allocated, so a worker holds one variable-region between encodes, never more.
+    A GFS variable-region is ~0.9 GB. Fresh memory costs a page fault per 4 KiB page: 1.5-2.5 s for the first
+    variable-region a worker allocates on this project's test machines (a VM backing guest memory lazily),
+    0.05 s to refill a reused buffer with NaN. At most `keep` buffers stay idle, whatever their shape, so a
+    worker holds one variable-region between encodes, never more. `warm` allocates the first one in the
+    background while the downloads run, so no shard write waits for it.
     """
 
     def __init__(self, keep: int = 1) -> None:
         self._keep = keep
-        self._idle: dict[tuple[tuple[int, ...], str], list[npt.NDArray[Any]]] = {}
+        self._idle: list[npt.NDArray[Any]] = []
+        self._in_use = 0
+        self._warming: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...], dtype: Any, fill: float) -> npt.NDArray[Any]:
-        key = (tuple(shape), np.dtype(dtype).str)
         with self._lock:
-            idle = self._idle.get(key)
-            buffer = idle.pop() if idle else None
+            warming = self._warming
+        if warming is not None:
+            warming.join()
+        key = (tuple(shape), np.dtype(dtype))
+        with self._lock:
+            self._in_use += 1
+            buffer = next((b for b in self._idle if (b.shape, b.dtype) == key), None)
+            if buffer is not None:
+                self._idle.remove(buffer)
         if buffer is None:
             return np.full(shape, fill, dtype=dtype)
         buffer.fill(fill)
         return buffer
 
     def give_back(self, buffer: npt.NDArray[Any]) -> None:
-        key = (buffer.shape, buffer.dtype.str)
         with self._lock:
-            idle = self._idle.setdefault(key, [])
-            if len(idle) < self._keep:
-                idle.append(buffer)
+            self._in_use = max(0, self._in_use - 1)
+            self._idle.append(buffer)
+            del self._idle[: max(0, len(self._idle) - self._keep)]
+
+    def warm(self, shape: tuple[int, ...], dtype: Any, fill: float) -> bool:
+        """Start allocating a buffer in the background if this worker has none at all; True if started."""
+        with self._lock:
+            if self._idle or self._in_use or self._warming is not None or self._keep < 1:
+                return False
+            self._warming = threading.Thread(
+                target=self._allocate, args=(tuple(shape), dtype, fill), name="region-buffer-warm", daemon=True
+            )
+            self._warming.start()
+            return True
+
+    def _allocate(self, shape: tuple[int, ...], dtype: Any, fill: float) -> None:
+        try:
+            buffer = np.full(shape, fill, dtype=dtype)
+            with self._lock:
+                self._idle.append(buffer)
+                del self._idle[: max(0, len(self._idle) - self._keep)]
+        finally:
+            with self._lock:
+                self._warming = None
 
     def idle_count(self) -> int:
         with self._lock:
-            return sum(len(v) for v in self._idle.values())
+            return len(self._idle)
+
+
+def region_buffer_shape(job: RegionJob[Any, Any], data_var: Any, shards: Sequence[int] | None) -> tuple[int, ...]:
+    """The processing region's shape for `data_var`, padded to whole `shards` except along the append dim,
+    where a shard clipped by the array's end gets room for its padding."""
+    template = job.template_ds[data_var.name]
+    if shards is None:
+        return tuple(template.shape)
+    axis = template.dims.index(job.append_dim)
+    shape = list(padded_shape(template.shape, shards, skip_axes=(axis,)))
+    processing = job.get_processing_region()
+    shape[axis] = max(shape[axis], -(-job.region.stop // shards[axis]) * shards[axis] - processing.start)
+    return tuple(shape)
 
 
 REGION_BUFFERS = RegionBufferPool()
@@ -211,14 +257,7 @@ def assemble_variable(
     is then a view of it); give it back once nothing refers to it.
     """
     template = job.template_ds[data_var.name]
-    axis = template.dims.index(job.append_dim)
-    shape = list(template.shape)
-    if shards is not None:
-        shape = list(padded_shape(shape, shards, skip_axes=(axis,)))
-        # A shard clipped by the array's end is encoded whole too: room for its padding.
-        processing = job.get_processing_region()
-        shape[axis] = max(shape[axis], -(-job.region.stop // shards[axis]) * shards[axis] - processing.start)
-    padded = REGION_BUFFERS.take(tuple(shape), np.float32, np.nan)
+    padded = REGION_BUFFERS.take(region_buffer_shape(job, data_var, shards), np.float32, np.nan)
     values = padded[tuple(slice(0, n) for n in template.shape)]
     indexes = {dim: template.get_index(dim) for dim in template.dims}
     results: list[SourceFileCoord] = []
