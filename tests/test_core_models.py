@@ -68,6 +68,15 @@ def test_binary_rounding_keeps_nan_and_inf() -> None:
     assert np.isnan(rounded[0]) and rounded[1] == np.inf and rounded[2] == -np.inf
 
 
+def test_binary_rounding_finds_a_lone_value_among_missing_ones() -> None:
+    values = np.full((3, 400, 700), np.nan, dtype=np.float32)
+    values[1, 399, 699] = np.float32(3.3)
+    expected = round_float32_inplace(np.array([3.3], dtype=np.float32), 7)[0]
+    round_float32_inplace(values, 7)
+    assert values[1, 399, 699] == expected != np.float32(3.3)
+    assert np.isnan(values).sum() == values.size - 1
+
+
 def test_deaccumulation_with_six_hour_window_restarts() -> None:
     leads = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], dtype=float)
     rate = np.linspace(1e-4, 3e-4, len(leads)).astype(np.float32)  # kg m-2 s-1 over (h-1, h]

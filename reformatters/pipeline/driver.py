@@ -83,6 +83,7 @@ def run_region_jobs(
     future_region: dict[str, int] = {}
     variables_in_flight = 0
     store_ref = client.scatter(final_store, hash=False)
+    affinity = WorkerAffinity(client)
 
     def submit_next() -> None:
         nonlocal variables_in_flight
@@ -115,17 +116,21 @@ def run_region_jobs(
             if variables_in_flight > 0 and variables_in_flight + len(unit) > window:
                 return
             pending_units.popleft()
-            futures = client.compute(unit, optimize_graph=False)
+            worker = affinity.choose()
+            placement = {} if worker is None else {"workers": [worker], "allow_other_workers": True}
+            futures = client.compute(unit, optimize_graph=False, **placement)
             variables_in_flight += len(unit)
             regions[index].futures.extend(futures)
             for future in futures:
                 future_region[future.key] = index
+                affinity.assign(future.key, worker)
                 completed.add(future)
 
     submit_next()
     try:
         for future in completed:
             index = future_region.pop(future.key)
+            affinity.release(future.key)
             if index not in regions:
                 continue
             region = regions[index]
@@ -147,6 +152,47 @@ def run_region_jobs(
         for region in regions.values():
             client.cancel(region.futures)
     return [outcomes[i] for i in sorted(outcomes)]
+
+
+class WorkerAffinity:
+    """Each variable-region's downloads and shard write go to one worker, the one with the fewest in flight.
+
+    Its downloaded bytes then never travel between workers (nor sit there twice); the placement is a
+    preference, so tasks still run elsewhere when that worker is gone. Workers that join later (an
+    autoscaled KubeCluster) are picked up as they appear.
+    """
+
+    refresh_seconds = 5.0
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._in_flight: dict[str, int] = {}
+        self._worker_of: dict[str, str] = {}
+        self._workers: list[str] = []
+        self._refreshed_at = float("-inf")
+
+    def choose(self) -> str | None:
+        # The worker list is a round trip to the scheduler: asked again only every few seconds.
+        if time.monotonic() - self._refreshed_at > self.refresh_seconds:
+            self._workers = list(self._client.scheduler_info().get("workers", {}))
+            self._refreshed_at = time.monotonic()
+        workers = self._workers
+        if not workers:
+            return None
+        return min(workers, key=lambda address: (self._in_flight.get(address, 0), address))
+
+    def assign(self, key: str, worker: str | None) -> None:
+        if worker is not None:
+            self._worker_of[key] = worker
+            self._in_flight[worker] = self._in_flight.get(worker, 0) + 1
+
+    def release(self, key: str) -> None:
+        worker = self._worker_of.pop(key, None)
+        if worker is not None:
+            self._in_flight[worker] -= 1
+
+    def in_flight(self) -> dict[str, int]:
+        return {address: count for address, count in self._in_flight.items() if count}
 
 
 @dataclass

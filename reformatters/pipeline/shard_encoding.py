@@ -67,17 +67,17 @@ class ShardEncoder:
             self._pipeline = self._sharding.codec_pipeline
             self._chunk_spec = self._sharding._get_chunk_spec(shard_spec)
         self.chunks_per_shard = tuple(s // c for s, c in zip(self.shard_shape, self.chunk_shape, strict=True))
-
-    def _is_fill(self, chunk: npt.NDArray[Any]) -> bool:
         fill = self.fill_value
-        if isinstance(fill, float | np.floating) and np.isnan(fill):
-            holds_fill: Any = np.isnan
-        else:
-            holds_fill = lambda values: values == fill  # noqa: E731
-        if chunk.ndim <= 2:
-            return bool(holds_fill(chunk).all())
-        # One 2-D slab at a time: a chunk with data usually shows it in its first slab, so the scan stops there.
-        return all(bool(holds_fill(chunk[index]).all()) for index in np.ndindex(chunk.shape[:-2]))
+        self._fill_is_nan = isinstance(fill, float | np.floating) and bool(np.isnan(fill))
+        self._scratch: npt.NDArray[Any] | None = None
+        self._direct_codecs = _synchronous_codecs(self._pipeline)
+
+    def _is_fill(self, values: npt.NDArray[Any]) -> bool:
+        """True if `values` hold only the fill value (a whole chunk, or one 2-D slab of a shard)."""
+        if self._fill_is_nan:
+            # fmax skips NaN: its reduction is NaN only when every element is. One pass, no temporary.
+            return bool(values.size == 0 or np.isnan(np.fmax.reduce(values, axis=None)))
+        return bool((values == self.fill_value).all())
 
     def encode(self, shard: npt.NDArray[Any]) -> bytes:
         """The shard's object bytes. A shard holding only the fill value still yields an object (its first
@@ -89,17 +89,25 @@ class ShardEncoder:
         if shard.dtype != self.dtype:
             raise TypeError(f"shard of dtype {shard.dtype} given, the array holds {self.dtype}")
         if self._sharding is None:
-            return bytes(self._encode_chunks([shard])[0].to_bytes())
-        blocks = {
-            chunk_coords: shard[
-                tuple(slice(i * c, (i + 1) * c) for i, c in zip(chunk_coords, self.chunk_shape, strict=True))
-            ]
-            for chunk_coords in itertools.product(*(range(n) for n in self.chunks_per_shard))
-        }
-        kept = [coords for coords, block in blocks.items() if not self._is_fill(block)]
-        if not kept:
-            kept = [next(iter(blocks))]
-        chunk_map = dict(zip(kept, self._encode_chunks([blocks[c] for c in kept]), strict=True))
+            return bytes(self._encode_chunk(shard).to_bytes())
+        # Which 2-D slabs of the shard hold anything but fill: a chunk over only fill slabs is skipped unread.
+        slab_has_data = np.zeros(shard.shape[:-2], dtype=bool)
+        for index in np.ndindex(shard.shape[:-2]):
+            slab_has_data[index] = not self._is_fill(shard[index])
+        chunk_map: dict[tuple[int, ...], Any] = {}
+        for chunk_coords in itertools.product(*(range(n) for n in self.chunks_per_shard)):
+            block = tuple(slice(i * c, (i + 1) * c) for i, c in zip(chunk_coords, self.chunk_shape, strict=True))
+            if not slab_has_data[block[:-2]].any():
+                continue
+            contiguous = self._copy_to_scratch(shard[block])
+            if self._is_fill(contiguous):
+                continue
+            chunk_map[chunk_coords] = self._encode_chunk(contiguous)
+        if not chunk_map:
+            first = (0,) * shard.ndim
+            chunk_map[first] = self._encode_chunk(
+                self._copy_to_scratch(shard[tuple(slice(0, c) for c in self.chunk_shape)])
+            )
         shard_bytes = sync(
             self._sharding._encode_shard_dict(
                 chunk_map,
@@ -110,11 +118,44 @@ class ShardEncoder:
         assert shard_bytes is not None  # at least one chunk is always encoded
         return bytes(shard_bytes.to_bytes())
 
-    def _encode_chunks(self, blocks: Sequence[npt.NDArray[Any]]) -> list[Any]:
+    def _copy_to_scratch(self, block: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """`block` as a C-contiguous array: a copy into this encoder's scratch chunk unless it already is one."""
+        if block.flags.c_contiguous:
+            return block
+        if self._scratch is None or self._scratch.shape != block.shape:
+            self._scratch = np.empty(block.shape, dtype=self.dtype)
+        np.copyto(self._scratch, block)
+        return self._scratch
+
+    def _encode_chunk(self, chunk: npt.NDArray[Any]) -> Any:
+        """One chunk's encoded bytes as a zarr Buffer that owns its memory (never a view of `chunk`)."""
         from zarr.core.sync import sync
 
-        batch = [(self._prototype.nd_buffer.from_numpy_array(block), self._chunk_spec) for block in blocks]
-        encoded = list(sync(self._pipeline.encode(batch)))
-        if any(e is None for e in encoded):
-            raise RuntimeError("zarr's codec pipeline returned no bytes for a chunk")
+        nd_buffer = self._prototype.nd_buffer.from_numpy_array(chunk)
+        if self._direct_codecs is None:
+            encoded = sync(self._pipeline.encode([(nd_buffer, self._chunk_spec)]))[0]
+        else:
+            # Each codec's synchronous encoder in this thread: zarr's async pipeline hands every chunk to a
+            # thread pool and back, which under a busy worker costs more than compressing the chunk.
+            array_bytes, bytes_codecs = self._direct_codecs
+            encoded = array_bytes._encode_sync(nd_buffer, self._chunk_spec)
+            for codec in bytes_codecs:
+                encoded = codec._encode_sync(encoded, self._chunk_spec)
+        if encoded is None:
+            raise RuntimeError("zarr's codecs returned no bytes for a chunk")
+        if not self._direct_codecs or not self._direct_codecs[1]:
+            encoded = self._prototype.buffer.from_bytes(encoded.to_bytes())  # may alias the scratch chunk
         return encoded
+
+
+def _synchronous_codecs(pipeline: Any) -> tuple[Any, list[Any]] | None:
+    """(array-to-bytes codec, bytes-to-bytes codecs) when every codec of `pipeline` can encode synchronously
+    and none transforms the array first; None otherwise (then chunks go through zarr's async pipeline)."""
+    array_codecs = getattr(pipeline, "array_array_codecs", None)
+    array_bytes = getattr(pipeline, "array_bytes_codec", None)
+    bytes_codecs = list(getattr(pipeline, "bytes_bytes_codecs", None) or ())
+    if array_codecs or array_bytes is None:
+        return None
+    if not all(hasattr(codec, "_encode_sync") for codec in (array_bytes, *bytes_codecs)):
+        return None
+    return array_bytes, bytes_codecs
