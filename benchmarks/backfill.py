@@ -819,8 +819,11 @@ def derive(runs: Sequence[RunResult], bound: Mapping[str, Any] | None) -> dict[s
             goals["efficiency_vs_bound_ge_0.7"] = pipelined["efficiency_vs_bound"] >= 0.7
         if "staged" in derived:
             staged = derived["staged"]
+            both_measured = staged["marginal_seconds_per_init"] > 0 and pipelined["marginal_seconds_per_init"] > 0
             pipelined["overlap_gain_over_staged"] = (
                 staged["marginal_seconds_per_init"] / pipelined["marginal_seconds_per_init"]
+                if both_measured
+                else float("nan")
             )
             pipelined["overlap_seconds_saved_per_init"] = (
                 staged["marginal_seconds_per_init"] - pipelined["marginal_seconds_per_init"]

@@ -133,7 +133,7 @@ class ShardEncoder:
 
         nd_buffer = self._prototype.nd_buffer.from_numpy_array(chunk)
         if self._direct_codecs is None:
-            encoded = sync(self._pipeline.encode([(nd_buffer, self._chunk_spec)]))[0]
+            (encoded,) = sync(self._pipeline.encode([(nd_buffer, self._chunk_spec)]))
         else:
             # Each codec's synchronous encoder in this thread: zarr's async pipeline hands every chunk to a
             # thread pool and back, which under a busy worker costs more than compressing the chunk.

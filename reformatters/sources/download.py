@@ -1,6 +1,7 @@
 """Byte-range downloads of GRIB2 messages that survive flaky and throttling servers.
 
-http(s) goes through one pooled `httpx.Client` per process (thread-safe, keep-alive, no redirect following);
+http(s) goes through one pooled `urllib3.PoolManager` per process (thread-safe, keep-alive, no redirect following
+and no retries of its own: `_get_with_retries` backs off);
 `s3://`, `gs://`, `file://` and plain local paths go through fsspec's `cat_file(path, start, end)`, so a local or
 mirrored archive works as a source root.
 """
@@ -21,8 +22,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import certifi
 import fsspec
-import httpx
+import urllib3
 from pydantic import BaseModel, ConfigDict, Field
 
 from reformatters.sources.grib_index import IndexEntry, MergedRange, find_message, merge_byte_ranges, parse_index
@@ -62,10 +64,10 @@ class DownloadConfig(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------------
-# Process-wide shared state: HTTP client, per-host concurrency caps and rate limiters
+# Process-wide shared state: HTTP connection pools, per-host concurrency caps and rate limiters
 
 _state_lock = threading.Lock()
-_clients: dict[tuple[float, float, int], httpx.Client] = {}
+_http_pools: dict[tuple[float, float, int], urllib3.PoolManager] = {}
 _host_semaphores: dict[tuple[str, int], threading.BoundedSemaphore] = {}
 _rate_limiters: dict[tuple[str, float], _RateLimiter] = {}
 
@@ -87,18 +89,20 @@ class _RateLimiter:
             time.sleep(slot - now)
 
 
-def _client(config: DownloadConfig) -> httpx.Client:
+def _http_pool(config: DownloadConfig) -> urllib3.PoolManager:
     key = (config.connect_timeout_seconds, config.read_timeout_seconds, config.per_host_concurrency)
     with _state_lock:
-        client = _clients.get(key)
-        if client is None:
-            timeout = httpx.Timeout(config.read_timeout_seconds, connect=config.connect_timeout_seconds)
-            limits = httpx.Limits(
-                max_connections=4 * config.per_host_concurrency, max_keepalive_connections=config.per_host_concurrency
+        pool = _http_pools.get(key)
+        if pool is None:
+            pool = _http_pools[key] = urllib3.PoolManager(
+                maxsize=config.per_host_concurrency,
+                block=False,
+                timeout=urllib3.Timeout(connect=config.connect_timeout_seconds, read=config.read_timeout_seconds),
+                retries=False,
+                # certifi's bundle, not the image's: slim worker images may ship no CA certificates at all.
+                ca_certs=certifi.where(),
             )
-            client = httpx.Client(timeout=timeout, limits=limits, follow_redirects=False)
-            _clients[key] = client
-        return client
+        return pool
 
 
 def _host_slot(url: str, config: DownloadConfig) -> threading.BoundedSemaphore:
@@ -146,12 +150,19 @@ def _http_get(url: str, start: int | None, end: int | None, config: DownloadConf
     if start is not None:
         headers["Range"] = f"bytes={start}-" if end is None else f"bytes={start}-{end - 1}"
     try:
-        response = _client(config).get(url, headers=headers)
-    except httpx.TimeoutException as e:
-        raise _Retryable(f"timeout ({type(e).__name__})") from e
-    except httpx.TransportError as e:  # connection reset, incomplete body (fewer bytes than Content-Length), ...
+        # Returns with the body read and the connection back in the pool (or discarded, on error) whatever the status.
+        response = _http_pool(config).request(
+            "GET", url, headers=headers, redirect=False, retries=False, preload_content=True
+        )
+    except urllib3.exceptions.LocationValueError:  # a malformed URL: no attempt will do better
+        raise
+    except urllib3.exceptions.NewConnectionError as e:  # refused, DNS: a ConnectTimeoutError subclass in urllib3 2
         raise _Retryable(f"connection error: {type(e).__name__}: {e}") from e
-    status = response.status_code
+    except urllib3.exceptions.TimeoutError as e:
+        raise _Retryable(f"timeout ({type(e).__name__})") from e
+    except urllib3.exceptions.HTTPError as e:  # reset, incomplete body (fewer bytes than Content-Length), TLS, ...
+        raise _Retryable(f"connection error: {type(e).__name__}: {e}") from e
+    status = response.status
     if status in (403, 404):
         raise SourceFileNotFoundError(f"{url}: HTTP {status} (file missing or not yet published)")
     if status in (301, 302, 303, 307, 308):
@@ -159,8 +170,8 @@ def _http_get(url: str, start: int | None, end: int | None, config: DownloadConf
     if status == 429 or status >= 500:
         raise _Retryable(f"HTTP {status}")
     if status not in (200, 206):
-        raise SourceDownloadError(f"{url}: unexpected HTTP {status}: {response.text[:200]!r}")
-    body = response.content
+        raise SourceDownloadError(f"{url}: unexpected HTTP {status}: {response.data[:200].decode(errors='replace')!r}")
+    body = response.data
     declared = response.headers.get("content-length")
     if declared is not None and int(declared) != len(body):
         raise _Retryable(f"short body: {len(body)} of {declared} bytes")
@@ -362,9 +373,12 @@ def fetch_grib_messages(
     out: dict[str, bytes] = {}
     if not ranges:
         return out
-    with ThreadPoolExecutor(max_workers=min(len(ranges), config.per_host_concurrency)) as pool:
-        for parts in pool.map(fetch, ranges):
-            out.update(parts)
+    if len(ranges) == 1:
+        out = fetch(ranges[0])
+    else:
+        with ThreadPoolExecutor(max_workers=min(len(ranges), config.per_host_concurrency)) as pool:
+            for parts in pool.map(fetch, ranges):
+                out.update(parts)
     return {key: out[key] for key in wanted}
 
 

@@ -2,7 +2,7 @@
 
 with ArchiveServer(root) as server:
     server.add_fault("*.f007", "status", status=503, times=2)
-    httpx.get(server.url_for("gfs.20250801/00/atmos/gfs.t00z.pgrb2.0p25.f007"))
+    urllib3.request("GET", server.url_for("gfs.20250801/00/atmos/gfs.t00z.pgrb2.0p25.f007"))
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
 import logging
+import socket
 import threading
 import time
 from pathlib import Path
@@ -279,3 +280,37 @@ def test_the_inventory_cache_keeps_only_the_most_recent(small_archive: ArchiveMa
         cache.put(name, entries)
     assert cache.get("a") is None
     assert cache.get("b") == entries and cache.get("c") == entries
+
+
+def test_one_merged_range_is_fetched_in_the_calling_thread(
+    server: ArchiveServer, small_archive: ArchiveManifest, caplog: pytest.LogCaptureFixture
+) -> None:
+    rel = _rel(small_archive)
+    wanted = dict(list(_wanted().items())[:3])
+    for gap, ranges in ((10**9, 1), (0, len(wanted))):
+        caplog.clear()
+        server.reset_counters()
+        server.add_fault(rel, "status", times=1)
+        cfg = FAST.model_copy(update={"max_gap_bytes": gap})
+        with caplog.at_level(logging.INFO, logger="reformatters.sources"):
+            got = fetch_grib_messages(server.url_for(rel), server.url_for(rel + ".idx"), wanted, config=cfg)
+        assert got == _expected_bytes(small_archive, wanted)
+        assert server.requests[rel] == ranges + 1
+        (retry,) = [r for r in caplog.records if "retrying" in r.getMessage()]
+        assert (retry.threadName == threading.current_thread().name) == (ranges == 1)
+
+
+def test_connection_refused_is_retried_then_download_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(SourceDownloadError, match=f"after {FAST.max_attempts} attempts.*connection error"):
+        fetch_bytes(f"http://127.0.0.1:{port}/x.idx", config=FAST)
+
+
+def test_other_statuses_fail_at_once_with_the_answer(server: ArchiveServer, small_archive: ArchiveManifest) -> None:
+    rel = _rel(small_archive)
+    size = small_archive.file(INIT, LEAD).size
+    with pytest.raises(SourceDownloadError, match=r"unexpected HTTP 416"):
+        fetch_bytes(server.url_for(rel), (size + 10, size + 20), config=FAST)
+    assert server.requests[rel] == 1
