@@ -334,7 +334,7 @@ def run_pipelined(
     started = time.perf_counter()
     with (
         instrumented_open_client(probe) as open_client,
-        mock.patch("reformatters.dynamical_dataset.open_client", open_client),
+        mock.patch("reformatters.cluster.open_client", open_client),
         mock.patch.object(GfsForecastRegionJob, "separate_read_tasks", read_tasks),
     ):
         dataset = GfsForecastDataset()

@@ -7,9 +7,10 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import dask
 import dask.system
@@ -23,6 +24,7 @@ log = logging.getLogger("reformatters.cluster")
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster"
 DASK_CLUSTER_SPEC = CLUSTER_DIR / "dask-cluster.yaml"
+WORKER_SETUP_MODULE = "reformatters.pipeline.worker_setup"
 
 
 class ClusterUnavailableError(RuntimeError):
@@ -59,6 +61,7 @@ def open_client(spec: str = "local", *, n_workers: int | None = None) -> Iterato
                 processes=True,
                 memory_limit=memory,
                 resources={ENCODE_RESOURCE: 1},
+                preload=[WORKER_SETUP_MODULE],
                 dashboard_address="127.0.0.1:0",
                 host="127.0.0.1",
             ) as cluster,
@@ -86,6 +89,56 @@ def open_client(spec: str = "local", *, n_workers: int | None = None) -> Iterato
     raise ClusterUnavailableError(
         f"unknown --cluster {spec!r}: use 'local', 'k8s' or a scheduler address such as tcp://127.0.0.1:8786"
     )
+
+
+class ClusterSession:
+    """A client for one run, whose LocalCluster starts while the driver prepares its work.
+
+    `--cluster local` starts at once (its workers import the pipeline's modules as they start); a remote or
+    Kubernetes cluster starts at the first `client()`, so a mistake found while planning never costs a
+    cluster. `client()` waits for the cluster and raises what starting it raised; `close_in_background()`
+    lets the driver publish while the workers shut down; leaving the session waits for the close. Opening
+    and closing both run on the session's own thread: a Client must be left in the context it entered.
+    """
+
+    def __init__(self, spec: str = "local", *, n_workers: int | None = None) -> None:
+        self._context = open_client(spec, n_workers=n_workers)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cluster-session")
+        self._started: Future[Client] | None = None
+        self._closing: Future[None] | None = None
+        if spec == "local":
+            self._start()
+
+    def _start(self) -> Future[Client]:
+        if self._started is None:
+            self._started = self._executor.submit(self._context.__enter__)
+        return self._started
+
+    def client(self) -> Client:
+        return self._start().result()
+
+    def close_in_background(self) -> Future[None]:
+        if self._closing is None:
+            self._closing = self._executor.submit(self._close)
+        return self._closing
+
+    def _close(self) -> None:
+        if self._started is None:
+            return
+        try:
+            self._started.result()
+        except BaseException:  # noqa: BLE001 - nothing started, nothing to close; client() raised it already
+            return
+        self._context.__exit__(None, None, None)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self.close_in_background().result()
+        finally:
+            self._executor.shutdown(wait=True)
 
 
 def import_dataset_integrations() -> int:

@@ -12,7 +12,7 @@ import pandas as pd
 import xarray as xr
 from pydantic import BaseModel, ConfigDict, InstanceOf
 
-from reformatters.cluster import open_client
+from reformatters.cluster import ClusterSession
 from reformatters.common.storage import ObjectStore
 from reformatters.common.time_utils import parse_utc
 from reformatters.pipeline.driver import RegionOutcome, run_region_jobs
@@ -83,47 +83,49 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         started = time.perf_counter()
         config = self.template_config
         final_store = self.store(store_url)
-        template_ds = config.get_template(append_dim_end)
-        jobs = self.region_job_class.get_jobs(
-            template_ds, config.append_dim, config.data_vars, filters, source_url=source_url
-        )
-        summary = RunSummary(
-            dataset_id=self.dataset_id, kind="backfill", store=final_store.url, regions_total=len(jobs)
-        )
-        store_in_use = final_store.exists("zarr.json")
-        log.info(
-            "backfill %s: %d region jobs into %s (%s)",
-            self.dataset_id,
-            len(jobs),
-            final_store.url,
-            "store in use: metadata deferred to the end" if store_in_use else "new store: metadata first",
-        )
-        all_results: dict[str, list[SourceFileCoord]] = {}
-        with tmp_metadata_store(template_ds) as tmp_store:
-            if not store_in_use:
-                publish_from_tmp_store(tmp_store, final_store)
-            var_metadata = variable_metadata(tmp_store, [v.name for v in config.data_vars])
-            with (
-                open_client(cluster, n_workers=n_workers) as client,
-                RunProgress(f"backfill {self.dataset_id}", len(jobs), client, enabled=show_progress) as progress,
-            ):
+        # The cluster starts while the template is expanded and the jobs are planned.
+        with ClusterSession(cluster, n_workers=n_workers) as session:
+            template_ds = config.get_template(append_dim_end)
+            jobs = self.region_job_class.get_jobs(
+                template_ds, config.append_dim, config.data_vars, filters, source_url=source_url
+            )
+            summary = RunSummary(
+                dataset_id=self.dataset_id, kind="backfill", store=final_store.url, regions_total=len(jobs)
+            )
+            store_in_use = final_store.exists("zarr.json")
+            log.info(
+                "backfill %s: %d region jobs into %s (%s)",
+                self.dataset_id,
+                len(jobs),
+                final_store.url,
+                "store in use: metadata deferred to the end" if store_in_use else "new store: metadata first",
+            )
+            all_results: dict[str, list[SourceFileCoord]] = {}
+            with tmp_metadata_store(template_ds) as tmp_store:
+                if not store_in_use:
+                    publish_from_tmp_store(tmp_store, final_store)
+                var_metadata = variable_metadata(tmp_store, [v.name for v in config.data_vars])
+                client = session.client()
+                with RunProgress(f"backfill {self.dataset_id}", len(jobs), client, enabled=show_progress) as progress:
 
-                def region_done(outcome: RegionOutcome) -> None:
-                    summary.regions_done += 1
-                    summary.add(outcome.results)
-                    for result in outcome.results:
-                        all_results.setdefault(result.var_name, []).extend(result.results)
-                    progress.region_done(outcome)
+                    def region_done(outcome: RegionOutcome) -> None:
+                        summary.regions_done += 1
+                        summary.add(outcome.results)
+                        for result in outcome.results:
+                            all_results.setdefault(result.var_name, []).extend(result.results)
+                        progress.region_done(outcome)
 
-                run_region_jobs(
-                    client,
-                    jobs,
-                    var_metadata,
-                    final_store,
-                    max_regions_in_flight=max_regions_in_flight,
-                    on_region_done=region_done,
-                )
-        published = self.finalize(template_ds, all_results, final_store)
+                    run_region_jobs(
+                        client,
+                        jobs,
+                        var_metadata,
+                        final_store,
+                        max_regions_in_flight=max_regions_in_flight,
+                        on_region_done=region_done,
+                    )
+            # The workers shut down while the results are published.
+            session.close_in_background()
+            published = self.finalize(template_ds, all_results, final_store)
         summary.published_append_dim_end = _last_label(published, config.append_dim)
         summary.elapsed_seconds = time.perf_counter() - started
         if summary_path is not None:

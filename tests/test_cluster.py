@@ -28,6 +28,7 @@ import yaml
 from reformatters.cli import app
 from reformatters.cluster import (
     CLUSTER_DIR,
+    ClusterSession,
     ClusterUnavailableError,
     dask_cluster_resource,
     kubernetes_credentials_available,
@@ -395,6 +396,30 @@ def test_unreachable_scheduler_fails_with_one_clear_line(tmp_path: Path) -> None
 def test_unknown_cluster_spec_is_refused() -> None:
     with pytest.raises(ClusterUnavailableError, match="unknown --cluster"), open_client("kubernetes"):
         pass
+
+
+def test_a_remote_session_that_cannot_start_fails_when_asked_and_leaves_cleanly() -> None:
+    with ClusterSession("kubernetes") as session, pytest.raises(ClusterUnavailableError, match="unknown --cluster"):
+        session.client()
+
+
+PRELOADED = ("eccodes", "reformatters.pipeline.kernels", "reformatters_datasets.noaa.gfs.forecast.region_job")
+
+
+def _preloaded_modules() -> list[str]:
+    return [name for name in PRELOADED if name in sys.modules]
+
+
+def test_local_session_workers_start_with_the_pipeline_imported_and_close_in_the_background() -> None:
+    with ClusterSession("local", n_workers=2) as session:
+        client = session.client()
+        # client.run is no task: only the preload can have imported these.
+        loaded = client.run(_preloaded_modules)
+        assert len(loaded) == 2 and all(modules == list(PRELOADED) for modules in loaded.values()), loaded
+        closing = session.close_in_background()
+        closing.result(timeout=60)
+        assert client.status == "closed"
+        assert session.close_in_background() is closing
 
 
 def test_local_cluster_is_sized_by_the_memory_limit_not_the_host() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import mmap
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -182,7 +183,7 @@ class RegionBufferPool:
             if buffer is not None:
                 self._idle.remove(buffer)
         if buffer is None:
-            return np.full(shape, fill, dtype=dtype)
+            return fresh_buffer(shape, dtype, fill)
         buffer.fill(fill)
         return buffer
 
@@ -205,7 +206,7 @@ class RegionBufferPool:
 
     def _allocate(self, shape: tuple[int, ...], dtype: Any, fill: float) -> None:
         try:
-            buffer = np.full(shape, fill, dtype=dtype)
+            buffer = fresh_buffer(shape, dtype, fill)
             with self._lock:
                 self._idle.append(buffer)
                 del self._idle[: max(0, len(self._idle) - self._keep)]
@@ -216,6 +217,22 @@ class RegionBufferPool:
     def idle_count(self) -> int:
         with self._lock:
             return len(self._idle)
+
+
+def fresh_buffer(shape: tuple[int, ...], dtype: Any, fill: float) -> npt.NDArray[Any]:
+    """A new array filled with `fill`, in anonymous memory the kernel populates up front.
+
+    Measured per GFS variable-region (0.9 GB) on a 2-core VM: numpy's allocator asks for transparent huge pages,
+    and faulting those in took 0.1-2.3 s, ordinary pages faulted in one at a time 0.8-3.0 s (worse while the
+    worker's download threads allocate too), pages populated by the kernel in one call (MAP_POPULATE) 0.5 s.
+    """
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)  # Linux only
+    memory = mmap.mmap(-1, max(1, count * dtype.itemsize), flags=flags)
+    buffer = np.frombuffer(memory, dtype=dtype, count=count).reshape(shape)
+    buffer.fill(fill)
+    return buffer
 
 
 def region_buffer_shape(job: RegionJob[Any, Any], data_var: Any, shards: Sequence[int] | None) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from reformatters.cluster import open_client
+from reformatters.cluster import ClusterSession
 from reformatters.common.storage import ObjectStore
 from reformatters.common.time_utils import parse_utc, utc_now
 from reformatters.pipeline.driver import RegionOutcome, run_region_jobs
@@ -88,7 +88,11 @@ def run_operational_update(
     run_id = f"{now_ts:%Y%m%dT%H%M}-{uuid.uuid4().hex[:8]}"
     log.info("update %s as of %s into %s (run %s)", dataset.dataset_id, now_ts, final_store.url, run_id)
 
-    with UpdateLease(final_store, ttl_seconds=lease_ttl_seconds) as lease:
+    # A local cluster starts while the published store is read and the regions are planned.
+    with (
+        ClusterSession(cluster, n_workers=n_workers) as session,
+        UpdateLease(final_store, ttl_seconds=lease_ttl_seconds) as lease,
+    ):
         published_ds = final_store.open_dataset()
         published_length = int(published_ds.sizes[append_dim])
         if template_ds.sizes[append_dim] < published_length:
@@ -124,9 +128,8 @@ def run_operational_update(
                 log.info("update %s: no regions to process", dataset.dataset_id)
             publisher.publish_ready(plans)
             if to_run:
-                _run_and_publish(
-                    dataset, cluster, n_workers, show_progress, to_run, plans, publisher, var_metadata, tracker
-                )
+                _run_and_publish(dataset, session, show_progress, to_run, plans, publisher, var_metadata, tracker)
+                session.close_in_background()
             publisher.publish_ready(plans)
             unpublished = [p.key for p in plans if p.index >= publisher.next_index]
             if unpublished:
@@ -182,8 +185,7 @@ def _plan_regions(
 
 def _run_and_publish(
     dataset: Any,
-    cluster: str,
-    n_workers: int | None,
+    session: ClusterSession,
     show_progress: bool,
     to_run: list[tuple[RegionPlan, RegionJob[Any, Any]]],
     plans: list[RegionPlan],
@@ -206,10 +208,8 @@ def _run_and_publish(
             tracker=tracker,
         )
 
-    with (
-        open_client(cluster, n_workers=n_workers) as client,
-        RunProgress(f"update {dataset.dataset_id}", len(to_run), client, enabled=show_progress) as progress,
-    ):
+    client = session.client()
+    with RunProgress(f"update {dataset.dataset_id}", len(to_run), client, enabled=show_progress) as progress:
 
         def region_done(outcome: RegionOutcome) -> None:
             plan = plan_of_job[id(outcome.job)]
