@@ -181,6 +181,12 @@ class ArchiveServer:
                 self.statuses[(rel, status)] += 1
 
 
+def _read_range(path: Path, start: int, stop: int) -> bytes:
+    with path.open("rb") as file:
+        file.seek(start)
+        return file.read(stop - start)
+
+
 def _make_handler(server: ArchiveServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -243,8 +249,7 @@ def _make_handler(server: ArchiveServer) -> type[BaseHTTPRequestHandler]:
                 self._simple(rel, status, body, "application/xml", head)
                 return
 
-            data = path.read_bytes()
-            size = len(data)
+            size = path.stat().st_size
             range_header = self.headers.get("Range")
             status = 200
             headers: dict[str, str] = {"Accept-Ranges": "bytes"}
@@ -256,10 +261,11 @@ def _make_handler(server: ArchiveServer) -> type[BaseHTTPRequestHandler]:
                     return
                 if len(ranges) == 1:
                     a, b = ranges[0]
-                    body = data[a : b + 1]
+                    body = _read_range(path, a, b + 1)  # not the whole file: ranges are most of the traffic
                     status = 206
                     headers["Content-Range"] = f"bytes {a}-{b}/{size}"
                 elif server.multipart_ranges:
+                    data = path.read_bytes()
                     boundary = "ArchiveServerBoundary"
                     parts = []
                     for a, b in ranges:
@@ -273,9 +279,9 @@ def _make_handler(server: ArchiveServer) -> type[BaseHTTPRequestHandler]:
                     status = 206
                     ctype = f"multipart/byteranges; boundary={boundary}"
                 else:
-                    body = data  # as S3: several ranges → the whole object
+                    body = path.read_bytes()  # as S3: several ranges → the whole object
             else:
-                body = data
+                body = path.read_bytes()
 
             if fault is not None and fault.kind == "corrupt" and body:
                 buf = bytearray(body)
