@@ -45,6 +45,8 @@ def check_report(report: dict[str, Any], sizes: tuple[int, ...], fields_per_init
         assert set(run) == expected_fields, run["mode"]
         size = run["size"]
         assert run["wall_seconds"] > 0
+        assert len(run["wall_seconds_all"]) == report["config"]["repeat"]
+        assert run["wall_seconds"] == min(run["wall_seconds_all"])
         assert run["fields"] == size * fields_per_init
         assert run["var_regions"] == size * len(report["config"]["variables"])
         assert run["bytes_written"] > 0
