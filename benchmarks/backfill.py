@@ -311,6 +311,53 @@ def _data_var_bytes(store: Path, variables: Sequence[str]) -> int:
     return sum(_tree_bytes(store / name / "c") for name in variables if (store / name / "c").exists())
 
 
+def cluster_run_result(
+    mode: str,
+    config: BenchConfig,
+    size: int,
+    server: ServerProcess,
+    manifest: Any,
+    probe: ClusterProbe,
+    *,
+    started: float,
+    server_cpu_before: float,
+    driver_cpu_before: float,
+    bytes_fetched: int,
+    bytes_written: int,
+    files_ok: int,
+    files_failed: int,
+) -> RunResult:
+    """What a run on the instrumented cluster measured, taken now that it has finished."""
+    wall = time.perf_counter() - started
+    served, requests = server.counters()
+    n_tasks, mean_task, by_kind, counts = summarise_tasks(probe.task_records)
+    return RunResult(
+        mode=mode,
+        size=size,
+        wall_seconds=wall,
+        fields=present_fields(config.variables, config.leads, size),
+        var_regions=size * len(config.variables),
+        bytes_fetched=bytes_fetched,
+        bytes_served=served,
+        requests_served=requests,
+        archive_bytes=_archive_bytes(manifest, size),
+        bytes_written=bytes_written,
+        server_cpu_seconds=server.cpu_seconds() - server_cpu_before,
+        peak_rss_per_worker=probe.peaks,
+        worker_cpu_seconds=sum(user + system for user, system in probe.worker_cpu.values()),
+        worker_system_seconds=sum(system for _, system in probe.worker_cpu.values()),
+        driver_cpu_seconds=_own_cpu_seconds() - driver_cpu_before,
+        tasks=n_tasks,
+        mean_task_seconds=mean_task,
+        task_seconds_by_kind=by_kind,
+        tasks_by_kind=counts,
+        cluster_ready_seconds=probe.ready_at - started,
+        worker_threads=probe.threads,
+        files_ok=files_ok,
+        files_failed=files_failed,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # (1) the project's backfill
 
@@ -349,31 +396,18 @@ def run_pipelined(
             filters=RegionJobFilters(variable_names=config.variables),
             show_progress=False,
         )
-    wall = time.perf_counter() - started
-    served, requests = server.counters()
-    n_tasks, mean_task, by_kind, counts = summarise_tasks(probe.task_records)
-    result = RunResult(
-        mode=mode,
-        size=size,
-        wall_seconds=wall,
-        fields=present_fields(config.variables, config.leads, size),
-        var_regions=size * len(config.variables),
+    result = cluster_run_result(
+        mode,
+        config,
+        size,
+        server,
+        manifest,
+        probe,
+        started=started,
+        server_cpu_before=cpu_before,
+        driver_cpu_before=driver_cpu_before,
         bytes_fetched=summary.bytes_fetched,
-        bytes_served=served,
-        requests_served=requests,
-        archive_bytes=_archive_bytes(manifest, size),
         bytes_written=summary.bytes_written,
-        server_cpu_seconds=server.cpu_seconds() - cpu_before,
-        peak_rss_per_worker=probe.peaks,
-        worker_cpu_seconds=sum(user + system for user, system in probe.worker_cpu.values()),
-        worker_system_seconds=sum(system for _, system in probe.worker_cpu.values()),
-        driver_cpu_seconds=_own_cpu_seconds() - driver_cpu_before,
-        tasks=n_tasks,
-        mean_task_seconds=mean_task,
-        task_seconds_by_kind=by_kind,
-        tasks_by_kind=counts,
-        cluster_ready_seconds=probe.ready_at - started,
-        worker_threads=probe.threads,
         files_ok=summary.files_ok,
         files_failed=summary.files_failed,
     )
@@ -489,35 +523,23 @@ def run_staged(config: BenchConfig, size: int, server: ServerProcess, manifest: 
             files_failed += len(result.results) - ok
         del uploads
     dataset.finalize(template_ds, all_results, final_store)
-    wall = time.perf_counter() - started
-    served, requests = server.counters()
-    n_tasks, mean_task, by_kind, counts = summarise_tasks(probe.task_records)
-    shutil.rmtree(store, ignore_errors=True)
-    return RunResult(
-        mode="staged",
-        size=size,
-        wall_seconds=wall,
-        fields=present_fields(config.variables, config.leads, size),
-        var_regions=size * len(config.variables),
+    result = cluster_run_result(
+        "staged",
+        config,
+        size,
+        server,
+        manifest,
+        probe,
+        started=started,
+        server_cpu_before=cpu_before,
+        driver_cpu_before=driver_cpu_before,
         bytes_fetched=bytes_fetched,
-        bytes_served=served,
-        requests_served=requests,
-        archive_bytes=_archive_bytes(manifest, size),
         bytes_written=bytes_written,
-        server_cpu_seconds=server.cpu_seconds() - cpu_before,
-        peak_rss_per_worker=probe.peaks,
-        worker_cpu_seconds=sum(user + system for user, system in probe.worker_cpu.values()),
-        worker_system_seconds=sum(system for _, system in probe.worker_cpu.values()),
-        driver_cpu_seconds=_own_cpu_seconds() - driver_cpu_before,
-        tasks=n_tasks,
-        mean_task_seconds=mean_task,
-        task_seconds_by_kind=by_kind,
-        tasks_by_kind=counts,
-        cluster_ready_seconds=probe.ready_at - started,
-        worker_threads=probe.threads,
         files_ok=files_ok,
         files_failed=files_failed,
     )
+    shutil.rmtree(store, ignore_errors=True)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
