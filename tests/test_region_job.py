@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -161,6 +162,32 @@ def test_kernels_mark_failures_and_write_whole_shards(tmp_path: Path) -> None:
     ds = store.open_dataset()
     assert np.isnan(ds.temperature_2m.sel(init_time=inits[0]).values[2]).all()
     assert not np.isnan(ds.temperature_2m.sel(init_time=inits[0]).values[3]).any()
+
+
+class GapFillingJob(ExampleRegionJob):
+    """Fills the second init time with a constant where the source delivered nothing (a stand-in for gap filling)."""
+
+    def apply_data_transformations(self, data_array: Any, data_var: Any) -> None:
+        data_array[{"init_time": 1}] = 7.0
+        super().apply_data_transformations(data_array, data_var)
+
+
+def test_values_a_transform_puts_where_no_field_arrived_are_written(tmp_path: Path) -> None:
+    """Shard writes skip scanning delivered fields for data, never the others: a transform may fill them."""
+    inits = pd.date_range("2024-01-01", periods=2, freq="6h")
+    source.generate_source(tmp_path / "src", inits, missing=[(inits[1], h) for h in source.LEAD_HOURS])
+    store = ObjectStore(tmp_path / "store.zarr")
+    template = CONFIG.get_template("2024-01-01T12:00")
+    job = GapFillingJob.get_jobs(template, "init_time", CONFIG.data_vars, source_url=str(tmp_path / "src"))[0]
+    with tmp_metadata_store(template) as tmp_store:
+        publish_from_tmp_store(tmp_store, store)
+        metadata = variable_metadata(tmp_store, [v.name for v in CONFIG.data_vars])
+    results = run_job_without_cluster(job, store, metadata)
+    second = [c for c in results["temperature_2m"] if c.init_time == inits[1]]
+    assert second and all(c.status == SourceFileStatus.DownloadFailed for c in second)
+    ds = store.open_dataset()
+    assert (ds.temperature_2m.sel(init_time=inits[1]).values == 7.0).all()
+    assert not np.isnan(ds.temperature_2m.sel(init_time=inits[0]).values).any()
 
 
 def test_region_covering_part_of_a_shard_merges_into_published_content(tmp_path: Path) -> None:

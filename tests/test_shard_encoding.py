@@ -143,3 +143,22 @@ def test_rounding_a_view_into_a_padded_buffer_leaves_the_padding_alone() -> None
     assert (padded[:, 5:] == np.float32(7.123456789)).all()
     assert (padded[:, :, 7:] == np.float32(7.123456789)).all()
     assert (padded[..., 10:] == np.float32(7.123456789)).all()
+
+
+def test_slabs_marked_as_data_cost_no_scan_and_change_no_byte(tmp_path: Path) -> None:
+    """Marking slabs (delivered fields) skips their scan; a marked slab that holds only fill is still left out,
+    and an unmarked slab with data is still found."""
+    limit_library_threads()
+    path = tmp_path / "marked.zarr"
+    create_array(path)
+    encoder = ShardEncoder(array_metadata(path))
+    shard = np.full(SHARDS, np.nan, dtype=np.float32)
+    shard[0, 2] = 1.25  # data in a slab left unmarked
+    reference = encoder.encode(shard)
+    marked = np.zeros(SHARDS[:-2], dtype=bool)
+    marked[0, 7] = True  # only fill there: the chunk check leaves it out all the same
+    assert encoder.encode(shard, marked) == reference
+    marked[0, 2] = True
+    assert encoder.encode(shard, marked) == reference
+    with pytest.raises(ValueError, match="leading dims"):
+        encoder.encode(shard, np.zeros((1, 9), dtype=bool))

@@ -262,6 +262,7 @@ class AssembledVariable:
     data_array: xr.DataArray  # a view of `padded` over the processing region
     padded: npt.NDArray[np.float32]  # position 0 along the append dim is the processing region's start
     results: list[SourceFileCoord]
+    delivered: npt.NDArray[np.bool_]  # over padded's leading dims: slabs that received a whole field
 
 
 def assemble_variable(
@@ -278,6 +279,8 @@ def assemble_variable(
     values = padded[tuple(slice(0, n) for n in template.shape)]
     indexes = {dim: template.get_index(dim) for dim in template.dims}
     results: list[SourceFileCoord] = []
+    delivered = np.zeros(padded.shape[:-2], dtype=bool)
+    field_dims = template.dims[-2:]
 
     def place(coord: SourceFileCoord, field_values: npt.NDArray[np.float32] | None) -> None:
         location = coord.out_loc()
@@ -297,6 +300,8 @@ def assemble_variable(
                 f"the template expects {target.shape}"
             )
         values[position] = field_values
+        if not any(dim in location for dim in field_dims):
+            delivered[position[:-2]] = True
 
     try:
         for item in inputs:
@@ -310,7 +315,7 @@ def assemble_variable(
         REGION_BUFFERS.give_back(padded)
         raise
     data_array = xr.DataArray(values, coords=template.coords, dims=template.dims, name=data_var.name)
-    return AssembledVariable(data_array, padded, results)
+    return AssembledVariable(data_array, padded, results, delivered)
 
 
 def encode_variable_kernel(
@@ -377,7 +382,8 @@ def _encode_assembled(
                 start = i * s - (processing.start if dim == axis else 0)
                 block.append(slice(start, start + s))
             key = f"{data_var.name}/c/" + "/".join(map(str, shard_index))
-            objects[key] = encoder.encode(assembled.padded[tuple(block)])
+            # Delivered fields hold data; only the other slabs are scanned (a transform may have filled them).
+            objects[key] = encoder.encode(assembled.padded[tuple(block)], assembled.delivered[tuple(block[:-2])])
     if partial:
         cut = [slice(None)] * data_array.ndim
         cut[axis] = slice(offset, offset + (region.stop - region.start))

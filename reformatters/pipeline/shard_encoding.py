@@ -79,9 +79,14 @@ class ShardEncoder:
             return bool(values.size == 0 or np.isnan(np.fmax.reduce(values, axis=None)))
         return bool((values == self.fill_value).all())
 
-    def encode(self, shard: npt.NDArray[Any]) -> bytes:
+    def encode(self, shard: npt.NDArray[Any], slabs_with_data: npt.NDArray[np.bool_] | None = None) -> bytes:
         """The shard's object bytes. A shard holding only the fill value still yields an object (its first
-        chunk), so a region written whole replaces what was there before."""
+        chunk), so a region written whole replaces what was there before.
+
+        `slabs_with_data` (over the shard's leading dims) marks 2-D slabs to treat as holding data without
+        scanning them, such as fields a source delivered; the rest are scanned. Marking a slab that holds only
+        fill is harmless: each chunk is checked again before it is encoded.
+        """
         from zarr.core.sync import sync
 
         if shard.shape != self.shard_shape:
@@ -91,9 +96,17 @@ class ShardEncoder:
         if self._sharding is None:
             return bytes(self._encode_chunk(shard).to_bytes())
         # Which 2-D slabs of the shard hold anything but fill: a chunk over only fill slabs is skipped unread.
-        slab_has_data = np.zeros(shard.shape[:-2], dtype=bool)
-        for index in np.ndindex(shard.shape[:-2]):
-            slab_has_data[index] = not self._is_fill(shard[index])
+        if slabs_with_data is None:
+            slab_has_data = np.zeros(shard.shape[:-2], dtype=bool)
+        elif slabs_with_data.shape != shard.shape[:-2]:
+            raise ValueError(
+                f"slabs_with_data has shape {slabs_with_data.shape}, the shard's leading dims are {shard.shape[:-2]}"
+            )
+        else:
+            slab_has_data = slabs_with_data.copy()
+        for index in np.ndindex(slab_has_data.shape):
+            if not slab_has_data[index]:
+                slab_has_data[index] = not self._is_fill(shard[index])
         chunk_map: dict[tuple[int, ...], Any] = {}
         for chunk_coords in itertools.product(*(range(n) for n in self.chunks_per_shard)):
             block = tuple(slice(i * c, (i + 1) * c) for i, c in zip(chunk_coords, self.chunk_shape, strict=True))
