@@ -14,6 +14,7 @@ import random
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -67,7 +68,7 @@ class DownloadConfig(BaseModel):
 # Process-wide shared state: HTTP connection pools, per-host concurrency caps and rate limiters
 
 _state_lock = threading.Lock()
-_http_pools: dict[tuple[float, float, int], urllib3.PoolManager] = {}
+_http_pools: dict[tuple[float, float, int, str | None], urllib3.PoolManager] = {}
 _host_semaphores: dict[tuple[str, int], threading.BoundedSemaphore] = {}
 _rate_limiters: dict[tuple[str, float], _RateLimiter] = {}
 
@@ -89,19 +90,27 @@ class _RateLimiter:
             time.sleep(slot - now)
 
 
-def _http_pool(config: DownloadConfig) -> urllib3.PoolManager:
-    key = (config.connect_timeout_seconds, config.read_timeout_seconds, config.per_host_concurrency)
+def _http_pool(config: DownloadConfig, url: str) -> urllib3.PoolManager:
+    """The process's pool for `url`: through the proxy the environment names for it (HTTP_PROXY, HTTPS_PROXY,
+    NO_PROXY, as curl and requests read them), else direct."""
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and urllib.request.proxy_bypass(parts.hostname or ""):
+        proxy = None
+    key = (config.connect_timeout_seconds, config.read_timeout_seconds, config.per_host_concurrency, proxy)
     with _state_lock:
         pool = _http_pools.get(key)
         if pool is None:
-            pool = _http_pools[key] = urllib3.PoolManager(
-                maxsize=config.per_host_concurrency,
-                block=False,
-                timeout=urllib3.Timeout(connect=config.connect_timeout_seconds, read=config.read_timeout_seconds),
-                retries=False,
+            settings: dict[str, Any] = {
+                "maxsize": config.per_host_concurrency,
+                "block": False,
+                "timeout": urllib3.Timeout(connect=config.connect_timeout_seconds, read=config.read_timeout_seconds),
+                "retries": False,
                 # certifi's bundle, not the image's: slim worker images may ship no CA certificates at all.
-                ca_certs=certifi.where(),
-            )
+                "ca_certs": certifi.where(),
+            }
+            pool = urllib3.ProxyManager(proxy, **settings) if proxy else urllib3.PoolManager(**settings)
+            _http_pools[key] = pool
         return pool
 
 
@@ -151,7 +160,7 @@ def _http_get(url: str, start: int | None, end: int | None, config: DownloadConf
         headers["Range"] = f"bytes={start}-" if end is None else f"bytes={start}-{end - 1}"
     try:
         # Returns with the body read and the connection back in the pool (or discarded, on error) whatever the status.
-        response = _http_pool(config).request(
+        response = _http_pool(config, url).request(
             "GET", url, headers=headers, redirect=False, retries=False, preload_content=True
         )
     except urllib3.exceptions.LocationValueError:  # a malformed URL: no attempt will do better

@@ -314,3 +314,23 @@ def test_other_statuses_fail_at_once_with_the_answer(server: ArchiveServer, smal
     with pytest.raises(SourceDownloadError, match=r"unexpected HTTP 416"):
         fetch_bytes(server.url_for(rel), (size + 10, size + 20), config=FAST)
     assert server.requests[rel] == 1
+
+
+def test_downloads_go_through_the_proxy_the_environment_names(
+    server: ArchiveServer, small_archive: ArchiveManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY is honoured (the archive server answers absolute-URI requests as a proxy would) and NO_PROXY
+    exempts a host: the source host here does not exist, so only the proxy can answer."""
+    rel = _rel(small_archive)
+    source = f"http://noaa-mirror.invalid/{rel}"
+    monkeypatch.delenv("http_proxy", raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    requests_before = sum(server.requests.values())
+    expected = small_archive.path(INIT, LEAD).read_bytes()[:4096]
+    assert fetch_bytes(source, (0, 4096), config=FAST) == expected
+    assert sum(server.requests.values()) == requests_before + 1
+    monkeypatch.setenv("NO_PROXY", "noaa-mirror.invalid")
+    with pytest.raises(SourceDownloadError, match="connection error"):
+        fetch_bytes(source, (0, 4096), config=FAST)
