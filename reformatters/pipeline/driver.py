@@ -191,9 +191,6 @@ class WorkerAffinity:
         if worker is not None:
             self._in_flight[worker] -= 1
 
-    def in_flight(self) -> dict[str, int]:
-        return {address: count for address, count in self._in_flight.items() if count}
-
 
 @dataclass
 class _RegionInFlight:

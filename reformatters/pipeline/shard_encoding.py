@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from reformatters.common.arrays import holds_only_nan
+
 
 def padded_shape(shape: Sequence[int], shards: Sequence[int], skip_axes: Sequence[int] = ()) -> tuple[int, ...]:
     """`shape` rounded up to whole shards along every axis not in `skip_axes`."""
@@ -75,8 +77,7 @@ class ShardEncoder:
     def _is_fill(self, values: npt.NDArray[Any]) -> bool:
         """True if `values` hold only the fill value (a whole chunk, or one 2-D slab of a shard)."""
         if self._fill_is_nan:
-            # fmax skips NaN: its reduction is NaN only when every element is. One pass, no temporary.
-            return bool(values.size == 0 or np.isnan(np.fmax.reduce(values, axis=None)))
+            return holds_only_nan(values)
         return bool((values == self.fill_value).all())
 
     def encode(self, shard: npt.NDArray[Any], slabs_with_data: npt.NDArray[np.bool_] | None = None) -> bytes:
