@@ -210,14 +210,27 @@ class RssSampler(threading.Thread):
 
 @dataclass
 class ClusterProbe:
-    """What the instrumented client saw: filled in while the cluster is up."""
+    """What the instrumented client saw, filled in while the cluster is up, and where the run started from."""
 
+    started: float = 0.0
+    server_cpu_before: float = 0.0
+    driver_cpu_before: float = 0.0
     opened_at: float = 0.0
     ready_at: float = 0.0
     peaks: dict[str, int] = field(default_factory=dict)
     worker_cpu: dict[str, tuple[float, float]] = field(default_factory=dict)
     task_records: list[dict[str, Any]] = field(default_factory=list)
     threads: int = 0
+
+    @classmethod
+    def start(cls, server: ServerProcess) -> ClusterProbe:
+        """A probe for a run that starts now: the server's counters cleared, the CPU clocks read."""
+        server.reset()
+        return cls(
+            server_cpu_before=server.cpu_seconds(),
+            driver_cpu_before=_own_cpu_seconds(),
+            started=time.perf_counter(),
+        )
 
 
 def _task_kind(key: Any) -> str:
@@ -319,16 +332,13 @@ def cluster_run_result(
     manifest: Any,
     probe: ClusterProbe,
     *,
-    started: float,
-    server_cpu_before: float,
-    driver_cpu_before: float,
     bytes_fetched: int,
     bytes_written: int,
     files_ok: int,
     files_failed: int,
 ) -> RunResult:
     """What a run on the instrumented cluster measured, taken now that it has finished."""
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - probe.started
     served, requests = server.counters()
     n_tasks, mean_task, by_kind, counts = summarise_tasks(probe.task_records)
     return RunResult(
@@ -342,16 +352,16 @@ def cluster_run_result(
         requests_served=requests,
         archive_bytes=_archive_bytes(manifest, size),
         bytes_written=bytes_written,
-        server_cpu_seconds=server.cpu_seconds() - server_cpu_before,
+        server_cpu_seconds=server.cpu_seconds() - probe.server_cpu_before,
         peak_rss_per_worker=probe.peaks,
         worker_cpu_seconds=sum(user + system for user, system in probe.worker_cpu.values()),
         worker_system_seconds=sum(system for _, system in probe.worker_cpu.values()),
-        driver_cpu_seconds=_own_cpu_seconds() - driver_cpu_before,
+        driver_cpu_seconds=_own_cpu_seconds() - probe.driver_cpu_before,
         tasks=n_tasks,
         mean_task_seconds=mean_task,
         task_seconds_by_kind=by_kind,
         tasks_by_kind=counts,
-        cluster_ready_seconds=probe.ready_at - started,
+        cluster_ready_seconds=probe.ready_at - probe.started,
         worker_threads=probe.threads,
         files_ok=files_ok,
         files_failed=files_failed,
@@ -376,11 +386,7 @@ def run_pipelined(
     mode = "read-tasks" if read_tasks else "pipelined"
     store = work / f"{mode}-{size}.zarr"
     shutil.rmtree(store, ignore_errors=True)
-    server.reset()
-    cpu_before = server.cpu_seconds()
-    probe = ClusterProbe()
-    driver_cpu_before = _own_cpu_seconds()
-    started = time.perf_counter()
+    probe = ClusterProbe.start(server)
     with (
         instrumented_open_client(probe) as open_client,
         mock.patch("reformatters.cluster.open_client", open_client),
@@ -403,9 +409,6 @@ def run_pipelined(
         server,
         manifest,
         probe,
-        started=started,
-        server_cpu_before=cpu_before,
-        driver_cpu_before=driver_cpu_before,
         bytes_fetched=summary.bytes_fetched,
         bytes_written=summary.bytes_written,
         files_ok=summary.files_ok,
@@ -431,11 +434,7 @@ def run_staged(config: BenchConfig, size: int, server: ServerProcess, manifest: 
 
     store = work / f"staged-{size}.zarr"
     shutil.rmtree(store, ignore_errors=True)
-    server.reset()
-    cpu_before = server.cpu_seconds()
-    probe = ClusterProbe()
-    driver_cpu_before = _own_cpu_seconds()
-    started = time.perf_counter()
+    probe = ClusterProbe.start(server)
     dataset = GfsForecastDataset()
     template_config = dataset.template_config
     final_store = dataset.store(str(store))
@@ -530,9 +529,6 @@ def run_staged(config: BenchConfig, size: int, server: ServerProcess, manifest: 
         server,
         manifest,
         probe,
-        started=started,
-        server_cpu_before=cpu_before,
-        driver_cpu_before=driver_cpu_before,
         bytes_fetched=bytes_fetched,
         bytes_written=bytes_written,
         files_ok=files_ok,

@@ -141,16 +141,28 @@ def test_decoding_in_the_shard_task_writes_what_read_tasks_would(tmp_path: Path)
     assert any(c.status == SourceFileStatus.DownloadFailed for c in direct.results)
 
 
-def test_kernels_mark_failures_and_write_whole_shards(tmp_path: Path) -> None:
+def write_two_inits_without_cluster(
+    tmp_path: Path, job_class: type[ExampleRegionJob], **faults: Any
+) -> tuple[pd.DatetimeIndex, ObjectStore, dict[str, list]]:
+    """Two example inits (the source generated with `faults`) written into a fresh store by one region job."""
     inits = pd.date_range("2024-01-01", periods=2, freq="6h")
-    source.generate_source(tmp_path / "src", inits, missing=[(inits[0], 2)], corrupt=[(inits[1], 4)])
+    source.generate_source(tmp_path / "src", inits, **{k: f(inits) for k, f in faults.items()})
     store = ObjectStore(tmp_path / "store.zarr")
     template = CONFIG.get_template("2024-01-01T12:00")
-    job = ExampleRegionJob.get_jobs(template, "init_time", CONFIG.data_vars, source_url=str(tmp_path / "src"))[0]
+    job = job_class.get_jobs(template, "init_time", CONFIG.data_vars, source_url=str(tmp_path / "src"))[0]
     with tmp_metadata_store(template) as tmp_store:
         publish_from_tmp_store(tmp_store, store)
         metadata = variable_metadata(tmp_store, [v.name for v in CONFIG.data_vars])
-    results = run_job_without_cluster(job, store, metadata)
+    return inits, store, run_job_without_cluster(job, store, metadata)
+
+
+def test_kernels_mark_failures_and_write_whole_shards(tmp_path: Path) -> None:
+    inits, store, results = write_two_inits_without_cluster(
+        tmp_path,
+        ExampleRegionJob,
+        missing=lambda inits: [(inits[0], 2)],
+        corrupt=lambda inits: [(inits[1], 4)],
+    )
     statuses = {(c.init_time, c.lead_time.total_seconds() // 3600): c.status for c in results["temperature_2m"]}
     assert statuses[(inits[0], 2)] == SourceFileStatus.DownloadFailed
     assert statuses[(inits[1], 4)] == SourceFileStatus.ReadFailed
@@ -174,15 +186,9 @@ class GapFillingJob(ExampleRegionJob):
 
 def test_values_a_transform_puts_where_no_field_arrived_are_written(tmp_path: Path) -> None:
     """Shard writes skip scanning delivered fields for data, never the others: a transform may fill them."""
-    inits = pd.date_range("2024-01-01", periods=2, freq="6h")
-    source.generate_source(tmp_path / "src", inits, missing=[(inits[1], h) for h in source.LEAD_HOURS])
-    store = ObjectStore(tmp_path / "store.zarr")
-    template = CONFIG.get_template("2024-01-01T12:00")
-    job = GapFillingJob.get_jobs(template, "init_time", CONFIG.data_vars, source_url=str(tmp_path / "src"))[0]
-    with tmp_metadata_store(template) as tmp_store:
-        publish_from_tmp_store(tmp_store, store)
-        metadata = variable_metadata(tmp_store, [v.name for v in CONFIG.data_vars])
-    results = run_job_without_cluster(job, store, metadata)
+    inits, store, results = write_two_inits_without_cluster(
+        tmp_path, GapFillingJob, missing=lambda inits: [(inits[1], h) for h in source.LEAD_HOURS]
+    )
     second = [c for c in results["temperature_2m"] if c.init_time == inits[1]]
     assert second and all(c.status == SourceFileStatus.DownloadFailed for c in second)
     ds = store.open_dataset()
