@@ -963,12 +963,23 @@ def _warm_page_cache(manifest: Any) -> None:
                 pass
 
 
-def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def config_problem(config: BenchConfig) -> str | None:
+    """What makes `config` unusable, or None."""
     if len(set(config.sizes)) < 2:
-        raise ValueError("give at least two different sizes so fixed cost and marginal throughput separate")
+        return (
+            f"sizes {list(config.sizes)}: give at least two different ones (e.g. 1,3) so the fixed cost and the "
+            "marginal throughput separate"
+        )
     unknown = set(config.modes) - set(MODES)
     if unknown:
-        raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+        return f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}"
+    return None
+
+
+def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    problem = config_problem(config)
+    if problem is not None:
+        raise ValueError(problem)
     started = time.perf_counter()
     log(f"archive: {len(config.init_times)} inits x {len(config.leads)} leads x {len(config.variables)} variables")
     quiet_source_warnings()
@@ -1055,6 +1066,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path | N
         repeat=max(1, args.repeat),
         workdir=args.workdir,
     )
+    problem = config_problem(config)
+    if problem is not None:
+        parser.error(problem)
     return config, args.json
 
 

@@ -102,6 +102,18 @@ def _larger_run_slower(runs: list[dict[str, Any]], mode: str) -> bool:
     return walls[-1] > walls[0]
 
 
+@pytest.mark.parametrize(
+    ("args", "message"), [(["--sizes", "1"], "at least two different"), (["--modes", "fast"], "unknown modes")]
+)
+def test_unusable_arguments_are_refused_before_any_work(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_benchmark_smoke(tmp_path: Path) -> None:
     report = run_cli(tmp_path, TINY_ARGS)
     check_report(report, (1, 2), fields_per_init=2)  # temperature_2m at leads 0 and 1
