@@ -127,3 +127,55 @@ def test_a_dataset_can_start_later_on_its_own_grid_only() -> None:
         dataset.starting_at("2024-01-02T03:00")
     with pytest.raises(ValueError, match="not on the dataset's grid"):
         dataset.starting_at("2023-12-31T18:00")
+
+
+def _deaccumulate_reference(
+    values: np.ndarray, leads: np.ndarray, kind: str, reset_hours: float | None
+) -> tuple[np.ndarray, int]:
+    """The formulas of deaccumulate_along_axis, one whole step at a time with temporaries (axis 0)."""
+    from reformatters.common.deaccumulation import NEGATIVE_RATE_TOLERANCE, window_start
+
+    out = np.full_like(values, np.nan)
+    negatives = 0
+    for i in range(1, len(leads)):
+        hour, previous_hour = float(leads[i]), float(leads[i - 1])
+        start = window_start(hour, reset_hours)
+        step = hour - previous_hour
+        first = previous_hour <= start
+        current, previous = values[i], values[i - 1]
+        if kind == "accumulation":
+            result = (current if first else current - previous) / np.float32(step * 3600)
+            with np.errstate(invalid="ignore"):
+                clearly = result < NEGATIVE_RATE_TOLERANCE
+                negatives += int(clearly.sum())
+                result = np.where(clearly, np.nan, np.where(result < 0, 0, result))
+        else:
+            result = (
+                current
+                if first
+                else (current * np.float32(hour - start) - previous * np.float32(previous_hour - start))
+                / np.float32(step)
+            )
+        out[i] = result
+    return out.astype(np.float32), negatives
+
+
+@pytest.mark.parametrize("kind", ["accumulation", "average"])
+@pytest.mark.parametrize("reset_hours", [6, None])
+def test_deaccumulation_matches_its_formulas_with_missing_fields_and_noise(kind: str, reset_hours: int | None) -> None:
+    rng = np.random.default_rng(7)
+    leads = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 18], dtype=float)
+    values = np.cumsum(rng.uniform(0, 2, size=(len(leads), 5, 8)), axis=0).astype(np.float32)
+    values[4] = values[3] - np.float32(5e-7)  # packing noise: a tiny negative step
+    values[5, 0, 0] -= 50  # a clearly negative one
+    values[7] = np.nan  # a missing field: lead 8 cannot be computed either
+    values[10, 2, 3] = np.nan  # one missing point
+    expected, expected_negatives = _deaccumulate_reference(values, leads, kind, reset_hours)
+    # The function works on a strided view of a bigger buffer, along axis 1, as the pipeline calls it.
+    buffer = np.full((2, len(leads), 6, 9), -1.0, dtype=np.float32)
+    buffer[1, :, :5, :8] = values
+    negatives = deaccumulate_along_axis(buffer[1, :, :5, :8], leads, 0, kind, reset_hours)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(buffer[1, :, :5, :8], expected)
+    assert negatives == expected_negatives
+    assert (buffer[0] == -1).all() and (buffer[1, :, 5:, :] == -1).all() and (buffer[1, :, :, 8:] == -1).all()
+    assert np.isnan(buffer[1, 7, :5, :8]).all() and np.isnan(buffer[1, 0, :5, :8]).all()

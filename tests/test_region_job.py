@@ -18,6 +18,7 @@ from reformatters.pipeline.kernels import (
     encode_variable_kernel,
     read_kernel,
     region_buffer_shape,
+    slabs_holding_data,
     upload_kernel,
 )
 from reformatters.publish import metadata_keys, publish_from_tmp_store, tmp_metadata_store, variable_metadata
@@ -241,6 +242,74 @@ def test_region_buffers_are_reused_refilled_and_bounded() -> None:
     pool.give_back(other)
     assert pool.idle_count() == 1, "at most `keep` idle buffers whatever their shape"
     assert pool.take((4, 3), np.float32, np.nan).shape == (4, 3)
+
+
+def test_a_reused_buffer_is_refilled_where_its_last_user_said_values_may_be() -> None:
+    pool = RegionBufferPool(keep=1)
+    buffer = pool.take((2, 3, 4, 5), np.float32, np.nan)
+    buffer[0, 1] = 1.0
+    buffer[1, 2, 3, 4] = 2.0
+    dirty = np.zeros((2, 3), dtype=bool)
+    dirty[0, 1] = dirty[1, 2] = True
+    pool.give_back(buffer, np.nan, dirty_slabs=dirty)
+    again = pool.take((2, 3, 4, 5), np.float32, np.nan)
+    assert np.shares_memory(again, buffer) and np.isnan(again).all()
+
+    # Only the slabs named dirty are refilled: the map is the caller's promise (slabs_holding_data keeps it).
+    again[0, 0] = 3.0
+    pool.give_back(again, np.nan, dirty_slabs=np.zeros((2, 3), dtype=bool))
+    assert (pool.take((2, 3, 4, 5), np.float32, np.nan)[0, 0] == 3.0).all()
+    # No map, or another fill value: refilled whole.
+    pool.give_back(again)
+    assert np.isnan(pool.take((2, 3, 4, 5), np.float32, np.nan)).all()
+    again[0, 0] = 3.0
+    pool.give_back(again, 0.0, dirty_slabs=np.zeros((2, 3), dtype=bool))
+    assert np.isnan(pool.take((2, 3, 4, 5), np.float32, np.nan)).all()
+    with pytest.raises(ValueError, match="dirty_slabs of shape"):
+        pool.give_back(again, np.nan, dirty_slabs=np.zeros((3, 2), dtype=bool))
+
+
+def test_a_variable_missing_fields_its_predecessor_had_writes_nan_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both variables share one reused buffer: the second, missing lead 2, must not show the first's values."""
+    monkeypatch.setattr("reformatters.pipeline.kernels.REGION_BUFFERS", RegionBufferPool(keep=1))
+    inits = pd.date_range("2024-01-01", periods=2, freq="6h")
+    source.generate_source(tmp_path / "src", inits)
+    template = CONFIG.get_template("2024-01-01T12:00")
+    job = ExampleRegionJob.get_jobs(template, "init_time", CONFIG.data_vars, source_url=str(tmp_path / "src"))[0]
+    store = ObjectStore(tmp_path / "store.zarr")
+    with tmp_metadata_store(template) as tmp_store:
+        publish_from_tmp_store(tmp_store, store)
+        metadata = variable_metadata(tmp_store, [v.name for v in CONFIG.data_vars])
+    worker_job = job.for_workers()
+    coords = job.generate_source_file_coords(job.template_ds.isel(init_time=job.get_processing_region()), [])
+    downloads = download_kernel(worker_job, coords, list(job.data_vars))
+    temperature, precipitation = (v for v in job.data_vars if v.name in ("temperature_2m", "precipitation_surface"))
+    upload_kernel(
+        encode_variable_kernel(worker_job, temperature, [downloads], metadata[temperature.name], store), store
+    )
+    without_lead_2 = [d for d in downloads if d.coord.out_loc()["lead_time"] != pd.Timedelta(hours=2)]
+    assert len(without_lead_2) == len(downloads) - 2
+    encoded = encode_variable_kernel(worker_job, precipitation, [without_lead_2], metadata[precipitation.name], store)
+    upload_kernel(encoded, store)
+    ds = store.open_dataset()
+    assert not np.isnan(ds.temperature_2m.sel(lead_time="2h").values).any()
+    assert np.isnan(ds.precipitation_surface.sel(lead_time="2h").values).all()
+    assert not np.isnan(ds.precipitation_surface.sel(lead_time="4h").values).any()
+
+
+def test_slabs_holding_data_trusts_delivered_fields_and_scans_the_rest() -> None:
+    padded = np.full((2, 3, 4, 5), np.nan, dtype=np.float32)
+    delivered = np.zeros((2, 3), dtype=bool)
+    delivered[0, 0] = True  # delivered but all NaN (a field missing everywhere): taken as data, not scanned
+    padded[1, 2, 3, 4] = 5.0  # not delivered, filled by a transform, in a corner
+    padded[0, 2, 1, 2] = 6.0  # not delivered, one value inside
+    holding = slabs_holding_data(padded, delivered)
+    expected = np.zeros((2, 3), dtype=bool)
+    expected[0, 0] = expected[1, 2] = expected[0, 2] = True
+    np.testing.assert_array_equal(holding, expected)
+    assert not delivered[0, 2], "the delivered map is left as it was"
 
 
 def test_the_first_region_buffer_is_warmed_in_the_background_once() -> None:

@@ -162,3 +162,12 @@ def test_slabs_marked_as_data_cost_no_scan_and_change_no_byte(tmp_path: Path) ->
     assert encoder.encode(shard, marked) == reference
     with pytest.raises(ValueError, match="leading dims"):
         encoder.encode(shard, np.zeros((1, 9), dtype=bool))
+    # A caller that has scanned already vouches for the unmarked slabs: they are not read at all (so values
+    # put in one, in another chunk, behind the caller's back are not written).
+    marked[0, 7] = False
+    assert encoder.encode(shard, marked, others_hold_fill=True) == reference
+    shard[0, 7] = 2.5
+    assert encoder.encode(shard, marked, others_hold_fill=True) == reference
+    assert encoder.encode(shard, marked) != reference
+    with pytest.raises(ValueError, match="needs slabs_with_data"):
+        encoder.encode(shard, others_hold_fill=True)

@@ -11,6 +11,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from reformatters.common.arrays import holds_only_nan
+
 SECONDS_PER_HOUR = 3600.0
 # Packing noise makes tiny negative differences; below this a rate is clamped to 0, beyond it NaN.
 NEGATIVE_RATE_TOLERANCE = -1e-5
@@ -37,34 +39,43 @@ def deaccumulate_along_axis(
     """
     moved = np.moveaxis(values, axis, 0)
     clearly_negative = 0
-    # Only one step of original values is kept: a variable-region is too big to copy whole.
-    previous = moved[0].copy()
+    # Two fields of scratch, not a copy of the region (~0.9 GB): the previous step's original values, and the
+    # current step's, kept before the step is overwritten in place.
+    previous = np.empty(moved.shape[1:], dtype=np.float32)
+    original = np.empty_like(previous)
+    previous_missing = True
     for i, hour in enumerate(lead_hours):
+        current = moved[i]
         if i == 0:
-            moved[0] = np.nan
+            np.copyto(previous, current)
+            previous_missing = holds_only_nan(previous)
+            current[...] = np.nan
             continue
-        current = moved[i].copy()
+        # A missing field stays missing whatever the formula: every branch below propagates its NaN.
+        if holds_only_nan(current):
+            previous_missing = True
+            continue
         previous_hour = float(lead_hours[i - 1])
         start = window_start(float(hour), reset_hours)
         step_hours = float(hour) - previous_hour
         first_step_of_window = previous_hour <= start
-        if kind == "accumulation":
-            if first_step_of_window:
-                result = current / np.float32(step_hours * SECONDS_PER_HOUR)
-            else:
-                result = (current - previous) / np.float32(step_hours * SECONDS_PER_HOUR)
+        np.copyto(original, current)
+        if not first_step_of_window and previous_missing:
+            current[...] = np.nan
+        elif kind == "accumulation":
+            if not first_step_of_window:
+                np.subtract(current, previous, out=current)
+            np.divide(current, np.float32(step_hours * SECONDS_PER_HOUR), out=current)
             with np.errstate(invalid="ignore"):
-                negative = result < 0
-                clearly = result < NEGATIVE_RATE_TOLERANCE
+                clearly = current < NEGATIVE_RATE_TOLERANCE
             clearly_negative += int(np.count_nonzero(clearly))
-            result = np.where(clearly, np.float32(np.nan), np.where(negative, np.float32(0), result))
-        else:
-            if first_step_of_window:
-                result = current
-            else:
-                result = (
-                    current * np.float32(float(hour) - start) - previous * np.float32(previous_hour - start)
-                ) / np.float32(step_hours)
-        moved[i] = result
-        previous = current
+            np.copyto(current, np.float32(np.nan), where=clearly)
+            np.maximum(current, np.float32(0), out=current)  # packing noise below zero; NaN stays NaN
+        elif not first_step_of_window:
+            np.multiply(current, np.float32(float(hour) - start), out=current)
+            np.multiply(previous, np.float32(previous_hour - start), out=previous)
+            np.subtract(current, previous, out=current)
+            np.divide(current, np.float32(step_hours), out=current)
+        previous, original = original, previous
+        previous_missing = False
     return clearly_negative

@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import xarray as xr
 
+from reformatters.common.arrays import holds_only_nan
 from reformatters.common.storage import ObjectStore
 from reformatters.pipeline.shard_encoding import ShardEncoder, padded_shape
 from reformatters.region_job import RegionJob, SourceFileCoord, SourceFileStatus
@@ -161,12 +162,13 @@ class RegionBufferPool:
     variable-region a worker allocates on this project's test machines (a VM backing guest memory lazily),
     0.05 s to refill a reused buffer with NaN. At most `keep` buffers stay idle, whatever their shape, so a
     worker holds one variable-region between encodes, never more. `warm` allocates the first one in the
-    background while the downloads run, so no shard write waits for it.
+    background while the downloads run, so no shard write waits for it. A buffer given back with the map of
+    its 2-D slabs that may hold values is refilled there only (most of a region is often missing fields).
     """
 
     def __init__(self, keep: int = 1) -> None:
         self._keep = keep
-        self._idle: list[npt.NDArray[Any]] = []
+        self._idle: list[_IdleBuffer] = []
         self._in_use = 0
         self._warming: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -179,18 +181,30 @@ class RegionBufferPool:
         key = (tuple(shape), np.dtype(dtype))
         with self._lock:
             self._in_use += 1
-            buffer = next((b for b in self._idle if (b.shape, b.dtype) == key), None)
-            if buffer is not None:
-                self._idle.remove(buffer)
-        if buffer is None:
+            idle = next((b for b in self._idle if (b.buffer.shape, b.buffer.dtype) == key), None)
+            if idle is not None:
+                self._idle.remove(idle)
+        if idle is None:
             return fresh_buffer(shape, dtype, fill)
-        buffer.fill(fill)
+        buffer = idle.buffer
+        if idle.dirty_slabs is None or idle.dirty_slabs.ndim == 0 or not _same_fill(idle.fill, fill):
+            buffer.fill(fill)
+        else:
+            for index in zip(*np.nonzero(idle.dirty_slabs), strict=True):
+                buffer[index] = fill
         return buffer
 
-    def give_back(self, buffer: npt.NDArray[Any]) -> None:
+    def give_back(
+        self, buffer: npt.NDArray[Any], fill: float | None = None, dirty_slabs: npt.NDArray[np.bool_] | None = None
+    ) -> None:
+        """Return `buffer` to the pool. With its `fill` and `dirty_slabs` (over its leading dims: the 2-D slabs
+        that may hold anything but `fill`), the next `take` refills only those; otherwise all of it."""
+        if dirty_slabs is not None and dirty_slabs.shape != buffer.shape[:-2]:
+            raise ValueError(f"dirty_slabs of shape {dirty_slabs.shape} for a buffer of shape {buffer.shape}")
+        idle = _IdleBuffer(buffer, fill, None if fill is None else dirty_slabs)
         with self._lock:
             self._in_use = max(0, self._in_use - 1)
-            self._idle.append(buffer)
+            self._idle.append(idle)
             del self._idle[: max(0, len(self._idle) - self._keep)]
 
     def warm(self, shape: tuple[int, ...], dtype: Any, fill: float) -> bool:
@@ -208,7 +222,7 @@ class RegionBufferPool:
         try:
             buffer = fresh_buffer(shape, dtype, fill)
             with self._lock:
-                self._idle.append(buffer)
+                self._idle.append(_IdleBuffer(buffer, fill, np.zeros(buffer.shape[:-2], dtype=bool)))
                 del self._idle[: max(0, len(self._idle) - self._keep)]
         finally:
             with self._lock:
@@ -217,6 +231,17 @@ class RegionBufferPool:
     def idle_count(self) -> int:
         with self._lock:
             return len(self._idle)
+
+
+@dataclass(frozen=True)
+class _IdleBuffer:
+    buffer: npt.NDArray[Any]
+    fill: float | None  # what the buffer holds outside dirty_slabs; None: unknown, refill all of it
+    dirty_slabs: npt.NDArray[np.bool_] | None
+
+
+def _same_fill(held: float | None, wanted: float) -> bool:
+    return held is not None and (held == wanted or (np.isnan(held) and np.isnan(wanted)))
 
 
 def fresh_buffer(shape: tuple[int, ...], dtype: Any, fill: float) -> npt.NDArray[Any]:
@@ -333,24 +358,38 @@ def encode_variable_kernel(
     reads = [r for r in inputs if isinstance(r, ReadOutcome)]
     downloads = [d for batch in inputs if not isinstance(batch, ReadOutcome) for d in batch]
     fetched = sum(r.bytes_fetched for r in reads) + (_fetched(downloads) if count_download_bytes else 0)
+    # Encoded chunks are copies: the buffer is free once the shards are encoded (or the encode failed).
     try:
-        return _encode_assembled(job, data_var, assembled, encoder, var_metadata, final_store, fetched)
-    finally:
-        # Encoded chunks are copies: the buffer is free once the shards are encoded (or the encode failed).
+        job.apply_data_transformations(assembled.data_array, data_var)
+        holding_data = slabs_holding_data(assembled.padded, assembled.delivered)
+        encoded = _encode_assembled(job, data_var, assembled, holding_data, encoder, var_metadata, final_store, fetched)
+    except BaseException:
         REGION_BUFFERS.give_back(assembled.padded)
+        raise
+    REGION_BUFFERS.give_back(assembled.padded, float(np.nan), dirty_slabs=holding_data)
+    return encoded
+
+
+def slabs_holding_data(padded: npt.NDArray[np.float32], delivered: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """Over `padded`'s leading dims: which 2-D slabs (padding included) hold anything but NaN after the
+    transforms. Delivered fields are taken to (no scan); the others are scanned, a transform may have filled
+    them. Each undelivered slab is one contiguous field of the padded buffer: the cheapest scan there is."""
+    holding = delivered.copy()
+    for index in zip(*np.nonzero(~delivered), strict=True):
+        holding[index] = not holds_only_nan(padded[index])
+    return holding
 
 
 def _encode_assembled(
     job: RegionJob[Any, Any],
     data_var: Any,
     assembled: AssembledVariable,
+    holding_data: npt.NDArray[np.bool_],
     encoder: ShardEncoder,
     var_metadata: bytes,
     final_store: ObjectStore,
     bytes_fetched: int,
 ) -> EncodedVariable:
-    job.apply_data_transformations(assembled.data_array, data_var)
-
     processing = job.get_processing_region()
     region = job.region
     data_array = assembled.data_array
@@ -382,8 +421,9 @@ def _encode_assembled(
                 start = i * s - (processing.start if dim == axis else 0)
                 block.append(slice(start, start + s))
             key = f"{data_var.name}/c/" + "/".join(map(str, shard_index))
-            # Delivered fields hold data; only the other slabs are scanned (a transform may have filled them).
-            objects[key] = encoder.encode(assembled.padded[tuple(block)], assembled.delivered[tuple(block[:-2])])
+            objects[key] = encoder.encode(
+                assembled.padded[tuple(block)], holding_data[tuple(block[:-2])], others_hold_fill=True
+            )
     if partial:
         cut = [slice(None)] * data_array.ndim
         cut[axis] = slice(offset, offset + (region.stop - region.start))

@@ -80,13 +80,20 @@ class ShardEncoder:
             return holds_only_nan(values)
         return bool((values == self.fill_value).all())
 
-    def encode(self, shard: npt.NDArray[Any], slabs_with_data: npt.NDArray[np.bool_] | None = None) -> bytes:
+    def encode(
+        self,
+        shard: npt.NDArray[Any],
+        slabs_with_data: npt.NDArray[np.bool_] | None = None,
+        *,
+        others_hold_fill: bool = False,
+    ) -> bytes:
         """The shard's object bytes. A shard holding only the fill value still yields an object (its first
         chunk), so a region written whole replaces what was there before.
 
         `slabs_with_data` (over the shard's leading dims) marks 2-D slabs to treat as holding data without
-        scanning them, such as fields a source delivered; the rest are scanned. Marking a slab that holds only
-        fill is harmless: each chunk is checked again before it is encoded.
+        scanning them, such as fields a source delivered; the rest are scanned, unless `others_hold_fill`
+        says the caller knows they hold only fill. Marking a slab that holds only fill is harmless: each chunk
+        is checked again before it is encoded.
         """
         from zarr.core.sync import sync
 
@@ -97,17 +104,20 @@ class ShardEncoder:
         if self._sharding is None:
             return bytes(self._encode_chunk(shard).to_bytes())
         # Which 2-D slabs of the shard hold anything but fill: a chunk over only fill slabs is skipped unread.
-        if slabs_with_data is None:
-            slab_has_data = np.zeros(shard.shape[:-2], dtype=bool)
-        elif slabs_with_data.shape != shard.shape[:-2]:
+        if slabs_with_data is not None and slabs_with_data.shape != shard.shape[:-2]:
             raise ValueError(
                 f"slabs_with_data has shape {slabs_with_data.shape}, the shard's leading dims are {shard.shape[:-2]}"
             )
+        if others_hold_fill:
+            if slabs_with_data is None:
+                raise ValueError("others_hold_fill needs slabs_with_data: the map of slabs that may hold data")
+            slab_has_data = slabs_with_data
         else:
-            slab_has_data = slabs_with_data.copy()
-        for index in np.ndindex(slab_has_data.shape):
-            if not slab_has_data[index]:
-                slab_has_data[index] = not self._is_fill(shard[index])
+            known = np.zeros(shard.shape[:-2], dtype=bool) if slabs_with_data is None else slabs_with_data
+            slab_has_data = known.copy()
+            for index in np.ndindex(slab_has_data.shape):
+                if not slab_has_data[index]:
+                    slab_has_data[index] = not self._is_fill(shard[index])
         chunk_map: dict[tuple[int, ...], Any] = {}
         for chunk_coords in itertools.product(*(range(n) for n in self.chunks_per_shard)):
             block = tuple(slice(i * c, (i + 1) * c) for i, c in zip(chunk_coords, self.chunk_shape, strict=True))

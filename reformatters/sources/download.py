@@ -8,6 +8,7 @@ mirrored archive works as a source root.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -94,9 +95,8 @@ def _http_pool(config: DownloadConfig, url: str) -> urllib3.PoolManager:
     """The process's pool for `url`: through the proxy the environment names for it (HTTP_PROXY, HTTPS_PROXY,
     NO_PROXY, as curl and requests read them), else direct."""
     parts = urlsplit(url)
-    proxy = urllib.request.getproxies().get(parts.scheme)
-    if proxy and urllib.request.proxy_bypass(parts.hostname or ""):
-        proxy = None
+    proxy_settings = tuple((name, value) for name, value in os.environ.items() if name.lower().endswith("_proxy"))
+    proxy = _proxy_for(parts.scheme, parts.hostname or "", proxy_settings)
     key = (config.connect_timeout_seconds, config.read_timeout_seconds, config.per_host_concurrency, proxy)
     with _state_lock:
         pool = _http_pools.get(key)
@@ -112,6 +112,16 @@ def _http_pool(config: DownloadConfig, url: str) -> urllib3.PoolManager:
             pool = urllib3.ProxyManager(proxy, **settings) if proxy else urllib3.PoolManager(**settings)
             _http_pools[key] = pool
         return pool
+
+
+@functools.lru_cache(maxsize=64)
+def _proxy_for(scheme: str, host: str, proxy_settings: tuple[tuple[str, str], ...]) -> str | None:
+    """The proxy for `scheme://host` under the environment's *_proxy settings (the cache key): urllib's
+    lookup walks the whole environment and cost ~0.5 ms per request."""
+    proxy = urllib.request.getproxies().get(scheme)
+    if proxy and urllib.request.proxy_bypass(host):
+        return None
+    return proxy
 
 
 def _host_slot(url: str, config: DownloadConfig) -> threading.BoundedSemaphore:
