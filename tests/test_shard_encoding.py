@@ -40,6 +40,7 @@ def sample_values(seed: int = 0) -> np.ndarray:
     values = rng.normal(280, 10, SHAPE).astype(np.float32)
     values[:, 5:] = np.nan  # the second chunk along axis 1 holds no data: left out of the shard
     values[1, :, :4] = np.nan
+    values[0, 3] = np.nan  # a missing field inside a chunk with data: written as fill, not copied
     return values
 
 

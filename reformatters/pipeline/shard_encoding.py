@@ -121,9 +121,13 @@ class ShardEncoder:
         chunk_map: dict[tuple[int, ...], Any] = {}
         for chunk_coords in itertools.product(*(range(n) for n in self.chunks_per_shard)):
             block = tuple(slice(i * c, (i + 1) * c) for i, c in zip(chunk_coords, self.chunk_shape, strict=True))
-            if not slab_has_data[block[:-2]].any():
+            chunk_has_data = slab_has_data[block[:-2]]
+            if not chunk_has_data.any():
                 continue
-            contiguous = self._copy_to_scratch(shard[block])
+            if chunk_has_data.all():
+                contiguous = self._copy_to_scratch(shard[block])
+            else:
+                contiguous = self._copy_data_slabs_to_scratch(shard[block], chunk_has_data)
             if self._is_fill(contiguous):
                 continue
             chunk_map[chunk_coords] = self._encode_chunk(contiguous)
@@ -146,9 +150,28 @@ class ShardEncoder:
         """`block` as a C-contiguous array: a copy into this encoder's scratch chunk unless it already is one."""
         if block.flags.c_contiguous:
             return block
+        scratch = self._scratch_like(block)
+        np.copyto(scratch, block)
+        return scratch
+
+    def _copy_data_slabs_to_scratch(self, block: npt.NDArray[Any], has_data: npt.NDArray[np.bool_]) -> npt.NDArray[Any]:
+        """`block` as a C-contiguous array, its slabs known to hold only fill written as fill, not read: a
+        forecast's last lead chunk is often mostly leads not published (yet), and filling costs half a copy."""
+        scratch = self._scratch_like(block)
+        for outer in np.ndindex(has_data.shape[:-1]):
+            row = has_data[outer]
+            bounds = [0, *(np.flatnonzero(row[1:] != row[:-1]) + 1).tolist(), row.size]
+            for start, stop in itertools.pairwise(bounds):
+                run = (*outer, slice(start, stop))
+                if row[start]:
+                    np.copyto(scratch[run], block[run])
+                else:
+                    scratch[run] = self.fill_value
+        return scratch
+
+    def _scratch_like(self, block: npt.NDArray[Any]) -> npt.NDArray[Any]:
         if self._scratch is None or self._scratch.shape != block.shape:
             self._scratch = np.empty(block.shape, dtype=self.dtype)
-        np.copyto(self._scratch, block)
         return self._scratch
 
     def _encode_chunk(self, chunk: npt.NDArray[Any]) -> Any:
