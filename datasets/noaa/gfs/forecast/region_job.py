@@ -84,7 +84,7 @@ class GfsSourceFileCoord(ForecastSourceFileCoord):
 class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
     max_vars_per_job = 4
     download_per_variable = True  # byte ranges from the .idx: each variable's messages on their own
-    download_batch_size = 8
+    download_batch_size = 16
     read_batch_size = 16
 
     def generate_source_file_coords(
