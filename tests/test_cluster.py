@@ -449,6 +449,22 @@ def test_local_workers_keep_glibcs_dynamic_mmap_threshold() -> None:
     assert all(environ == {} for environ in environs.values()), environs
 
 
+def _profile_interval() -> str:
+    return str(dask.config.get("distributed.worker.profile.interval"))
+
+
+def test_local_workers_profile_ten_times_a_second_unless_configured_otherwise() -> None:
+    with open_client("local", n_workers=2) as client:
+        intervals = client.run(_profile_interval)
+    assert list(intervals.values()) == ["100ms", "100ms"]
+    with dask.config.set({"distributed.worker.profile.interval": "20ms"}), open_client("local", n_workers=2) as client:
+        intervals = client.run(_profile_interval)
+    assert list(intervals.values()) == ["20ms", "20ms"]
+    worker_container = dask_cluster_resource()["spec"]["worker"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in worker_container["env"] if "value" in e}
+    assert env["DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL"] == "100ms"
+
+
 def test_kubernetes_workers_unset_the_malloc_trim_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
     from distributed.nanny import _get_env_variables
 
