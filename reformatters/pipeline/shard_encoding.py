@@ -129,8 +129,11 @@ class ShardEncoder:
             else:
                 contiguous = self._copy_data_slabs_to_scratch(shard[block], chunk_has_data)
             # A slab with data nearly always shows it at its first point: no scan of the chunk then.
-            first_slab = tuple(int(i[0]) for i in np.nonzero(chunk_has_data)) if chunk_has_data.ndim else ()
-            if self._is_fill(contiguous[(*first_slab, slice(0, 1), slice(0, 1))]) and self._is_fill(contiguous):
+            first_slab: tuple[int | slice, ...] = (
+                tuple(int(i[0]) for i in np.nonzero(chunk_has_data)) if chunk_has_data.ndim else ()
+            )
+            first_point = contiguous[(*first_slab, slice(0, 1), slice(0, 1))]
+            if self._is_fill(first_point) and self._is_fill(contiguous):
                 continue
             chunk_map[chunk_coords] = self._encode_chunk(contiguous)
         if not chunk_map:
