@@ -782,6 +782,21 @@ def measure_bound(config: BenchConfig, manifest: Any) -> dict[str, Any]:
     }
 
 
+def combine_bounds(bounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One bound from several measurements of it: the mean per-field cost, each measurement kept."""
+    samples = [float(b["seconds_per_field_one_core"]) for b in bounds]
+    per_field = statistics.fmean(samples)
+    cores = int(bounds[0]["cores"])
+    return {
+        "per_variable": bounds[0]["per_variable"],
+        "per_variable_all": [b["per_variable"] for b in bounds],
+        "samples_seconds_per_field": samples,
+        "seconds_per_field_one_core": per_field,
+        "cores": cores,
+        "fields_per_second": cores / per_field,
+    }
+
+
 def _own_cpu_seconds() -> float:
     times = psutil.Process().cpu_times()
     return float(times.user + times.system)
@@ -797,7 +812,7 @@ def _cpu_count() -> int:
 # Derived numbers
 
 
-def split_cost(small: RunResult, large: RunResult) -> dict[str, float]:
+def split_cost(small: RunResult, large: RunResult) -> dict[str, Any]:
     """Fixed cost of a run and marginal (warm) throughput from two sizes of the same work."""
     extra_seconds = large.wall_seconds - small.wall_seconds
     extra_inits = large.size - small.size
@@ -813,7 +828,20 @@ def split_cost(small: RunResult, large: RunResult) -> dict[str, float]:
         "marginal_output_mb_per_second": (
             (large.bytes_written - small.bytes_written) / MB / extra_seconds if usable else float("nan")
         ),
+        # CPU is steadier than wall on a shared VM: what the extra fields cost every process of the run.
+        "marginal_cpu_ms_per_field": {
+            part: 1000 * (_cpu_of(large, part) - _cpu_of(small, part)) / max(1, large.fields - small.fields)
+            for part in ("workers", "driver", "server")
+        },
     }
+
+
+def _cpu_of(run: RunResult, part: str) -> float:
+    return {
+        "workers": run.worker_cpu_seconds,
+        "driver": run.driver_cpu_seconds,
+        "server": run.server_cpu_seconds,
+    }[part]
 
 
 def derive(runs: Sequence[RunResult], bound: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -830,6 +858,8 @@ def derive(runs: Sequence[RunResult], bound: Mapping[str, Any] | None) -> dict[s
             d["speedup_over_naive"] = d["marginal_fields_per_second"] / derived["naive"]["marginal_fields_per_second"]
         if bound is not None:
             d["efficiency_vs_bound"] = d["marginal_fields_per_second"] / bound["fields_per_second"]
+            used = sum(d["marginal_cpu_ms_per_field"].values()) / 1000
+            d["cpu_efficiency_vs_bound"] = bound["seconds_per_field_one_core"] / used if used > 0 else float("nan")
     goals: dict[str, Any] = {}
     pipelined = derived.get("pipelined")
     if pipelined is not None:
@@ -903,8 +933,8 @@ def render_table(report: Mapping[str, Any]) -> str:
     lines += [
         "",
         "| mode | fixed s | marginal s/init | marginal fields/s | var-regions/s | output MB/s | vs naive | "
-        "vs bound | overlap gain |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "vs bound | overlap gain | marginal CPU ms/field (workers + driver + server) | bound / CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for mode in MODES:
         d = derived.get(mode)
@@ -913,17 +943,23 @@ def render_table(report: Mapping[str, Any]) -> str:
         speedup = f"{d['speedup_over_naive']:.1f}x" if "speedup_over_naive" in d else "-"
         efficiency = f"{100 * d['efficiency_vs_bound']:.0f} %" if "efficiency_vs_bound" in d else "-"
         overlap = f"{d['overlap_gain_over_staged']:.2f}x" if "overlap_gain_over_staged" in d else "-"
+        cpu = d["marginal_cpu_ms_per_field"]
+        cpu_parts = f"{sum(cpu.values()):.1f} ({cpu['workers']:.1f} + {cpu['driver']:.1f} + {cpu['server']:.1f})"
+        cpu_efficiency = f"{100 * d['cpu_efficiency_vs_bound']:.0f} %" if "cpu_efficiency_vs_bound" in d else "-"
         lines.append(
             f"| {mode} | {d['fixed_seconds']:.1f} | {d['marginal_seconds_per_init']:.1f} | "
             f"{d['marginal_fields_per_second']:.1f} | {d['marginal_var_regions_per_second']:.2f} | "
-            f"{d['marginal_output_mb_per_second']:.1f} | {speedup} | {efficiency} | {overlap} |"
+            f"{d['marginal_output_mb_per_second']:.1f} | {speedup} | {efficiency} | {overlap} | "
+            f"{cpu_parts} | {cpu_efficiency} |"
         )
     bound = report.get("bound")
     if bound is not None:
+        samples = ", ".join(f"{1000 * seconds:.1f}" for seconds in bound.get("samples_seconds_per_field", ()))
         lines += [
             "",
             f"Machine bound: {1000 * bound['seconds_per_field_one_core']:.1f} ms per field on one core "
-            f"(decode + rounding + compression) x {bound['cores']} cores = {bound['fields_per_second']:.1f} fields/s.",
+            f"(decode + rounding + compression; measured before and after the runs: {samples}) "
+            f"x {bound['cores']} cores = {bound['fields_per_second']:.1f} fields/s.",
         ]
     goals = derived.get("goals", {})
     if goals:
@@ -987,7 +1023,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
     _warm_page_cache(manifest)
     log(f"archive ready at {manifest.root} ({sum(f.size for f in manifest.files) / 1e9:.2f} GB)")
     log("measuring the machine's bound on one core")
-    bound = measure_bound(config, manifest)
+    bound_before = measure_bound(config, manifest)
     runs: list[RunResult] = []
     with ExitStack() as stack:
         work = Path(config.workdir) if config.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -1003,6 +1039,9 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
                 walls = ", ".join(f"{w:.1f}" for w in run.wall_seconds_all)
                 log(f"  {walls} s, peak worker RSS {run.peak_rss_max / MB:.0f} MB")
                 runs.append(run)
+    log("measuring the machine's bound again")
+    # This VM's speed per core drifts within minutes: the bound is the mean of both ends of the runs.
+    bound = combine_bounds([bound_before, measure_bound(config, manifest)])
     report: dict[str, Any] = {
         "benchmark_version": BENCHMARK_VERSION,
         "machine": machine_description(),

@@ -37,6 +37,9 @@ def check_report(report: dict[str, Any], sizes: tuple[int, ...], fields_per_init
     bound = report["bound"]
     assert 0 < bound["seconds_per_field_one_core"] < 10
     assert bound["fields_per_second"] == pytest.approx(bound["cores"] / bound["seconds_per_field_one_core"])
+    samples = bound["samples_seconds_per_field"]
+    assert len(samples) == 2, "measured before and after the runs"
+    assert bound["seconds_per_field_one_core"] == pytest.approx(sum(samples) / 2)
 
     runs = report["runs"]
     assert {(r["mode"], r["size"]) for r in runs} == {(m, s) for m in MODES for s in sizes}
@@ -80,6 +83,12 @@ def check_report(report: dict[str, Any], sizes: tuple[int, ...], fields_per_init
         assert math.isfinite(derived[mode]["fixed_seconds"]), mode
         for key in DERIVED_KEYS - {"fixed_seconds", "marginal_seconds_per_init"}:
             assert math.isfinite(derived[mode][key]) == slower[mode], (mode, key)
+        cpu = derived[mode]["marginal_cpu_ms_per_field"]
+        assert set(cpu) == {"workers", "driver", "server"} and all(math.isfinite(v) for v in cpu.values()), mode
+        if sum(cpu.values()) > 0:
+            assert derived[mode]["cpu_efficiency_vs_bound"] == pytest.approx(
+                bound["seconds_per_field_one_core"] * 1000 / sum(cpu.values())
+            )
         if mode != "naive":
             assert math.isfinite(derived[mode]["efficiency_vs_bound"]) == slower[mode], mode
             if slower[mode] and slower["naive"]:
