@@ -179,3 +179,24 @@ def test_deaccumulation_matches_its_formulas_with_missing_fields_and_noise(kind:
     assert negatives == expected_negatives
     assert (buffer[0] == -1).all() and (buffer[1, :, 5:, :] == -1).all() and (buffer[1, :, :, 8:] == -1).all()
     assert np.isnan(buffer[1, 7, :5, :8]).all() and np.isnan(buffer[1, 0, :5, :8]).all()
+
+
+def test_holds_only_nan_agrees_with_a_full_isnan_on_views_with_data_around_them() -> None:
+    from reformatters.common.arrays import holds_only_nan
+
+    rng = np.random.default_rng(3)
+    buffer = np.full((3, 12, 20), np.nan, dtype=np.float32)
+    view = buffer[1, :10, :16]  # a field inside its padded buffer: short gaps between rows
+    assert holds_only_nan(view)
+    buffer[1, 4, 18] = 1.0  # in a gap: the contiguous span sees it, the view does not
+    assert holds_only_nan(view)
+    buffer[0, 11, 19] = buffer[2, 0, 0] = 2.0  # just outside the span
+    assert holds_only_nan(view)
+    cases = [view, view[::-1], view.T, buffer[:, 2:5, 3:9], buffer[1], buffer[1, :, 5], np.empty((0, 3))]
+    for _ in range(40):
+        candidate = np.full((3, 12, 20), np.nan, dtype=np.float32)
+        for _ in range(rng.integers(0, 3)):
+            candidate[tuple(rng.integers(0, n) for n in candidate.shape)] = rng.normal()
+        cases += [candidate[1, :10, :16], candidate[:, 1:11, 2:18], candidate[1, 1:-1, 1:-1]]
+    for case in cases:
+        assert holds_only_nan(case) == bool(np.isnan(case).all()), case.shape
