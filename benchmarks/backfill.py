@@ -665,6 +665,10 @@ def run_naive(config: BenchConfig, size: int, server: ServerProcess, manifest: A
             naive_backfill,
             (server.url, config.init_times[:size], list(config.leads), list(config.variables), str(work)),
         )
+        # Let the process exit on its own: terminating it (what leaving the block does) leaks the semaphores it
+        # registered, and the resource tracker warns about them at shutdown.
+        pool.close()
+        pool.join()
     wall = time.perf_counter() - started
     served, requests = server.counters()
     expected = present_fields(config.variables, config.leads, size)
