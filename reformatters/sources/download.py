@@ -95,7 +95,7 @@ def _http_pool(config: DownloadConfig, url: str) -> urllib3.PoolManager:
     """The process's pool for `url`: through the proxy the environment names for it (HTTP_PROXY, HTTPS_PROXY,
     NO_PROXY, as curl and requests read them), else direct."""
     parts = urlsplit(url)
-    proxy_settings = tuple((name, value) for name, value in os.environ.items() if name.lower().endswith("_proxy"))
+    proxy_settings = tuple(os.environ.get(name) for name in _PROXY_VARIABLES)
     proxy = _proxy_for(parts.scheme, parts.hostname or "", proxy_settings)
     key = (config.connect_timeout_seconds, config.read_timeout_seconds, config.per_host_concurrency, proxy)
     with _state_lock:
@@ -114,10 +114,14 @@ def _http_pool(config: DownloadConfig, url: str) -> urllib3.PoolManager:
         return pool
 
 
+# What urllib's proxy lookup reads for http(s) URLs (it takes every *_proxy variable, only these apply here).
+_PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY")
+
+
 @functools.lru_cache(maxsize=64)
-def _proxy_for(scheme: str, host: str, proxy_settings: tuple[tuple[str, str], ...]) -> str | None:
-    """The proxy for `scheme://host` under the environment's *_proxy settings (the cache key): urllib's
-    lookup walks the whole environment and cost ~0.5 ms per request."""
+def _proxy_for(scheme: str, host: str, proxy_settings: tuple[str | None, ...]) -> str | None:
+    """The proxy for `scheme://host` under the environment's proxy settings (the cache key): urllib's lookup
+    walks the whole environment and cost ~0.5 ms per request."""
     proxy = urllib.request.getproxies().get(scheme)
     if proxy and urllib.request.proxy_bypass(host):
         return None
