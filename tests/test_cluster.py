@@ -28,6 +28,7 @@ import yaml
 from reformatters.cli import app
 from reformatters.cluster import (
     CLUSTER_DIR,
+    HOUSEKEEPING_INTERVALS,
     ClusterSession,
     ClusterUnavailableError,
     dask_cluster_resource,
@@ -449,20 +450,28 @@ def test_local_workers_keep_glibcs_dynamic_mmap_threshold() -> None:
     assert all(environ == {} for environ in environs.values()), environs
 
 
-def _profile_interval() -> str:
-    return str(dask.config.get("distributed.worker.profile.interval"))
+def _housekeeping_intervals() -> dict[str, str]:
+    return {key: str(dask.config.get(key)) for key in HOUSEKEEPING_INTERVALS}
 
 
-def test_local_workers_profile_ten_times_a_second_unless_configured_otherwise() -> None:
+def test_local_clusters_slow_dasks_housekeeping_unless_configured_otherwise() -> None:
+    ours = {key: value for key, (_, value) in HOUSEKEEPING_INTERVALS.items()}
+    assert all(dask.config.get(key) == default for key, (default, _) in HOUSEKEEPING_INTERVALS.items()), (
+        "Dask's defaults changed: re-measure and update HOUSEKEEPING_INTERVALS"
+    )
     with open_client("local", n_workers=2) as client:
-        intervals = client.run(_profile_interval)
-    assert list(intervals.values()) == ["100ms", "100ms"]
+        on_workers = client.run(_housekeeping_intervals)
+        on_scheduler = client.run_on_scheduler(_housekeeping_intervals)
+    assert list(on_workers.values()) == [ours, ours] and on_scheduler == ours
     with dask.config.set({"distributed.worker.profile.interval": "20ms"}), open_client("local", n_workers=2) as client:
-        intervals = client.run(_profile_interval)
-    assert list(intervals.values()) == ["20ms", "20ms"]
+        kept = client.run(_housekeeping_intervals)
+    assert [v["distributed.worker.profile.interval"] for v in kept.values()] == ["20ms", "20ms"]
+    assert [v["distributed.admin.tick.interval"] for v in kept.values()] == ["200ms", "200ms"]
     worker_container = dask_cluster_resource()["spec"]["worker"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in worker_container["env"] if "value" in e}
-    assert env["DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL"] == "100ms"
+    from_manifest = dask.config.collect_env(env)
+    for key, value in ours.items():
+        assert dask.config.get(key, config=from_manifest) == value, key
 
 
 def test_kubernetes_workers_unset_the_malloc_trim_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
