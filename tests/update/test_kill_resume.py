@@ -105,5 +105,7 @@ def test_kill_then_rerun_equals_uninterrupted(
     result = json.loads(reader_result.read_text())
     assert result["errors"] == []
     assert result["opens"] > 0
+    # Torn reads (see reader.py) are rare: a handful of shard replacements against a reader polling every 10 ms.
+    assert result["torn_reads"] <= 2, result
     assert result["extents"] == sorted(result["extents"]) and set(result["extents"]) <= {3, 4, 6, 7}
     assert result["extents"][0] == 3 and result["extents"][-1] == 7
