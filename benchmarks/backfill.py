@@ -1013,6 +1013,14 @@ def config_problem(config: BenchConfig) -> str | None:
     unknown = set(config.modes) - set(MODES)
     if unknown:
         return f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}"
+    known_variables = _gfs_vars()
+    unknown = set(config.variables) - set(known_variables)
+    if unknown or not config.variables:
+        return f"unknown or no variables {sorted(unknown)}; choose GFS variables from {', '.join(known_variables)}"
+    if not config.leads:
+        return "no lead hours: give some, e.g. --leads 0-48"
+    if config.repeat < 1:
+        return f"--repeat {config.repeat}: run each mode and size at least once"
     return None
 
 
@@ -1073,20 +1081,25 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
 
 def _parse_ints(text: str) -> tuple[int, ...]:
     values: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part:
-            low, high = part.split("-", 1)
-            values.extend(range(int(low), int(high) + 1))
-        elif part:
-            values.append(int(part))
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                low, high = part.split("-", 1)
+                values.extend(range(int(low), int(high) + 1))
+            elif part:
+                values.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers and ranges, e.g. 0-48 or 0,1,2,6") from None
     return tuple(values)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path | None]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="1,3", help="init times per run, e.g. 1,3")
-    parser.add_argument("--leads", default="0-48", help="lead hours in the archive, e.g. 0-48 or 0,1,2,6")
+    parser.add_argument("--sizes", type=_parse_ints, default="1,3", help="init times per run, e.g. 1,3")
+    parser.add_argument(
+        "--leads", type=_parse_ints, default="0-48", help="lead hours in the archive, e.g. 0-48 or 0,1,2,6"
+    )
     parser.add_argument("--variables", default=",".join(DEFAULT_VARIABLES))
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--workers", type=int, default=None, help="default: what open_client('local') picks")
@@ -1099,14 +1112,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path | N
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     args = parser.parse_args(argv)
     config = BenchConfig(
-        sizes=_parse_ints(args.sizes),
-        leads=_parse_ints(args.leads),
+        sizes=args.sizes,
+        leads=args.leads,
         variables=tuple(v.strip() for v in args.variables.split(",") if v.strip()),
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
         filler_ratio=args.filler_ratio,
         n_workers=args.workers,
         bound_fields=args.bound_fields,
-        repeat=max(1, args.repeat),
+        repeat=args.repeat,
         workdir=args.workdir,
     )
     problem = config_problem(config)

@@ -112,7 +112,14 @@ def _larger_run_slower(runs: list[dict[str, Any]], mode: str) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"), [(["--sizes", "1"], "at least two different"), (["--modes", "fast"], "unknown modes")]
+    ("args", "message"),
+    [
+        (["--sizes", "1"], "at least two different"),
+        (["--modes", "fast"], "unknown modes"),
+        (["--leads", "0-x"], "give whole numbers and ranges"),
+        (["--variables", "temperature_3m"], "choose GFS variables from"),
+        (["--repeat", "0"], "at least once"),
+    ],
 )
 def test_unusable_arguments_are_refused_before_any_work(
     args: list[str], message: str, capsys: pytest.CaptureFixture[str]
