@@ -26,6 +26,11 @@ from reformatters.common.time_utils import parse_utc
 DataVarT = TypeVar("DataVarT", bound=DataVar[Any])
 
 
+class FieldShapeError(ValueError):
+    """`read_data` returned values of another shape than the template has there: a bug in the dataset's code,
+    so it fails the task instead of counting as one unreadable file."""
+
+
 class SourceFileStatus(StrEnum):
     Processing = "processing"
     DownloadFailed = "download_failed"
@@ -154,7 +159,35 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
     def read_data(
         self, coord: SourceFileCoordT, data_var: DataVarT, payload: bytes | Mapping[str, bytes]
     ) -> npt.NDArray[np.float32]:
-        raise NotImplementedError(f"{type(self).__name__} must implement read_data()")
+        """One variable's values from one download, over the template's dims that `coord.out_loc()` leaves
+        open (a whole 2-D field for most sources). Implement this, or `read_data_into` to decode in place."""
+        if type(self).read_data_into is RegionJob.read_data_into:
+            raise NotImplementedError(f"{type(self).__name__} must implement read_data() or read_data_into()")
+        template = self.template_ds[data_var.name]
+        location = coord.out_loc()
+        out = np.empty([n for dim, n in template.sizes.items() if dim not in location], dtype=np.float32)
+        self.read_data_into(coord, data_var, payload, out)
+        return out
+
+    def read_data_into(
+        self,
+        coord: SourceFileCoordT,
+        data_var: DataVarT,
+        payload: bytes | Mapping[str, bytes],
+        out: npt.NDArray[np.float32],
+    ) -> None:
+        """`read_data` writing into `out`, the values' place in the variable-region buffer (a float32 view, often
+        strided). Shard writes decode through this hook: implementing it saves a field-sized array and a copy
+        per field. If it raises, the framework refills `out` with NaN. Default: `read_data`, copied in."""
+        if type(self).read_data is RegionJob.read_data:
+            raise NotImplementedError(f"{type(self).__name__} must implement read_data() or read_data_into()")
+        values = np.asarray(self.read_data(coord, data_var, payload), dtype=np.float32)
+        if values.shape != out.shape:
+            raise FieldShapeError(
+                f"{data_var.name}: read_data returned shape {values.shape} for {coord.get_url()}, "
+                f"the template expects {out.shape}"
+            )
+        out[...] = values
 
     def apply_data_transformations(self, data_array: xr.DataArray, data_var: DataVarT) -> None:
         """Transform one variable over the processing region in place. Default: binary rounding."""

@@ -22,7 +22,7 @@ from reformatters.pipeline.kernels import (
     upload_kernel,
 )
 from reformatters.publish import metadata_keys, publish_from_tmp_store, tmp_metadata_store, variable_metadata
-from reformatters.region_job import RegionJobFilters, SourceFileStatus
+from reformatters.region_job import FieldShapeError, RegionJob, RegionJobFilters, SourceFileStatus
 
 DATASET = ExampleDataset()
 CONFIG = DATASET.template_config
@@ -340,3 +340,70 @@ def test_downloads_warm_the_shard_padded_buffer_their_variables_need(
     expected = region_buffer_shape(worker_job, data_var, data_var.encoding.shards)
     assert pool.take(expected, np.float32, np.nan).shape == expected
     assert pool.idle_count() == 0, "the warmed buffer was the one taken"
+
+
+class DecodesInPlaceJob(ExampleRegionJob):
+    """Implements only `read_data_into`, and leaves half a field behind when a file turns out corrupt."""
+
+    read_data = RegionJob.read_data  # type: ignore[assignment]
+
+    def read_data_into(self, coord: Any, data_var: Any, payload: Any, out: np.ndarray) -> None:
+        out[: out.shape[0] // 2] = 123.0
+        out[...] = ExampleRegionJob.read_data(self, coord, data_var, payload)
+
+
+class NoReadHookJob(ExampleRegionJob):
+    read_data = RegionJob.read_data  # type: ignore[assignment]
+
+
+class WrongShapeJob(ExampleRegionJob):
+    def read_data(self, coord: Any, data_var: Any, payload: Any) -> np.ndarray:
+        return ExampleRegionJob.read_data(self, coord, data_var, payload)[:, :-1]
+
+
+def encode_both_ways(tmp_path: Path, job_class: type[ExampleRegionJob]) -> list[tuple[Any, Any]]:
+    """Each variable encoded from read tasks' fields and decoded inside the shard task, on a source with one
+    missing and one corrupt file."""
+    inits = pd.date_range("2024-01-01", periods=2, freq="6h")
+    source.generate_source(tmp_path / "src", inits, missing=[(inits[0], 2)], corrupt=[(inits[1], 4)])
+    template = CONFIG.get_template("2024-01-01T12:00")
+    job = job_class.get_jobs(template, "init_time", CONFIG.data_vars, source_url=str(tmp_path / "src"))[0]
+    with tmp_metadata_store(template) as tmp_store:
+        metadata = variable_metadata(tmp_store, [v.name for v in CONFIG.data_vars])
+    worker_job = job.for_workers()
+    coords = job.generate_source_file_coords(job.template_ds.isel(init_time=job.get_processing_region()), [])
+    downloads = [download_kernel(worker_job, coords, list(job.data_vars))]
+    store = ObjectStore(tmp_path / "store.zarr")
+    return [
+        (
+            encode_variable_kernel(
+                worker_job, var, [read_kernel(worker_job, var, downloads, True)], metadata[var.name], store
+            ),
+            encode_variable_kernel(worker_job, var, downloads, metadata[var.name], store, True),
+        )
+        for var in job.data_vars
+    ]
+
+
+def source_statuses(encoded: Any) -> list[tuple[str, SourceFileStatus]]:
+    return [(c.get_url().split("/src/")[1], c.status) for c in encoded.results]
+
+
+def test_a_dataset_may_decode_in_place_and_a_failed_decode_leaves_no_trace(tmp_path: Path) -> None:
+    plain = encode_both_ways(tmp_path / "plain", ExampleRegionJob)
+    in_place = encode_both_ways(tmp_path / "in-place", DecodesInPlaceJob)
+    for (plain_reads, plain_direct), (reads, direct) in zip(plain, in_place, strict=True):
+        assert reads.objects == direct.objects == plain_reads.objects == plain_direct.objects
+        statuses = source_statuses(direct)
+        assert statuses == source_statuses(plain_direct) == source_statuses(reads)
+        # The corrupt file's half-written field (123.0) became NaN again: the bytes equal the plain job's.
+        assert sum(status == SourceFileStatus.ReadFailed for _, status in statuses) == 1
+
+
+def test_bugs_in_a_datasets_read_hooks_fail_the_task_instead_of_each_file(tmp_path: Path) -> None:
+    with pytest.raises(NotImplementedError, match=r"NoReadHookJob must implement read_data\(\) or read_data_into\(\)"):
+        encode_both_ways(tmp_path / "none", NoReadHookJob)
+    with pytest.raises(
+        FieldShapeError, match=r"temperature_2m: read_data returned shape \(16, 31\) .* expects \(16, 32\)"
+    ):
+        encode_both_ways(tmp_path / "shape", WrongShapeJob)

@@ -21,7 +21,7 @@ import xarray as xr
 from reformatters.common.arrays import holds_only_nan
 from reformatters.common.storage import ObjectStore
 from reformatters.pipeline.shard_encoding import ShardEncoder, padded_shape
-from reformatters.region_job import RegionJob, SourceFileCoord, SourceFileStatus
+from reformatters.region_job import FieldShapeError, RegionJob, SourceFileCoord, SourceFileStatus
 
 log = logging.getLogger("reformatters.pipeline")
 
@@ -122,6 +122,10 @@ def _url_of(coord: SourceFileCoord) -> str:
         return repr(coord)
 
 
+# A bug in the dataset's code fails the task at once instead of passing as one unreadable file per field.
+_DATASET_CODE_ERRORS = (FieldShapeError, NotImplementedError)
+
+
 def read_one(
     job: RegionJob[Any, Any], data_var: Any, outcome: DownloadOutcome
 ) -> tuple[SourceFileCoord, npt.NDArray[np.float32] | None]:
@@ -130,11 +134,31 @@ def read_one(
         return outcome.coord.with_status(SourceFileStatus.DownloadFailed, outcome.failure), None
     try:
         values = np.asarray(job.read_data(outcome.coord, data_var, outcome.payload), dtype=np.float32)
+    except _DATASET_CODE_ERRORS:
+        raise
     except Exception as error:  # noqa: BLE001 - one bad file never sinks a run
         reason = f"{type(error).__name__}: {error}"
         log.warning("read failed %s %s: %s", _url_of(outcome.coord), data_var.name, reason)
         return outcome.coord.with_status(SourceFileStatus.ReadFailed, reason), None
     return outcome.coord.with_status(SourceFileStatus.Succeeded), values
+
+
+def read_one_into(
+    job: RegionJob[Any, Any], data_var: Any, outcome: DownloadOutcome, out: npt.NDArray[np.float32]
+) -> tuple[SourceFileCoord, bool]:
+    """`read_one` decoding straight into `out` (NaN-filled); the coord with its status, and whether it read."""
+    if outcome.payload is None:
+        return outcome.coord.with_status(SourceFileStatus.DownloadFailed, outcome.failure), False
+    try:
+        job.read_data_into(outcome.coord, data_var, outcome.payload, out)
+    except _DATASET_CODE_ERRORS:
+        raise
+    except Exception as error:  # noqa: BLE001 - one bad file never sinks a run
+        out[...] = np.nan  # whatever a failed decode left there is not data
+        reason = f"{type(error).__name__}: {error}"
+        log.warning("read failed %s %s: %s", _url_of(outcome.coord), data_var.name, reason)
+        return outcome.coord.with_status(SourceFileStatus.ReadFailed, reason), False
+    return outcome.coord.with_status(SourceFileStatus.Succeeded), True
 
 
 def read_kernel(
@@ -305,37 +329,42 @@ def assemble_variable(
     indexes = {dim: template.get_index(dim) for dim in template.dims}
     results: list[SourceFileCoord] = []
     delivered = np.zeros(padded.shape[:-2], dtype=bool)
-    field_dims = template.dims[-2:]
 
-    def place(coord: SourceFileCoord, field_values: npt.NDArray[np.float32] | None) -> None:
+    def locate(coord: SourceFileCoord) -> tuple[Any, ...]:
         location = coord.out_loc()
         unknown = set(location) - set(template.dims)
         if unknown:
             raise ValueError(f"{type(coord).__name__}.out_loc() names dims {unknown} not in {template.dims}")
-        position = tuple(
-            indexes[dim].get_loc(location[dim]) if dim in location else slice(None) for dim in template.dims
-        )
-        results.append(coord)
-        if field_values is None:
-            return
-        target = values[position]
-        if field_values.shape != target.shape:
-            raise ValueError(
-                f"{data_var.name}: read_data returned shape {field_values.shape} for {coord.get_url()}, "
-                f"the template expects {target.shape}"
-            )
-        values[position] = field_values
-        if not any(dim in location for dim in field_dims):
+        return tuple(indexes[dim].get_loc(location[dim]) if dim in location else slice(None) for dim in template.dims)
+
+    def delivered_at(position: tuple[Any, ...]) -> None:
+        if all(isinstance(index, slice) for index in position[-2:]):
             delivered[position[:-2]] = True
 
     try:
         for item in inputs:
             if isinstance(item, ReadOutcome):
                 for coord, field_values in zip(item.coords, item.fields, strict=True):
-                    place(coord, field_values)
+                    position = locate(coord)
+                    results.append(coord)
+                    if field_values is None:
+                        continue
+                    target = values[(*position, ...)]
+                    if field_values.shape != target.shape:
+                        raise FieldShapeError(
+                            f"{data_var.name}: read_data returned shape {field_values.shape} for "
+                            f"{coord.get_url()}, the template expects {target.shape}"
+                        )
+                    target[...] = field_values
+                    delivered_at(position)
             else:
                 for outcome in item:
-                    place(*read_one(job, data_var, outcome))
+                    position = locate(outcome.coord)
+                    # The trailing Ellipsis keeps even a single point a view of the buffer.
+                    coord, read = read_one_into(job, data_var, outcome, values[(*position, ...)])
+                    results.append(coord)
+                    if read:
+                        delivered_at(position)
     except BaseException:
         REGION_BUFFERS.give_back(padded)
         raise

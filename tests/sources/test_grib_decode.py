@@ -130,3 +130,24 @@ def test_real_ecmwf_file_decodes_exactly_like_eccodes(fixtures_dir: Path) -> Non
         got = decode_message(msg, grid)
         assert message_keys(msg)["dataRepresentationTemplateNumber"] == 0
         np.testing.assert_array_equal(got, ref.astype(np.float32))
+
+
+def test_decode_into_a_view_of_a_larger_buffer(small_archive: ArchiveManifest) -> None:
+    rolled_grid = GridSpec.global_regular(1.0, roll_longitude_to_180=True)
+    for fields in (VARIABLES["temperature_2m"], VARIABLES["geopotential_height_cloud_ceiling"]):
+        msg = _message(small_archive, fields)
+        for grid in (COARSE_GRID, rolled_grid):
+            expected = decode_message(msg, grid)
+            buffer = np.full((3, 185, 366), -1.0, dtype=np.float32)  # padded like a region buffer
+            view = buffer[1, :181, :360]
+            assert decode_message(msg, grid, out=view) is view
+            np.testing.assert_array_equal(view, expected)
+            untouched = np.ones(buffer.shape, dtype=bool)
+            untouched[1, :181, :360] = False
+            assert (buffer[untouched] == -1.0).all()
+        if fields == VARIABLES["geopotential_height_cloud_ceiling"]:
+            assert 0 < np.isnan(view).sum() < view.size  # the bitmap's missing points arrive as NaN
+    with pytest.raises(ValueError, match=r"out is float32 \(181, 361\); this message decodes to float32 \(181, 360\)"):
+        decode_message(msg, COARSE_GRID, out=np.empty((181, 361), dtype=np.float32))
+    with pytest.raises(ValueError, match="out is float64"):
+        decode_message(msg, COARSE_GRID, out=np.empty((181, 360)))  # type: ignore[arg-type]

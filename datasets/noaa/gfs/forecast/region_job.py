@@ -106,21 +106,25 @@ class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
                 raise
             return fetch_available_messages(coord.model_copy(update={"source_url": NOMADS_URL}), wanted)
 
-    def read_data(
-        self, coord: GfsSourceFileCoord, data_var: GfsDataVar, payload: bytes | Mapping[str, bytes]
-    ) -> npt.NDArray[np.float32]:
+    def read_data_into(
+        self,
+        coord: GfsSourceFileCoord,
+        data_var: GfsDataVar,
+        payload: bytes | Mapping[str, bytes],
+        out: npt.NDArray[np.float32],
+    ) -> None:
         assert not isinstance(payload, bytes)
         if data_var.name not in payload:
             if step_text(data_var, coord.lead_hours) is None:
-                return np.full((GRID.nj, GRID.ni), np.nan, dtype=np.float32)
+                out[...] = np.nan  # no window ends at lead 0: the field exists and is empty
+                return
             element, level = data_var.internal_attrs.grib_element, data_var.internal_attrs.grib_level
             raise GribMessageNotFoundError(
                 f"{coord.get_idx_url()} lists no {element}:{level}:{step_text(data_var, coord.lead_hours)} message"
             )
-        values = decode_message(payload[data_var.name], GRID)
+        decode_message(payload[data_var.name], GRID, out=out)
         if data_var.internal_attrs.kelvin_to_celsius:
-            values -= KELVIN_OFFSET
-        return values
+            out -= KELVIN_OFFSET
 
     def apply_data_transformations(self, data_array: xr.DataArray, data_var: GfsDataVar) -> None:
         attrs = data_var.internal_attrs
