@@ -113,18 +113,27 @@ def run_job_without_cluster(job: ExampleRegionJob, store: ObjectStore, metadata:
     return results
 
 
-def test_decoding_in_the_shard_task_writes_what_read_tasks_would(tmp_path: Path) -> None:
+def job_on_a_faulty_source(
+    tmp_path: Path, job_class: type[ExampleRegionJob] = ExampleRegionJob
+) -> tuple[ExampleRegionJob, dict[str, bytes], list[Any], ObjectStore]:
+    """A worker copy of the first job over two example inits with one missing and one corrupt file, its
+    variables' metadata, its source coords and an empty store."""
     inits = pd.date_range("2024-01-01", periods=2, freq="6h")
     source.generate_source(tmp_path / "src", inits, missing=[(inits[0], 2)], corrupt=[(inits[1], 4)])
     template = CONFIG.get_template("2024-01-01T12:00")
-    job = ExampleRegionJob.get_jobs(template, "init_time", CONFIG.data_vars, source_url=str(tmp_path / "src"))[0]
+    job = job_class.get_jobs(template, "init_time", CONFIG.data_vars, source_url=str(tmp_path / "src"))[0]
     with tmp_metadata_store(template) as tmp_store:
         metadata = variable_metadata(tmp_store, [v.name for v in CONFIG.data_vars])
-    worker_job = job.for_workers()
     coords = job.generate_source_file_coords(job.template_ds.isel(init_time=job.get_processing_region()), [])
-    batches = [download_kernel(worker_job, coords[i : i + 5], list(job.data_vars)) for i in range(0, len(coords), 5)]
-    store = ObjectStore(tmp_path / "store.zarr")
-    for index, data_var in enumerate(job.data_vars):
+    return job.for_workers(), metadata, list(coords), ObjectStore(tmp_path / "store.zarr")
+
+
+def test_decoding_in_the_shard_task_writes_what_read_tasks_would(tmp_path: Path) -> None:
+    worker_job, metadata, coords, store = job_on_a_faulty_source(tmp_path)
+    batches = [
+        download_kernel(worker_job, coords[i : i + 5], list(worker_job.data_vars)) for i in range(0, len(coords), 5)
+    ]
+    for index, data_var in enumerate(worker_job.data_vars):
         reads = [
             read_kernel(worker_job, data_var, batches[:2], index == 0),
             read_kernel(worker_job, data_var, batches[2:], index == 0),
@@ -362,18 +371,9 @@ class WrongShapeJob(ExampleRegionJob):
 
 
 def encode_both_ways(tmp_path: Path, job_class: type[ExampleRegionJob]) -> list[tuple[Any, Any]]:
-    """Each variable encoded from read tasks' fields and decoded inside the shard task, on a source with one
-    missing and one corrupt file."""
-    inits = pd.date_range("2024-01-01", periods=2, freq="6h")
-    source.generate_source(tmp_path / "src", inits, missing=[(inits[0], 2)], corrupt=[(inits[1], 4)])
-    template = CONFIG.get_template("2024-01-01T12:00")
-    job = job_class.get_jobs(template, "init_time", CONFIG.data_vars, source_url=str(tmp_path / "src"))[0]
-    with tmp_metadata_store(template) as tmp_store:
-        metadata = variable_metadata(tmp_store, [v.name for v in CONFIG.data_vars])
-    worker_job = job.for_workers()
-    coords = job.generate_source_file_coords(job.template_ds.isel(init_time=job.get_processing_region()), [])
-    downloads = [download_kernel(worker_job, coords, list(job.data_vars))]
-    store = ObjectStore(tmp_path / "store.zarr")
+    """Each variable encoded from read tasks' fields and decoded inside the shard task."""
+    worker_job, metadata, coords, store = job_on_a_faulty_source(tmp_path, job_class)
+    downloads = [download_kernel(worker_job, coords, list(worker_job.data_vars))]
     return [
         (
             encode_variable_kernel(
@@ -381,7 +381,7 @@ def encode_both_ways(tmp_path: Path, job_class: type[ExampleRegionJob]) -> list[
             ),
             encode_variable_kernel(worker_job, var, downloads, metadata[var.name], store, True),
         )
-        for var in job.data_vars
+        for var in worker_job.data_vars
     ]
 
 
