@@ -162,3 +162,28 @@ def test_windowed_variables_at_lead_zero_succeed_only_where_the_file_is_publishe
     assert job.download_file(coords[(pd.Timestamp(INIT), 0)], windowed) == {}
     with pytest.raises(SourceFileNotFoundError):
         job.download_file(coords[(pd.Timestamp(INIT) + pd.Timedelta(hours=6), 0)], windowed)
+
+
+def test_read_data_and_read_data_into_give_the_published_field(server: ArchiveServer, archive: ArchiveManifest) -> None:
+    """Read tasks use `read_data`, shard writes `read_data_into` a view of the padded buffer: the same values,
+    converted (kelvin to celsius) and rolled as published, NaN where a windowed variable has no lead-0 message."""
+    dataset = GfsForecastDataset()
+    config = dataset.template_config
+    template = config.get_template("2021-05-01T06:00")
+    variables = [BY_NAME["temperature_2m"], BY_NAME["precipitation_surface"]]
+    job = dataset.region_job_class.get_jobs(
+        template, config.append_dim, config.data_vars, RegionJobFilters(variable_names=VARIABLES), source_url=server.url
+    )[0]
+    coords = {c.lead_hours: c for c in job.generate_source_file_coords(template, variables) if c.init_time == INIT}
+    padded = np.full((2, 726, 1452), -1.0, dtype=np.float32)
+    for lead in (0, 1):
+        payload = job.download_file(coords[lead], variables)
+        for var in variables:
+            via_read_data = job.read_data(coords[lead], var, payload)
+            job.read_data_into(coords[lead], var, payload, padded[1, :721, :1440])
+            np.testing.assert_array_equal(padded[1, :721, :1440], via_read_data)
+            assert (padded[0] == -1.0).all() and (padded[1, 721:] == -1.0).all() and (padded[1, :, 1440:] == -1.0).all()
+            if step_text(var, lead) is None:
+                assert np.isnan(via_read_data).all()
+            else:
+                np.testing.assert_allclose(via_read_data, decode_source(archive, var.name, lead), rtol=0, atol=1e-3)
