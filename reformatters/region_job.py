@@ -19,7 +19,6 @@ import pandas as pd
 import xarray as xr
 from pydantic import Field
 
-from reformatters.common.binary_rounding import round_float32_inplace
 from reformatters.common.config_models import DataVar, FrozenModel
 from reformatters.common.time_utils import parse_utc
 
@@ -189,11 +188,18 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
             )
         out[...] = values
 
+    def transforms_region(self, data_var: DataVarT) -> bool:
+        """Whether `apply_data_transformations` changes this variable's values.
+
+        The framework rounds every variable to its `keep_mantissa_bits`: one this says no to field by field
+        as each is decoded (the field still in cache, no pass over the region), the others over the region
+        after the hook, so the hook sees unrounded values. Default: True for every variable once the hook is
+        overridden; override this to name the variables the hook leaves alone."""
+        return type(self).apply_data_transformations is not RegionJob.apply_data_transformations
+
     def apply_data_transformations(self, data_array: xr.DataArray, data_var: DataVarT) -> None:
-        """Transform one variable over the processing region in place. Default: binary rounding."""
-        keep = data_var.internal_attrs.keep_mantissa_bits
-        if isinstance(keep, int):
-            round_float32_inplace(data_array.values, keep)
+        """Transform one variable over the processing region in place (deaccumulation, gap filling...).
+        Default: nothing. Binary rounding is the framework's, after this hook (see `transforms_region`)."""
 
     @classmethod
     def update_template_with_results(

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -10,6 +10,7 @@ from reformatters_datasets.example import source
 from reformatters_datasets.example.dataset import ExampleDataset
 from reformatters_datasets.example.region_job import ExampleRegionJob
 
+from reformatters.common.binary_rounding import round_float32_inplace
 from reformatters.common.storage import ObjectStore
 from reformatters.pipeline.graph import build_region_graph, count_tasks
 from reformatters.pipeline.kernels import (
@@ -117,15 +118,17 @@ def job_on_a_faulty_source(
     tmp_path: Path, job_class: type[ExampleRegionJob] = ExampleRegionJob
 ) -> tuple[ExampleRegionJob, dict[str, bytes], list[Any], ObjectStore]:
     """A worker copy of the first job over two example inits with one missing and one corrupt file, its
-    variables' metadata, its source coords and an empty store."""
+    variables' metadata, its source coords and a store holding only the template's metadata."""
     inits = pd.date_range("2024-01-01", periods=2, freq="6h")
     source.generate_source(tmp_path / "src", inits, missing=[(inits[0], 2)], corrupt=[(inits[1], 4)])
     template = CONFIG.get_template("2024-01-01T12:00")
     job = job_class.get_jobs(template, "init_time", CONFIG.data_vars, source_url=str(tmp_path / "src"))[0]
+    store = ObjectStore(tmp_path / "store.zarr")
     with tmp_metadata_store(template) as tmp_store:
+        publish_from_tmp_store(tmp_store, store)
         metadata = variable_metadata(tmp_store, [v.name for v in CONFIG.data_vars])
     coords = job.generate_source_file_coords(job.template_ds.isel(init_time=job.get_processing_region()), [])
-    return job.for_workers(), metadata, list(coords), ObjectStore(tmp_path / "store.zarr")
+    return job.for_workers(), metadata, list(coords), store
 
 
 def test_decoding_in_the_shard_task_writes_what_read_tasks_would(tmp_path: Path) -> None:
@@ -407,3 +410,35 @@ def test_bugs_in_a_datasets_read_hooks_fail_the_task_instead_of_each_file(tmp_pa
         FieldShapeError, match=r"temperature_2m: read_data returned shape \(16, 31\) .* expects \(16, 32\)"
     ):
         encode_both_ways(tmp_path / "shape", WrongShapeJob)
+
+
+class RecordsWhatTheHookSees(ExampleRegionJob):
+    seen: ClassVar[dict[str, np.ndarray]] = {}
+
+    def apply_data_transformations(self, data_array: Any, data_var: Any) -> None:
+        type(self).seen[data_var.name] = data_array.values.copy()
+        super().apply_data_transformations(data_array, data_var)
+
+
+def is_rounded(values: np.ndarray, bits: int) -> bool:
+    return np.array_equal(round_float32_inplace(values.copy(), bits), values, equal_nan=True)
+
+
+@pytest.mark.parametrize("read_tasks", [False, True])
+def test_untransformed_variables_are_rounded_as_decoded_the_others_after_the_hook(
+    tmp_path: Path, read_tasks: bool
+) -> None:
+    worker_job, metadata, coords, store = job_on_a_faulty_source(tmp_path, RecordsWhatTheHookSees)
+    downloads = [download_kernel(worker_job, coords, list(worker_job.data_vars))]
+    for var in worker_job.data_vars:
+        inputs = [read_kernel(worker_job, var, downloads, True)] if read_tasks else downloads
+        upload_kernel(encode_variable_kernel(worker_job, var, inputs, metadata[var.name], store, True), store)
+    stored = store.open_dataset()
+    for var in worker_job.data_vars:
+        bits = var.internal_attrs.keep_mantissa_bits
+        seen = RecordsWhatTheHookSees.seen[var.name]
+        assert is_rounded(stored[var.name].values, bits), var.name
+        assert np.isfinite(seen).sum() > 100
+        # Rounded before the hook only where the hook leaves the values alone (temperature, not the rates).
+        assert is_rounded(seen, bits) == (not worker_job.transforms_region(var)), var.name
+    assert [v.name for v in worker_job.data_vars if worker_job.transforms_region(v)] == ["precipitation_surface"]

@@ -49,6 +49,9 @@ class ExampleRegionJob(RegionJob[ExampleDataVar, ExampleSourceFileCoord]):
         with np.load(io.BytesIO(payload)) as arrays:
             return np.asarray(arrays[data_var.internal_attrs.source_name], dtype=np.float32)
 
+    def transforms_region(self, data_var: ExampleDataVar) -> bool:
+        return data_var.internal_attrs.deaccumulate_to_rate
+
     def apply_data_transformations(self, data_array: xr.DataArray, data_var: ExampleDataVar) -> None:
         if data_var.internal_attrs.deaccumulate_to_rate:
             lead_hours = data_array["lead_time"].values / np.timedelta64(1, "h")

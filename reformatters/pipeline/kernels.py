@@ -19,6 +19,7 @@ import numpy.typing as npt
 import xarray as xr
 
 from reformatters.common.arrays import holds_only_nan
+from reformatters.common.binary_rounding import round_float32_inplace
 from reformatters.common.storage import ObjectStore
 from reformatters.pipeline.shard_encoding import ShardEncoder, padded_shape
 from reformatters.region_job import FieldShapeError, RegionJob, SourceFileCoord, SourceFileStatus
@@ -122,6 +123,13 @@ def _url_of(coord: SourceFileCoord) -> str:
         return repr(coord)
 
 
+def round_to_keep_bits(values: npt.NDArray[np.float32], data_var: Any) -> None:
+    """Binary rounding to the variable's `keep_mantissa_bits`, in place (nothing for 'no-rounding')."""
+    keep = data_var.internal_attrs.keep_mantissa_bits
+    if isinstance(keep, int):
+        round_float32_inplace(values, keep)
+
+
 # A bug in the dataset's code fails the task at once instead of passing as one unreadable file per field.
 _DATASET_CODE_ERRORS = (FieldShapeError, NotImplementedError)
 
@@ -134,6 +142,8 @@ def read_one(
         return outcome.coord.with_status(SourceFileStatus.DownloadFailed, outcome.failure), None
     try:
         values = np.asarray(job.read_data(outcome.coord, data_var, outcome.payload), dtype=np.float32)
+        if not job.transforms_region(data_var):
+            round_to_keep_bits(values, data_var)
     except _DATASET_CODE_ERRORS:
         raise
     except Exception as error:  # noqa: BLE001 - one bad file never sinks a run
@@ -151,6 +161,8 @@ def read_one_into(
         return outcome.coord.with_status(SourceFileStatus.DownloadFailed, outcome.failure), False
     try:
         job.read_data_into(outcome.coord, data_var, outcome.payload, out)
+        if not job.transforms_region(data_var):
+            round_to_keep_bits(out, data_var)
     except _DATASET_CODE_ERRORS:
         raise
     except Exception as error:  # noqa: BLE001 - one bad file never sinks a run
@@ -390,6 +402,8 @@ def encode_variable_kernel(
     # Encoded chunks are copies: the buffer is free once the shards are encoded (or the encode failed).
     try:
         job.apply_data_transformations(assembled.data_array, data_var)
+        if job.transforms_region(data_var):
+            round_to_keep_bits(assembled.data_array.values, data_var)
         holding_data = slabs_holding_data(assembled.padded, assembled.delivered)
         encoded = _encode_assembled(job, data_var, assembled, holding_data, encoder, var_metadata, final_store, fetched)
     except BaseException:

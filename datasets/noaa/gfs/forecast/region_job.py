@@ -126,6 +126,9 @@ class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
         if data_var.internal_attrs.kelvin_to_celsius:
             out -= KELVIN_OFFSET
 
+    def transforms_region(self, data_var: GfsDataVar) -> bool:
+        return data_var.internal_attrs.deaccumulate_to_rate or data_var.internal_attrs.deaccumulate_average
+
     def apply_data_transformations(self, data_array: xr.DataArray, data_var: GfsDataVar) -> None:
         attrs = data_var.internal_attrs
         if attrs.deaccumulate_to_rate or attrs.deaccumulate_average:
