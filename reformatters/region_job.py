@@ -188,13 +188,22 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
             )
         out[...] = values
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A class that overrides the transform hook and does not restate `transforms_region` gets the safe
+        # default back: its parent's list of untouched variables described the parent's hook, not this one.
+        if "apply_data_transformations" in cls.__dict__ and "transforms_region" not in cls.__dict__:
+            cls.transforms_region = RegionJob.transforms_region  # type: ignore[method-assign]
+
     def transforms_region(self, data_var: DataVarT) -> bool:
         """Whether `apply_data_transformations` changes this variable's values.
 
         The framework rounds every variable to its `keep_mantissa_bits`: one this says no to field by field
         as each is decoded (the field still in cache, no pass over the region), the others over the region
-        after the hook, so the hook sees unrounded values. Default: True for every variable once the hook is
-        overridden; override this to name the variables the hook leaves alone."""
+        after the hook, so the hook sees unrounded values; and a variable this says no to is known to hold
+        only what was decoded (no scan for values in fields no file delivered). Default: True for every
+        variable in a class that overrides the hook; override this beside the hook to name the variables the
+        hook leaves alone."""
         return type(self).apply_data_transformations is not RegionJob.apply_data_transformations
 
     def apply_data_transformations(self, data_array: xr.DataArray, data_var: DataVarT) -> None:

@@ -198,7 +198,12 @@ class GapFillingJob(ExampleRegionJob):
 
 
 def test_values_a_transform_puts_where_no_field_arrived_are_written(tmp_path: Path) -> None:
-    """Shard writes skip scanning delivered fields for data, never the others: a transform may fill them."""
+    """Shard writes skip scanning delivered fields for data, never the others: a transform may fill them.
+    The example names temperature as untransformed; a subclass overriding the hook does not inherit that."""
+    template = CONFIG.get_template("2024-01-01T12:00")
+    temperature = CONFIG.data_var("temperature_2m")
+    assert not ExampleRegionJob.get_jobs(template, "init_time", CONFIG.data_vars)[0].transforms_region(temperature)
+    assert GapFillingJob.get_jobs(template, "init_time", CONFIG.data_vars)[0].transforms_region(temperature)
     inits, store, results = write_two_inits_without_cluster(
         tmp_path, GapFillingJob, missing=lambda inits: [(inits[1], h) for h in source.LEAD_HOURS]
     )
@@ -414,6 +419,7 @@ def test_bugs_in_a_datasets_read_hooks_fail_the_task_instead_of_each_file(tmp_pa
 
 class RecordsWhatTheHookSees(ExampleRegionJob):
     seen: ClassVar[dict[str, np.ndarray]] = {}
+    transforms_region = ExampleRegionJob.transforms_region  # recording changes no value
 
     def apply_data_transformations(self, data_array: Any, data_var: Any) -> None:
         type(self).seen[data_var.name] = data_array.values.copy()

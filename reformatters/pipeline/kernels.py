@@ -324,6 +324,7 @@ class AssembledVariable:
     padded: npt.NDArray[np.float32]  # position 0 along the append dim is the processing region's start
     results: list[SourceFileCoord]
     delivered: npt.NDArray[np.bool_]  # over padded's leading dims: slabs that received a whole field
+    written: npt.NDArray[np.bool_]  # over padded's leading dims: slabs a read wrote any value into
 
 
 def assemble_variable(
@@ -341,6 +342,7 @@ def assemble_variable(
     indexes = {dim: template.get_index(dim) for dim in template.dims}
     results: list[SourceFileCoord] = []
     delivered = np.zeros(padded.shape[:-2], dtype=bool)
+    written = np.zeros(padded.shape[:-2], dtype=bool)
 
     def locate(coord: SourceFileCoord) -> tuple[Any, ...]:
         location = coord.out_loc()
@@ -350,6 +352,7 @@ def assemble_variable(
         return tuple(indexes[dim].get_loc(location[dim]) if dim in location else slice(None) for dim in template.dims)
 
     def delivered_at(position: tuple[Any, ...]) -> None:
+        written[position[:-2]] = True
         if all(isinstance(index, slice) for index in position[-2:]):
             delivered[position[:-2]] = True
 
@@ -381,7 +384,7 @@ def assemble_variable(
         REGION_BUFFERS.give_back(padded)
         raise
     data_array = xr.DataArray(values, coords=template.coords, dims=template.dims, name=data_var.name)
-    return AssembledVariable(data_array, padded, results, delivered)
+    return AssembledVariable(data_array, padded, results, delivered, written)
 
 
 def encode_variable_kernel(
@@ -404,7 +407,9 @@ def encode_variable_kernel(
         job.apply_data_transformations(assembled.data_array, data_var)
         if job.transforms_region(data_var):
             round_to_keep_bits(assembled.data_array.values, data_var)
-        holding_data = slabs_holding_data(assembled.padded, assembled.delivered)
+            holding_data = slabs_holding_data(assembled.padded, assembled.delivered)
+        else:
+            holding_data = assembled.written  # only the reads wrote into the buffer
         encoded = _encode_assembled(job, data_var, assembled, holding_data, encoder, var_metadata, final_store, fetched)
     except BaseException:
         REGION_BUFFERS.give_back(assembled.padded)
