@@ -29,6 +29,7 @@ from reformatters.cli import app
 from reformatters.cluster import (
     CLUSTER_DIR,
     HOUSEKEEPING_INTERVALS,
+    WORKER_MALLOC_ENVIRON,
     ClusterSession,
     ClusterUnavailableError,
     dask_cluster_resource,
@@ -442,12 +443,11 @@ def _worker_malloc_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
 
 
-def test_local_workers_keep_glibcs_dynamic_mmap_threshold() -> None:
-    """Dask's default MALLOC_TRIM_THRESHOLD_ makes every shard encode page-fault its buffers afresh."""
+def test_local_workers_get_the_projects_malloc_settings() -> None:
+    """Dask's default MALLOC_TRIM_THRESHOLD_ alone makes every shard write map and fault in its buffers afresh."""
     with open_client("local", n_workers=2) as client:
         environs = client.run(_worker_malloc_environ)
-    assert len(environs) == 2
-    assert all(environ == {} for environ in environs.values()), environs
+    assert list(environs.values()) == [WORKER_MALLOC_ENVIRON, WORKER_MALLOC_ENVIRON]
 
 
 def _housekeeping_intervals() -> dict[str, str]:
@@ -474,18 +474,19 @@ def test_local_clusters_slow_dasks_housekeeping_unless_configured_otherwise() ->
         assert dask.config.get(key, config=from_manifest) == value, key
 
 
-def test_kubernetes_workers_unset_the_malloc_trim_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kubernetes_workers_get_the_projects_malloc_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     from distributed.nanny import _get_env_variables
 
     worker_container = dask_cluster_resource()["spec"]["worker"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in worker_container["env"] if "value" in e}
-    assert "MALLOC_TRIM_THRESHOLD_" not in env
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert not any(name.startswith("MALLOC_") for name in env)  # through the nanny, for the worker process only
+    for name in WORKER_MALLOC_ENVIRON:
+        monkeypatch.delenv(name, raising=False)
     # What the worker pod's nanny computes from the manifest's environment.
     overrides = dask.config.collect_env(
         {"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": env["DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"]}
     )
     with dask.config.set(dask.config.merge(dask.config.config, overrides)):
         spawned = _get_env_variables("distributed.nanny.pre-spawn-environ")
-    assert "MALLOC_TRIM_THRESHOLD_" not in spawned
+    assert {k: v for k, v in spawned.items() if k.startswith("MALLOC_")} == WORKER_MALLOC_ENVIRON
     assert spawned["OMP_NUM_THREADS"] == "1"
