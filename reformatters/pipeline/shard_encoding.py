@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from reformatters.common.arrays import holds_only_nan
+from reformatters.pipeline.blosc_fill_tail import BloscFillTail
 
 
 def padded_shape(shape: Sequence[int], shards: Sequence[int], skip_axes: Sequence[int] = ()) -> tuple[int, ...]:
@@ -73,6 +74,8 @@ class ShardEncoder:
         self._fill_is_nan = isinstance(fill, float | np.floating) and bool(np.isnan(fill))
         self._scratch: npt.NDArray[Any] | None = None
         self._direct_codecs = _synchronous_codecs(self._pipeline)
+        self._fill_tail = _blosc_fill_tail(self._direct_codecs, self.chunk_shape, self.dtype, fill)
+        self._slab_nbytes = int(np.prod(self.chunk_shape[-2:])) * self.dtype.itemsize
 
     def _is_fill(self, values: npt.NDArray[Any]) -> bool:
         """True if `values` hold only the fill value (a whole chunk, or one 2-D slab of a shard)."""
@@ -124,10 +127,13 @@ class ShardEncoder:
             chunk_has_data = slab_has_data[block[:-2]]
             if not chunk_has_data.any():
                 continue
+            fill_from_byte: int | None = None
             if chunk_has_data.all():
                 contiguous = self._copy_to_scratch(shard[block])
             else:
                 contiguous = self._copy_data_slabs_to_scratch(shard[block], chunk_has_data)
+                # Slabs after the last one with data were written as fill: Blosc need not compress them.
+                fill_from_byte = (int(np.flatnonzero(chunk_has_data)[-1]) + 1) * self._slab_nbytes
             # A slab with data nearly always shows it at its first point: no scan of the chunk then.
             first_slab: tuple[int | slice, ...] = (
                 tuple(int(i[0]) for i in np.nonzero(chunk_has_data)) if chunk_has_data.ndim else ()
@@ -135,7 +141,7 @@ class ShardEncoder:
             first_point = contiguous[(*first_slab, slice(0, 1), slice(0, 1))]
             if self._is_fill(first_point) and self._is_fill(contiguous):
                 continue
-            chunk_map[chunk_coords] = self._encode_chunk(contiguous)
+            chunk_map[chunk_coords] = self._encode_chunk(contiguous, fill_from_byte)
         if not chunk_map:
             first = (0,) * shard.ndim
             chunk_map[first] = self._encode_chunk(
@@ -179,9 +185,15 @@ class ShardEncoder:
             self._scratch = np.empty(block.shape, dtype=self.dtype)
         return self._scratch
 
-    def _encode_chunk(self, chunk: npt.NDArray[Any]) -> Any:
-        """One chunk's encoded bytes as a zarr Buffer that owns its memory (never a view of `chunk`)."""
+    def _encode_chunk(self, chunk: npt.NDArray[Any], fill_from_byte: int | None = None) -> Any:
+        """One chunk's encoded bytes as a zarr Buffer that owns its memory (never a view of `chunk`).
+        `fill_from_byte`: every byte of the C-contiguous `chunk` from there on is the fill value."""
         from zarr.core.sync import sync
+
+        if fill_from_byte is not None and self._fill_tail is not None:
+            frame = self._fill_tail.encode(chunk, fill_from_byte)
+            if frame is not None:
+                return self._prototype.buffer.from_bytes(frame)
 
         nd_buffer = self._prototype.nd_buffer.from_numpy_array(chunk)
         if self._direct_codecs is None:
@@ -211,3 +223,32 @@ def _synchronous_codecs(pipeline: Any) -> tuple[Any, list[Any]] | None:
     if not all(hasattr(codec, "_encode_sync") for codec in (array_bytes, *bytes_codecs)):
         return None
     return array_bytes, bytes_codecs
+
+
+def _blosc_fill_tail(
+    direct_codecs: tuple[Any, list[Any]] | None, chunk_shape: Sequence[int], dtype: np.dtype[Any], fill: Any
+) -> BloscFillTail | None:
+    """A fill-tail compressor when a chunk's bytes are its values as they lie in memory, then Blosc alone."""
+    from zarr.codecs import BloscCodec, BytesCodec
+
+    if direct_codecs is None or fill is None:
+        return None
+    array_bytes, bytes_codecs = direct_codecs
+    native = "little" if np.little_endian else "big"
+    if not isinstance(array_bytes, BytesCodec):
+        return None
+    if dtype.itemsize > 1 and array_bytes.endian is not None and array_bytes.endian.value != native:
+        return None
+    if len(bytes_codecs) != 1 or not isinstance(bytes_codecs[0], BloscCodec):
+        return None
+    blosc = bytes_codecs[0]
+    shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[blosc.shuffle.value]
+    config = {
+        "cname": blosc.cname.value,
+        "clevel": blosc.clevel,
+        "shuffle": shuffle,
+        "blocksize": blosc.blocksize,
+        "typesize": blosc.typesize or dtype.itemsize,
+    }
+    chunk_nbytes = int(np.prod(chunk_shape)) * dtype.itemsize
+    return BloscFillTail(config, chunk_nbytes, np.array(fill, dtype=dtype).tobytes())

@@ -1,0 +1,107 @@
+"""Compressing only the blocks with data gives the bytes Blosc gives for the whole chunk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from numcodecs import Blosc
+from zarr.codecs import BloscCodec
+
+from reformatters.pipeline.blosc_fill_tail import BloscFillTail
+from reformatters.pipeline.kernels import limit_library_threads
+from reformatters.pipeline.shard_encoding import ShardEncoder
+
+CHUNK = (120, 64, 64)  # 1,966,080 bytes of float32: several Blosc blocks
+SLAB = 64 * 64 * 4
+
+
+def field_like(seed: int) -> np.ndarray:
+    """Smooth values with noise, rounded to 7 mantissa bits as the pipeline stores them."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:64, 0:64]
+    values = 280 + 10 * np.sin(y / 9.0)[None] * np.cos(x / 7.0)[None] + rng.normal(0, 0.5, CHUNK)
+    bits = values.astype(np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF)) & ~np.uint32(0xFFFF)).view(np.float32)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"cname": "zstd", "clevel": 3, "shuffle": 1, "blocksize": 0, "typesize": 4},
+        {"cname": "lz4", "clevel": 5, "shuffle": 2, "blocksize": 0, "typesize": 4},
+        {"cname": "zlib", "clevel": 1, "shuffle": 0, "blocksize": 0, "typesize": 4},
+        {"cname": "zstd", "clevel": 5, "shuffle": 1, "blocksize": 65536, "typesize": 4},
+    ],
+)
+@pytest.mark.parametrize("fill", [np.nan, 0.0])
+def test_frames_are_byte_identical_to_compressing_the_whole_chunk(config: dict, fill: float) -> None:
+    whole = Blosc.from_config(config)
+    fill_tail = BloscFillTail(config, int(np.prod(CHUNK)) * 4, np.float32(fill).tobytes())
+    values = field_like(0)
+    joined = 0
+    possible = 0
+    for data_slabs in (1, 2, 7, 8, 13, 30, 47, 60, 90, 100, 105, 110, 119):
+        chunk = values.copy()
+        chunk[data_slabs:] = fill
+        frame = fill_tail.encode(chunk, data_slabs * SLAB)
+        head_nbytes = -(-data_slabs * SLAB // fill_tail.blocksize) * fill_tail.blocksize
+        if head_nbytes + fill_tail.blocksize > chunk.nbytes:  # data in the last whole block: nothing to save
+            assert frame is None
+            continue
+        possible += 1
+        assert frame is not None, data_slabs
+        joined += 1
+        assert frame == bytes(whole.encode(chunk)), data_slabs
+        np.testing.assert_array_equal(np.frombuffer(whole.decode(frame), dtype=np.float32).reshape(CHUNK), chunk)
+    assert joined == possible >= 3
+
+
+def test_incompressible_data_falls_back_or_matches() -> None:
+    """Blosc stores incompressible input as is (no block offsets): such a frame is never joined."""
+    config = {"cname": "lz4", "clevel": 1, "shuffle": 0, "blocksize": 0, "typesize": 4}
+    chunk = np.random.default_rng(3).random(CHUNK, dtype=np.float32)
+    chunk[20:] = np.nan
+    frame = BloscFillTail(config, chunk.nbytes, np.float32(np.nan).tobytes()).encode(chunk, 20 * SLAB)
+    assert frame is None or frame == bytes(Blosc.from_config(config).encode(chunk))
+
+
+def test_a_chunk_of_another_size_is_refused() -> None:
+    config = {"cname": "zstd", "clevel": 3, "shuffle": 1, "blocksize": 0, "typesize": 4}
+    fill_tail = BloscFillTail(config, int(np.prod(CHUNK)) * 4, np.float32(np.nan).tobytes())
+    with pytest.raises(ValueError, match="C-contiguous chunk of 1966080 bytes"):
+        fill_tail.encode(np.zeros((10, 64, 64), dtype=np.float32), SLAB)
+
+
+@pytest.mark.parametrize("fill", [np.nan, -1.0])
+def test_shards_with_part_filled_lead_chunks_match_zarrs_own_write(tmp_path: Path, fill: float) -> None:
+    """A forecast's first lead chunk part data, part leads not published: the shard bytes equal zarr's."""
+    limit_library_threads()
+    shape, chunks, shards = (2, 120, 64, 128), (1, 60, 64, 64), (1, 120, 64, 128)
+    values = np.full(shape, fill, dtype=np.float32)
+    values[0, :13] = np.concatenate([field_like(1), field_like(2)], axis=2)[:13]
+    values[1, :41] = np.concatenate([field_like(3), field_like(4)], axis=2)[:41]
+    values[1, 5] = fill  # a missing lead inside the data
+    arrays = {}
+    for name in ("direct", "reference"):
+        arrays[name] = zarr.create_array(
+            str(tmp_path / name),
+            shape=shape,
+            chunks=chunks,
+            shards=shards,
+            dtype="float32",
+            fill_value=fill,
+            compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")],
+        )
+    with zarr.config.set({"array.write_empty_chunks": False}):
+        arrays["reference"][...] = values
+    encoder = ShardEncoder((tmp_path / "direct" / "zarr.json").read_bytes())
+    assert encoder._fill_tail is not None
+    for init in range(2):
+        key = tmp_path / "direct" / "c" / str(init) / "0" / "0" / "0"
+        key.parent.mkdir(parents=True)
+        key.write_bytes(encoder.encode(values[init : init + 1]))
+        assert key.read_bytes() == (tmp_path / "reference" / "c" / str(init) / "0" / "0" / "0").read_bytes()
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "direct"), mode="r")[...], values)
