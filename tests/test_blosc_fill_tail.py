@@ -10,7 +10,7 @@ import zarr
 from numcodecs import Blosc
 from zarr.codecs import BloscCodec
 
-from reformatters.pipeline.blosc_fill_tail import BloscFillTail
+from reformatters.pipeline.blosc_fill_tail import BloscFillTail, join_frames
 from reformatters.pipeline.kernels import limit_library_threads
 from reformatters.pipeline.shard_encoding import ShardEncoder
 
@@ -105,3 +105,15 @@ def test_shards_with_part_filled_lead_chunks_match_zarrs_own_write(tmp_path: Pat
         key.write_bytes(encoder.encode(values[init : init + 1]))
         assert key.read_bytes() == (tmp_path / "reference" / "c" / str(init) / "0" / "0" / "0").read_bytes()
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "direct"), mode="r")[...], values)
+
+
+def test_frames_laid_out_otherwise_are_not_joined() -> None:
+    config = {"cname": "zstd", "clevel": 3, "shuffle": 1, "blocksize": 65536, "typesize": 4}
+    codec = Blosc.from_config(config)
+    head = bytes(codec.encode(field_like(0)[:16].copy()))  # 262,144 bytes: four whole blocks
+    tail = bytes(codec.encode(np.full(CHUNK, np.nan, dtype=np.float32)[:20]))
+    assert join_frames(head, tail, 65536) is not None
+    assert join_frames(b"\x03" + head[1:], b"\x03" + tail[1:], 65536) is None  # another format version
+    assert join_frames(head, tail[:2] + bytes([tail[2] ^ 0x01]) + tail[3:], 65536) is None  # other flags
+    assert join_frames(head, tail, 32768) is None  # another blocksize
+    assert join_frames(head[:-1], tail, 65536) is None  # a truncated frame

@@ -25,6 +25,7 @@ import numpy.typing as npt
 from numcodecs import Blosc
 
 _HEADER = struct.Struct("<BBBBIII")  # version, versionlz, flags, typesize, nbytes, blocksize, cbytes
+_FORMAT_VERSION = 2  # c-blosc 1.x frames
 _MEMCPYED = 0x02  # flags: the input was stored as is, without block offsets
 _NO_SPLIT = 0x10  # flags: each block is one stream (else one stream per byte of the type)
 
@@ -61,6 +62,8 @@ def join_frames(head: bytes, tail: bytes, blocksize: int) -> bytes | None:
     h_version, h_lz, h_flags, h_typesize, h_nbytes, h_blocksize, h_cbytes = _HEADER.unpack_from(head)
     t_version, t_lz, t_flags, t_typesize, t_nbytes, t_blocksize, t_cbytes = _HEADER.unpack_from(tail)
     if (h_version, h_lz, h_flags, h_typesize) != (t_version, t_lz, t_flags, t_typesize) or h_flags & _MEMCPYED:
+        return None
+    if h_version != _FORMAT_VERSION:  # Blosc2 chunks have a longer header: not this layout
         return None
     if h_blocksize != blocksize or h_nbytes % blocksize or len(head) != h_cbytes or len(tail) != t_cbytes:
         return None

@@ -151,3 +151,15 @@ def test_decode_into_a_view_of_a_larger_buffer(small_archive: ArchiveManifest) -
         decode_message(msg, COARSE_GRID, out=np.empty((181, 361), dtype=np.float32))
     with pytest.raises(ValueError, match="out is float64"):
         decode_message(msg, COARSE_GRID, out=np.empty((181, 360)))  # type: ignore[arg-type]
+
+
+def test_decoding_without_the_bindings_buffer_call_gives_the_same_values(
+    small_archive: ArchiveManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reformatters.sources import grib_decode
+
+    msg = _message(small_archive, VARIABLES["geopotential_height_cloud_ceiling"])
+    fast = decode_message(msg, COARSE_GRID)
+    monkeypatch.setattr(grib_decode, "_FILLS_CALLERS_BUFFER", False)
+    np.testing.assert_array_equal(decode_message(msg, COARSE_GRID), fast)
+    assert grib_decode._FILLS_CALLERS_BUFFER is False and 0 < np.isnan(fast).sum() < fast.size
