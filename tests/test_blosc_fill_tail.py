@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import zarr
 from numcodecs import Blosc
-from zarr.codecs import BloscCodec
 
 from reformatters.pipeline.blosc_fill_tail import BloscFillTail, join_frames
 from reformatters.pipeline.kernels import limit_library_threads
 from reformatters.pipeline.shard_encoding import ShardEncoder
+
+from .test_shard_encoding import create_array
 
 CHUNK = (120, 64, 64)  # 1,966,080 bytes of float32: several Blosc blocks
 SLAB = 64 * 64 * 4
@@ -84,17 +85,7 @@ def test_shards_with_part_filled_lead_chunks_match_zarrs_own_write(tmp_path: Pat
     values[0, :13] = np.concatenate([field_like(1), field_like(2)], axis=2)[:13]
     values[1, :41] = np.concatenate([field_like(3), field_like(4)], axis=2)[:41]
     values[1, 5] = fill  # a missing lead inside the data
-    arrays = {}
-    for name in ("direct", "reference"):
-        arrays[name] = zarr.create_array(
-            str(tmp_path / name),
-            shape=shape,
-            chunks=chunks,
-            shards=shards,
-            dtype="float32",
-            fill_value=fill,
-            compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")],
-        )
+    arrays = {name: create_array(tmp_path / name, fill, shape, chunks, shards) for name in ("direct", "reference")}
     with zarr.config.set({"array.write_empty_chunks": False}):
         arrays["reference"][...] = values
     encoder = ShardEncoder((tmp_path / "direct" / "zarr.json").read_bytes())

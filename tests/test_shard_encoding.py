@@ -19,12 +19,18 @@ CHUNKS = (1, 5, 4, 8)
 SHARDS = (1, 10, 8, 16)
 
 
-def create_array(path: Path, fill_value: float = float("nan")) -> zarr.Array:
+def create_array(
+    path: Path,
+    fill_value: float = float("nan"),
+    shape: tuple[int, ...] = SHAPE,
+    chunks: tuple[int, ...] = CHUNKS,
+    shards: tuple[int, ...] = SHARDS,
+) -> zarr.Array:
     return zarr.create_array(
         str(path),
-        shape=SHAPE,
-        chunks=CHUNKS,
-        shards=SHARDS,
+        shape=shape,
+        chunks=chunks,
+        shards=shards,
         dtype="float32",
         fill_value=fill_value,
         compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")],
