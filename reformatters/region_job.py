@@ -29,6 +29,11 @@ class FieldShapeError(ValueError):
     """`read_data` returned values of another shape than the template has there: a bug in the dataset's code,
     so it fails the task instead of counting as one unreadable file."""
 
+    @classmethod
+    def check(cls, var_name: str, url: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+        if shape != expected:
+            raise cls(f"{var_name}: read_data returned shape {shape} for {url}, the template expects {expected}")
+
 
 class SourceFileStatus(StrEnum):
     Processing = "processing"
@@ -181,11 +186,7 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
         if type(self).read_data is RegionJob.read_data:
             raise NotImplementedError(f"{type(self).__name__} must implement read_data() or read_data_into()")
         values = np.asarray(self.read_data(coord, data_var, payload), dtype=np.float32)
-        if values.shape != out.shape:
-            raise FieldShapeError(
-                f"{data_var.name}: read_data returned shape {values.shape} for {coord.get_url()}, "
-                f"the template expects {out.shape}"
-            )
+        FieldShapeError.check(data_var.name, coord.get_url(), values.shape, out.shape)
         out[...] = values
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -147,9 +147,7 @@ def read_one(
     except _DATASET_CODE_ERRORS:
         raise
     except Exception as error:  # noqa: BLE001 - one bad file never sinks a run
-        reason = f"{type(error).__name__}: {error}"
-        log.warning("read failed %s %s: %s", _url_of(outcome.coord), data_var.name, reason)
-        return outcome.coord.with_status(SourceFileStatus.ReadFailed, reason), None
+        return _read_failed(outcome, data_var, error), None
     return outcome.coord.with_status(SourceFileStatus.Succeeded), values
 
 
@@ -167,10 +165,14 @@ def read_one_into(
         raise
     except Exception as error:  # noqa: BLE001 - one bad file never sinks a run
         out[...] = np.nan  # whatever a failed decode left there is not data
-        reason = f"{type(error).__name__}: {error}"
-        log.warning("read failed %s %s: %s", _url_of(outcome.coord), data_var.name, reason)
-        return outcome.coord.with_status(SourceFileStatus.ReadFailed, reason), False
+        return _read_failed(outcome, data_var, error), False
     return outcome.coord.with_status(SourceFileStatus.Succeeded), True
+
+
+def _read_failed(outcome: DownloadOutcome, data_var: Any, error: Exception) -> SourceFileCoord:
+    reason = f"{type(error).__name__}: {error}"
+    log.warning("read failed %s %s: %s", _url_of(outcome.coord), data_var.name, reason)
+    return outcome.coord.with_status(SourceFileStatus.ReadFailed, reason)
 
 
 def read_kernel(
@@ -351,7 +353,7 @@ def assemble_variable(
             raise ValueError(f"{type(coord).__name__}.out_loc() names dims {unknown} not in {template.dims}")
         return tuple(indexes[dim].get_loc(location[dim]) if dim in location else slice(None) for dim in template.dims)
 
-    def delivered_at(position: tuple[Any, ...]) -> None:
+    def mark_read(position: tuple[Any, ...]) -> None:
         written[position[:-2]] = True
         if all(isinstance(index, slice) for index in position[-2:]):
             delivered[position[:-2]] = True
@@ -365,13 +367,9 @@ def assemble_variable(
                     if field_values is None:
                         continue
                     target = values[(*position, ...)]
-                    if field_values.shape != target.shape:
-                        raise FieldShapeError(
-                            f"{data_var.name}: read_data returned shape {field_values.shape} for "
-                            f"{coord.get_url()}, the template expects {target.shape}"
-                        )
+                    FieldShapeError.check(data_var.name, coord.get_url(), field_values.shape, target.shape)
                     target[...] = field_values
-                    delivered_at(position)
+                    mark_read(position)
             else:
                 for outcome in item:
                     position = locate(outcome.coord)
@@ -379,7 +377,7 @@ def assemble_variable(
                     coord, read = read_one_into(job, data_var, outcome, values[(*position, ...)])
                     results.append(coord)
                     if read:
-                        delivered_at(position)
+                        mark_read(position)
     except BaseException:
         REGION_BUFFERS.give_back(padded)
         raise

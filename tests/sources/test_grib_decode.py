@@ -160,6 +160,11 @@ def test_decoding_without_the_bindings_buffer_call_gives_the_same_values(
 
     msg = _message(small_archive, VARIABLES["geopotential_height_cloud_ceiling"])
     fast = decode_message(msg, COARSE_GRID)
+    truncated = msg[: len(msg) // 2] + b"7777"
+    with pytest.raises(GribDecodeError, match="cannot decode the data"):
+        decode_message(truncated)
     monkeypatch.setattr(grib_decode, "_FILLS_CALLERS_BUFFER", False)
     np.testing.assert_array_equal(decode_message(msg, COARSE_GRID), fast)
     assert grib_decode._FILLS_CALLERS_BUFFER is False and 0 < np.isnan(fast).sum() < fast.size
+    with pytest.raises(GribDecodeError, match="cannot decode the data"):
+        decode_message(truncated)
