@@ -160,6 +160,15 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
     def download_file(self, coord: SourceFileCoordT, data_var_group: Sequence[DataVarT]) -> DownloadPayload:
         raise NotImplementedError(f"{type(self).__name__} must implement download_file()")
 
+    def source_index_url(self, coord: SourceFileCoordT) -> str | None:
+        """The inventory `download_file` reads to find its byte ranges (a GRIB `.idx`), or None (the default).
+
+        With `download_per_variable`, every variable's download of a file needs its inventory, and each worker
+        would fetch it for itself (and ask again about every file not yet published). Naming it here makes one
+        task per batch of files fetch the inventories once and hand them to every download task of the batch;
+        `download_file` then finds them in `reformatters.sources.download.fetch_index`'s cache."""
+        return None
+
     def read_data(
         self, coord: SourceFileCoordT, data_var: DataVarT, payload: bytes | Mapping[str, bytes]
     ) -> npt.NDArray[np.float32]:

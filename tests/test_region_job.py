@@ -100,6 +100,31 @@ def test_graph_shape_with_separate_read_tasks(tmp_path: Path, monkeypatch: pytes
     assert count_tasks(graphs) == 2 + download_tasks + variables * (reads_per_var + 2)
 
 
+def test_per_variable_downloads_share_one_inventory_task_per_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ExampleRegionJob, "download_per_variable", True)
+    monkeypatch.setattr(ExampleRegionJob, "source_index_url", lambda self, coord: f"{coord.get_url()}.idx")
+    job = jobs_for(RegionJobFilters())[0]
+    with tmp_metadata_store(job.template_ds) as tmp_store:
+        metadata = variable_metadata(tmp_store, [v.name for v in job.data_vars])
+    graphs = build_region_graph(job, metadata, ObjectStore(tmp_path / "store.zarr"))
+    batches = -(-2 * len(source.LEAD_HOURS) // job.download_batch_size)
+    variables = len(job.data_vars)
+    # job + store + one inventory task per batch + (downloads + encode + upload) per variable
+    assert count_tasks(graphs) == 2 + batches + variables * (batches + 2)
+    graph = dict(graphs[0].__dask_graph__())
+    index_keys = {k for k in graph if str(k).startswith("index-")}
+    assert len(index_keys) == batches
+    for key, task in graph.items():
+        if str(key).startswith("download-"):
+            assert len(task.dependencies & index_keys) == 1, key
+
+    monkeypatch.setattr(ExampleRegionJob, "source_index_url", RegionJob.source_index_url)
+    graphs = build_region_graph(job, metadata, ObjectStore(tmp_path / "store.zarr"))
+    assert count_tasks(graphs) == 2 + variables * (batches + 2)
+
+
 def run_job_without_cluster(job: ExampleRegionJob, store: ObjectStore, metadata: dict[str, bytes]) -> dict[str, list]:
     worker_job = job.for_workers()
     processing = job.template_ds.isel(init_time=job.get_processing_region())

@@ -1,5 +1,6 @@
 """Turn a region job into one Dask graph.
 
+[index (per batch of source files: inventories shared by every variable's downloads) ->]
 download (per batch of source files) -> encode (per variable: decode its fields from the downloads into one
 variable-region buffer, transform, encode whole shards in memory) -> upload (per variable: shard objects
 into the final store). With `RegionJob.separate_read_tasks`, read tasks (per variable x batch of files)
@@ -16,7 +17,13 @@ from dask.base import annotate, tokenize
 from dask.delayed import Delayed, delayed
 
 from reformatters.common.storage import ObjectStore
-from reformatters.pipeline.kernels import download_kernel, encode_variable_kernel, read_kernel, upload_kernel
+from reformatters.pipeline.kernels import (
+    download_kernel,
+    encode_variable_kernel,
+    index_kernel,
+    read_kernel,
+    upload_kernel,
+)
 from reformatters.region_job import RegionJob
 
 ENCODE_RESOURCE = "encode"
@@ -56,10 +63,27 @@ def build_region_graph(
         batches = coord_batches(job, coords)
         batches_per_read = max(1, job.read_batch_size // max(1, job.download_batch_size))
 
-        def download_tasks(variables: Sequence[Any], name: str, batches: list[list[Any]] = batches) -> list[Delayed]:
+        with annotate(priority=priority - position / len(job.data_vars)):
+            # Per-variable downloads of a file all need its inventory: one task per batch fetches them for all.
+            shares_indexes = (
+                job.download_per_variable and len(group) > 1 and bool(coords) and job.source_index_url(coords[0])
+            )
+            indexes: list[Delayed | None] = [
+                delayed(index_kernel, pure=False)(job_key, batch, dask_key_name=f"index-{group_index}-{token}-{i}")
+                if shares_indexes
+                else None
+                for i, batch in enumerate(batches)
+            ]
+
+        def download_tasks(
+            variables: Sequence[Any],
+            name: str,
+            batches: list[list[Any]] = batches,
+            indexes: list[Delayed | None] = indexes,
+        ) -> list[Delayed]:
             return [
                 delayed(download_kernel, pure=False)(
-                    job_key, batch, list(variables), dask_key_name=f"download-{name}-{token}-{index}"
+                    job_key, batch, list(variables), indexes[index], dask_key_name=f"download-{name}-{token}-{index}"
                 )
                 for index, batch in enumerate(batches)
             ]

@@ -23,6 +23,7 @@ from reformatters.common.binary_rounding import round_float32_inplace
 from reformatters.common.storage import ObjectStore
 from reformatters.pipeline.shard_encoding import ShardEncoder, padded_shape
 from reformatters.region_job import FieldShapeError, RegionJob, SourceFileCoord, SourceFileStatus
+from reformatters.sources.download import FetchedIndexes, prefetch_indexes, seed_indexes
 
 log = logging.getLogger("reformatters.pipeline")
 
@@ -88,10 +89,20 @@ def _payload_size(payload: bytes | Mapping[str, bytes]) -> int:
     return sum(len(v) for v in payload.values())
 
 
+def index_kernel(job: RegionJob[Any, Any], coords: Sequence[SourceFileCoord]) -> FetchedIndexes:
+    """The inventories of a batch of source files (`RegionJob.source_index_url`), for every download of the batch."""
+    return prefetch_indexes([url for coord in coords if (url := job.source_index_url(coord)) is not None])
+
+
 def download_kernel(
-    job: RegionJob[Any, Any], coords: Sequence[SourceFileCoord], group: Sequence[Any]
+    job: RegionJob[Any, Any],
+    coords: Sequence[SourceFileCoord],
+    group: Sequence[Any],
+    indexes: FetchedIndexes | None = None,
 ) -> list[DownloadOutcome]:
     """Download a batch of source files one after another (`RegionJob.download_batch_size` of them)."""
+    if indexes is not None:
+        seed_indexes(indexes)
     if group:
         encoding = group[0].encoding
         REGION_BUFFERS.warm(region_buffer_shape(job, group[0], encoding.shards or encoding.chunks), np.float32, np.nan)

@@ -17,9 +17,10 @@ import threading
 import time
 import urllib.request
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -285,7 +286,7 @@ def fetch_bytes(
 
 
 class IndexCache:
-    """Parsed inventories by URL, the most recent `capacity` of them, for this process.
+    """Inventories by URL (parsed, with their text), the most recent `capacity` of them, for this process.
 
     Inventories of published files never change. Downloads that fetch one variable at a time ask for the same
     inventory once per variable; this keeps it to once per worker. A missing inventory is remembered for
@@ -294,32 +295,48 @@ class IndexCache:
 
     def __init__(self, capacity: int = 256, not_found_seconds: float = 30.0) -> None:
         self._capacity = capacity
-        self._not_found_seconds = not_found_seconds
-        self._entries: OrderedDict[str, list[IndexEntry] | tuple[float, str]] = OrderedDict()
+        self.not_found_seconds = not_found_seconds
+        self._entries: OrderedDict[str, tuple[list[IndexEntry], str | None] | tuple[float, str]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, url: str) -> list[IndexEntry] | None:
         """The entries, None if unknown; raises SourceFileNotFoundError if recently found missing."""
         with self._lock:
-            cached = self._entries.get(url)
+            cached = self._lookup(url)
             if cached is None:
                 return None
-            self._entries.move_to_end(url)
-            if isinstance(cached, list):
-                return cached
-            until, reason = cached
-            if time.monotonic() < until:
-                raise SourceFileNotFoundError(reason)
+            if isinstance(cached[0], list):
+                return cached[0]
+            raise SourceFileNotFoundError(cached[1])
+
+    def known(self, url: str) -> bool:
+        """Whether `get` would answer without a request."""
+        with self._lock:
+            return self._lookup(url) is not None
+
+    def text(self, url: str) -> str | None:
+        """The inventory's text, if it is cached with it."""
+        with self._lock:
+            cached = self._lookup(url)
+            return cached[1] if cached is not None and isinstance(cached[0], list) else None
+
+    def _lookup(self, url: str) -> tuple[list[IndexEntry], str | None] | tuple[float, str] | None:
+        cached = self._entries.get(url)
+        if cached is None:
+            return None
+        self._entries.move_to_end(url)
+        if isinstance(cached[0], float) and time.monotonic() >= cached[0]:
             del self._entries[url]
             return None
+        return cached
 
-    def put(self, url: str, entries: list[IndexEntry]) -> None:
-        self._store(url, entries)
+    def put(self, url: str, entries: list[IndexEntry], text: str | None = None) -> None:
+        self._store(url, (entries, text))
 
-    def put_missing(self, url: str, reason: str) -> None:
-        self._store(url, (time.monotonic() + self._not_found_seconds, reason))
+    def put_missing(self, url: str, reason: str, *, seen_seconds_ago: float = 0.0) -> None:
+        self._store(url, (time.monotonic() + self.not_found_seconds - seen_seconds_ago, reason))
 
-    def _store(self, url: str, value: list[IndexEntry] | tuple[float, str]) -> None:
+    def _store(self, url: str, value: tuple[list[IndexEntry], str | None] | tuple[float, str]) -> None:
         with self._lock:
             self._entries[url] = value
             self._entries.move_to_end(url)
@@ -341,12 +358,66 @@ def fetch_index(
     entries = cache.get(idx_url)
     if entries is None:
         try:
-            entries = parse_index(fetch_bytes(idx_url, config=config).decode())
+            text = fetch_bytes(idx_url, config=config).decode()
         except SourceFileNotFoundError as error:
             cache.put_missing(idx_url, str(error))
             raise
-        cache.put(idx_url, entries)
+        entries = parse_index(text)
+        cache.put(idx_url, entries, text)
     return entries
+
+
+@dataclass(frozen=True)
+class FetchedIndexes:
+    """Inventories one task fetched for the downloads of a batch of files, to be handed to each download task.
+
+    `texts` by URL; `missing` maps a URL answered not-found to (reason, wall-clock time of the answer). A URL
+    that failed otherwise is in neither: each download then fetches it itself, with its own retries.
+    """
+
+    texts: dict[str, str]
+    missing: dict[str, tuple[str, float]]
+
+
+def prefetch_indexes(
+    urls: Sequence[str], *, config: DownloadConfig | None = None, cache: IndexCache = INDEX_CACHE
+) -> FetchedIndexes:
+    """Fetch the inventories at `urls` (in parallel, one attempt each) into `cache`, and return them to hand on."""
+    config = (config or DownloadConfig()).model_copy(update={"max_attempts": 1})
+    texts: dict[str, str] = {}
+    missing: dict[str, tuple[str, float]] = {}
+
+    def fetch(url: str) -> None:
+        try:
+            fetch_index(url, config=config, cache=cache)
+        except SourceFileNotFoundError as error:
+            missing[url] = (str(error), time.time())
+        except SourceDownloadError:
+            return
+        else:
+            if (text := cache.text(url)) is not None:
+                texts[url] = text
+
+    unique = list(dict.fromkeys(urls))
+    if len(unique) <= 1:
+        for url in unique:
+            fetch(url)
+    else:
+        with ThreadPoolExecutor(max_workers=min(len(unique), config.per_host_concurrency)) as pool:
+            list(pool.map(fetch, unique))
+    return FetchedIndexes(texts, missing)
+
+
+def seed_indexes(fetched: FetchedIndexes, cache: IndexCache = INDEX_CACHE) -> None:
+    """Put inventories another task fetched into this process's cache, where `fetch_index` finds them."""
+    for url, text in fetched.texts.items():
+        if not cache.known(url):
+            cache.put(url, parse_index(text), text)
+    now = time.time()
+    for url, (reason, seen_at) in fetched.missing.items():
+        seen_seconds_ago = max(0.0, now - seen_at)
+        if seen_seconds_ago < cache.not_found_seconds and not cache.known(url):
+            cache.put_missing(url, reason, seen_seconds_ago=seen_seconds_ago)
 
 
 def grib_problem(data: bytes) -> str | None:

@@ -120,6 +120,10 @@ class TestGfsForecastDataset(DatasetTestKit):
         missing_leads = len(LEAD_HOURS) - len(ARCHIVE_LEADS)
         for name in VARIABLES:
             assert summary.variables[name].files_download_failed == missing_leads
+        # Each inventory is fetched once for all variables and both workers, published or not.
+        inventories = {rel: n for rel, n in self.server.requests.items() if rel.endswith(".idx")}
+        assert len(inventories) == len(LEAD_HOURS)
+        assert set(inventories.values()) == {1}, sorted(inventories.items(), key=lambda item: -item[1])[:3]
         assert summary.published_append_dim_end == pd.Timestamp(INIT).isoformat()
 
     def test_ingested_forecast_length_after_backfill(self, tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ from reformatters.sources.download import (
     fetch_bytes,
     fetch_grib_messages,
     fetch_index,
+    prefetch_indexes,
+    seed_indexes,
     write_atomic,
 )
 from reformatters.sources.grib_index import GribMessageNotFoundError, find_message, parse_ncep_idx
@@ -334,3 +336,49 @@ def test_downloads_go_through_the_proxy_the_environment_names(
     monkeypatch.setenv("NO_PROXY", "noaa-mirror.invalid")
     with pytest.raises(SourceDownloadError, match="connection error"):
         fetch_bytes(source, (0, 4096), config=FAST)
+
+
+def test_prefetched_inventories_serve_another_process_without_requests(
+    server: ArchiveServer, small_archive: ArchiveManifest
+) -> None:
+    rel = _rel(small_archive)
+    present = server.url_for(rel + ".idx")
+    absent = server.url_for("gfs.20990101/00/atmos/gfs.t00z.pgrb2.0p25.f001.idx")
+    broken = server.url_for("gfs.20990101/00/atmos/gfs.t00z.pgrb2.0p25.f002.idx")
+    server.add_fault("gfs.20990101/00/atmos/gfs.t00z.pgrb2.0p25.f002.idx", "status", status=503)
+    fetching_worker = IndexCache()
+    fetched = prefetch_indexes([present, absent, broken, present], config=FAST, cache=fetching_worker)
+    # One attempt each: a flaky inventory is left to the downloads' own retries, not retried here first.
+    assert server.requests[rel + ".idx"] == 1
+    assert server.requests["gfs.20990101/00/atmos/gfs.t00z.pgrb2.0p25.f002.idx"] == 1
+    assert set(fetched.texts) == {present}
+    assert set(fetched.missing) == {absent}
+    assert "404" in fetched.missing[absent][0]
+
+    other_worker = IndexCache()
+    seed_indexes(fetched, other_worker)
+    assert fetch_index(present, config=FAST, cache=other_worker) == parse_ncep_idx(
+        Path(str(small_archive.path(INIT, LEAD)) + ".idx").read_text()
+    )
+    with pytest.raises(SourceFileNotFoundError, match="404"):
+        fetch_index(absent, config=FAST, cache=other_worker)
+    assert server.requests[rel + ".idx"] == 1
+    assert server.requests["gfs.20990101/00/atmos/gfs.t00z.pgrb2.0p25.f001.idx"] == 1
+    assert not other_worker.known(broken)
+
+
+def test_a_prefetched_not_found_ages_from_when_it_was_answered(server: ArchiveServer) -> None:
+    rel = "gfs.20990101/00/atmos/gfs.t00z.pgrb2.0p25.f003.idx"
+    fetched = prefetch_indexes([server.url_for(rel)], config=FAST, cache=IndexCache())
+    reason, seen_at = fetched.missing[server.url_for(rel)]
+    # Answered long ago (by the fetching task's clock): the file may be published now, so ask again.
+    stale = type(fetched)(texts={}, missing={server.url_for(rel): (reason, seen_at - 31.0)})
+    cache = IndexCache(not_found_seconds=30.0)
+    seed_indexes(stale, cache)
+    assert not cache.known(server.url_for(rel))
+    # Answered 29.9 s ago: remembered for the rest of the 30 s only.
+    nearly_stale = type(fetched)(texts={}, missing={server.url_for(rel): (reason, time.time() - 29.9)})
+    seed_indexes(nearly_stale, cache)
+    assert cache.known(server.url_for(rel))
+    time.sleep(0.15)
+    assert not cache.known(server.url_for(rel))

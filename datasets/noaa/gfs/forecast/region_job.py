@@ -92,6 +92,9 @@ class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
     ) -> Sequence[GfsSourceFileCoord]:
         return GfsSourceFileCoord.for_each_init_and_lead(processing_region_ds, self.source_url or NOAA_BUCKET_URL)
 
+    def source_index_url(self, coord: GfsSourceFileCoord) -> str:
+        return coord.get_idx_url()
+
     def download_file(self, coord: GfsSourceFileCoord, data_var_group: Sequence[GfsDataVar]) -> Mapping[str, bytes]:
         wanted = {}
         for var in data_var_group:
