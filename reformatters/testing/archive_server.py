@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
+import os
 import re
 import socket
+import stat
 import threading
 import time
 from collections import Counter
@@ -181,6 +183,20 @@ class ArchiveServer:
                 self.statuses[(rel, status)] += 1
 
 
+def _regular_file(root: Path, rel: str) -> tuple[Path, int] | None:
+    """The path and size of the regular file `rel` names under `root`, or None: one stat per request
+    (a resolve() walks every path component); names climbing out of `root` are refused."""
+    normal = os.path.normpath(rel)
+    if normal in (".", "") or normal.startswith(("../", "/")) or normal == "..":
+        return None
+    path = root / normal
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return (path, info.st_size) if stat.S_ISREG(info.st_mode) else None
+
+
 def _read_range(path: Path, start: int, stop: int) -> bytes:
     with path.open("rb") as file:
         file.seek(start)
@@ -238,8 +254,8 @@ def _make_handler(server: ArchiveServer) -> type[BaseHTTPRequestHandler]:
                     self._simple(rel, 302, b"", "text/html", head, Location=server.url + THROTTLE_PATH)
                     return
 
-            path = (server.root / rel).resolve()
-            if server.root not in path.parents or not path.is_file() or server._is_unpublished(rel):
+            found = _regular_file(server.root, rel)
+            if found is None or server._is_unpublished(rel):
                 status = 403 if server.missing_as_403 else 404
                 body = (
                     b"<Error><Code>AccessDenied</Code></Error>"
@@ -249,8 +265,10 @@ def _make_handler(server: ArchiveServer) -> type[BaseHTTPRequestHandler]:
                 self._simple(rel, status, body, "application/xml", head)
                 return
 
-            size = path.stat().st_size
+            path, size = found
             range_header = self.headers.get("Range")
+            file_range: tuple[int, int] | None = None  # sent from the file (sendfile) instead of `body`
+            body = b""
             status = 200
             headers: dict[str, str] = {"Accept-Ranges": "bytes"}
             ctype = "application/octet-stream"
@@ -261,7 +279,10 @@ def _make_handler(server: ArchiveServer) -> type[BaseHTTPRequestHandler]:
                     return
                 if len(ranges) == 1:
                     a, b = ranges[0]
-                    body = _read_range(path, a, b + 1)  # not the whole file: ranges are most of the traffic
+                    if fault is None:
+                        file_range = (a, b + 1)  # ranges are most of the traffic: straight from the file
+                    else:
+                        body = _read_range(path, a, b + 1)
                     status = 206
                     headers["Content-Range"] = f"bytes {a}-{b}/{size}"
                 elif server.multipart_ranges:
@@ -289,14 +310,20 @@ def _make_handler(server: ArchiveServer) -> type[BaseHTTPRequestHandler]:
                     buf[i] ^= 0xFF
                 body = bytes(buf)
 
+            length = len(body) if file_range is None else file_range[1] - file_range[0]
             self.send_response(status)
             self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(length))
             for k, v in headers.items():
                 self.send_header(k, v)
             self.end_headers()
             if head:
                 server._count(rel, 0, status)
+                return
+            if file_range is not None:
+                server._count(rel, length, status)
+                with path.open("rb") as file:
+                    self.connection.sendfile(file, file_range[0], length)
                 return
             if fault is not None and fault.kind == "truncate":
                 sent = body[: len(body) // 2]

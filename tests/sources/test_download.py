@@ -382,3 +382,19 @@ def test_a_prefetched_not_found_ages_from_when_it_was_answered(server: ArchiveSe
     assert cache.known(server.url_for(rel))
     time.sleep(0.15)
     assert not cache.known(server.url_for(rel))
+
+
+def test_the_archive_server_serves_nothing_outside_its_root(server: ArchiveServer) -> None:
+    outside = server.root.parent / f"outside-{server.port}.txt"
+    outside.write_text("not part of the archive")
+    try:
+        for target in (f"/../{outside.name}", f"/a/../../{outside.name}", "/..", "/"):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as conn:
+                conn.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                response = b""
+                while chunk := conn.recv(65536):
+                    response += chunk
+            assert response.startswith(b"HTTP/1.1 404"), (target, response[:80])
+            assert b"not part of the archive" not in response
+    finally:
+        outside.unlink()

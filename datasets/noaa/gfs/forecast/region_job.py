@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
@@ -69,13 +70,19 @@ def fetch_available_messages(coord: GfsSourceFileCoord, wanted: Mapping[str, tup
         return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), available) if available else {}
 
 
+@functools.lru_cache(maxsize=4096)
+def gfs_file_url(source_url: str, init_time: pd.Timestamp, lead_time: pd.Timedelta) -> str:
+    # Asked several times per file and variable (inventory, ranges, logs); strftime is most of its cost.
+    lead_hours = int(lead_time.total_seconds() // 3600)
+    return (
+        f"{source_url.rstrip('/')}/gfs.{init_time:%Y%m%d}/{init_time:%H}/atmos/"
+        f"gfs.t{init_time:%H}z.pgrb2.0p25.f{lead_hours:03d}"
+    )
+
+
 class GfsSourceFileCoord(ForecastSourceFileCoord):
     def get_url(self) -> str:
-        init = self.init_time
-        return (
-            f"{self.source_url.rstrip('/')}/gfs.{init:%Y%m%d}/{init:%H}/atmos/"
-            f"gfs.t{init:%H}z.pgrb2.0p25.f{self.lead_hours:03d}"
-        )
+        return gfs_file_url(self.source_url, self.init_time, self.lead_time)
 
     def get_idx_url(self) -> str:
         return f"{self.get_url()}.idx"
