@@ -94,6 +94,13 @@ def run_region_jobs(
                 index, job = pending_regions.popleft()
                 extra = {"upload": upload_for(job)} if upload_for is not None else {}
                 job_ref = client.scatter(job.for_workers(), hash=False)
+                shared: list[Future[Any]] = []
+
+                def hold_shared(tasks: list[Any], shared: list[Future[Any]] = shared, index: int = index) -> list[Any]:
+                    futures = client.compute(tasks, optimize_graph=False, priority=-index)
+                    shared.extend(futures)
+                    return list(futures)
+
                 graphs = build_region_graph(
                     job,
                     var_metadata,
@@ -102,6 +109,7 @@ def run_region_jobs(
                     use_encode_resource=use_resource,
                     job_ref=job_ref,
                     store_ref=store_ref,
+                    hold_shared=hold_shared,
                     **extra,
                 )
                 if not graphs:
@@ -109,7 +117,7 @@ def run_region_jobs(
                     if on_region_done is not None:
                         on_region_done(outcomes[index])
                     continue
-                regions[index] = _RegionInFlight(job, len(graphs), time.perf_counter(), job_ref)
+                regions[index] = _RegionInFlight(job, len(graphs), time.perf_counter(), job_ref, shared)
                 weight = _unit_weight(job)
                 pending_units.extend((index, graphs[i : i + weight]) for i in range(0, len(graphs), weight))
             index, unit = pending_units[0]
@@ -150,7 +158,7 @@ def run_region_jobs(
             submit_next()
     finally:
         for region in regions.values():
-            client.cancel(region.futures)
+            client.cancel(region.futures + region.shared)
     return [outcomes[i] for i in sorted(outcomes)]
 
 
@@ -198,4 +206,5 @@ class _RegionInFlight:
     variables: int
     started: float
     job_ref: Future[Any]  # held until the region is done
+    shared: list[Future[Any]]  # tasks every variable of the region depends on, held until the region is done
     futures: list[Future[Any]] = field(default_factory=list)

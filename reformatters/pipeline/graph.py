@@ -39,13 +39,17 @@ def build_region_graph(
     upload: Callable[..., Any] = upload_kernel,
     job_ref: Any = None,
     store_ref: Any = None,
+    hold_shared: Callable[[list[Delayed]], list[Any]] | None = None,
 ) -> list[Delayed]:
     """One Delayed per variable, each resolving to a `VariableResult` once its shards are uploaded.
 
     `upload(encoded, final_store) -> VariableResult` replaces the plain upload (the operational update
     passes a gated upload that also records progress). `job_ref` and `store_ref` are futures of
     `job.for_workers()` and `final_store` already on the cluster (the driver scatters them); without them
-    both travel as literal keys of the graph.
+    both travel as literal keys of the graph. `hold_shared` receives the tasks every variable of the region
+    depends on (inventory fetches) and returns what the variables' graphs depend on instead: the driver, which
+    submits variables one by one, returns futures it keeps until the region is done, so a task that one
+    variable's graph finished is not run again for the next.
     """
     processing = job.get_processing_region()
     processing_ds = job.template_ds.isel({job.append_dim: processing})
@@ -68,18 +72,20 @@ def build_region_graph(
             shares_indexes = (
                 job.download_per_variable and len(group) > 1 and bool(coords) and job.source_index_url(coords[0])
             )
-            indexes: list[Delayed | None] = [
+            indexes: list[Any] = [
                 delayed(index_kernel, pure=False)(job_key, batch, dask_key_name=f"index-{group_index}-{token}-{i}")
                 if shares_indexes
                 else None
                 for i, batch in enumerate(batches)
             ]
+        if shares_indexes and hold_shared is not None:
+            indexes = hold_shared(indexes)
 
         def download_tasks(
             variables: Sequence[Any],
             name: str,
             batches: list[list[Any]] = batches,
-            indexes: list[Delayed | None] = indexes,
+            indexes: list[Any] = indexes,
         ) -> list[Delayed]:
             return [
                 delayed(download_kernel, pure=False)(

@@ -191,3 +191,38 @@ def test_read_data_and_read_data_into_give_the_published_field(server: ArchiveSe
                 assert np.isnan(via_read_data).all()
             else:
                 np.testing.assert_allclose(via_read_data, decode_source(archive, var.name, lead), rtol=0, atol=1e-3)
+
+
+def test_variables_submitted_one_at_a_time_share_the_inventories(server: ArchiveServer, tmp_path: Path) -> None:
+    """The driver submits one variable-region at a time here: the second must not fetch the inventories again."""
+    from collections import Counter
+
+    from distributed import get_task_stream
+
+    from reformatters.cluster import open_client
+    from reformatters.common.storage import ObjectStore
+    from reformatters.pipeline.driver import run_region_jobs
+    from reformatters.publish import tmp_metadata_store, variable_metadata
+
+    dataset = GfsForecastDataset()
+    config = dataset.template_config
+    names = ("temperature_2m", "maximum_temperature_2m")
+    template_ds = config.get_template("2021-05-01T06:00")
+    jobs = dataset.region_job_class.get_jobs(
+        template_ds, config.append_dim, config.data_vars, RegionJobFilters(variable_names=names), source_url=server.url
+    )
+    assert len(jobs) == 1 and len(jobs[0].data_vars) == 2
+    with tmp_metadata_store(template_ds) as tmp:
+        metadata = variable_metadata(tmp, list(names))
+    server.reset_counters()
+    with open_client("local", n_workers=2) as client, get_task_stream(client) as stream:
+        outcomes = run_region_jobs(
+            client, jobs, metadata, ObjectStore(tmp_path / "gfs.zarr"), max_variables_in_flight=1
+        )
+    assert [r.var_name for r in outcomes[0].results] == list(names)
+    index_runs = Counter(str(record["key"]) for record in stream.data if str(record["key"]).startswith("index-"))
+    batches = -(-len(LEAD_HOURS) // jobs[0].download_batch_size)
+    assert len(index_runs) == batches and set(index_runs.values()) == {1}, index_runs
+    inventories = {rel: n for rel, n in server.requests.items() if rel.endswith(".idx")}
+    assert len(inventories) == len(LEAD_HOURS)
+    assert set(inventories.values()) == {1}, sorted(inventories.items(), key=lambda item: -item[1])[:3]
