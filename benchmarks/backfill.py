@@ -427,8 +427,14 @@ def run_staged(config: BenchConfig, size: int, server: ServerProcess, manifest: 
     from reformatters_datasets.noaa.gfs.forecast.dataset import GfsForecastDataset
 
     from reformatters.cluster import workers_have_encode_resource
-    from reformatters.pipeline.graph import ENCODE_RESOURCE, coord_batches
-    from reformatters.pipeline.kernels import download_kernel, encode_variable_kernel, read_kernel, upload_kernel
+    from reformatters.pipeline.graph import ENCODE_RESOURCE, coord_batches, shares_inventories
+    from reformatters.pipeline.kernels import (
+        download_kernel,
+        encode_variable_kernel,
+        index_kernel,
+        read_kernel,
+        upload_kernel,
+    )
     from reformatters.publish import publish_from_tmp_store, tmp_metadata_store, variable_metadata
     from reformatters.region_job import RegionJobFilters, SourceFileCoord, SourceFileStatus
 
@@ -464,10 +470,19 @@ def run_staged(config: BenchConfig, size: int, server: ServerProcess, manifest: 
             job_future = client.scatter(job.for_workers(), broadcast=True, hash=False)
             processing_ds = job.template_ds.isel({job.append_dim: job.get_processing_region()})
             for group in job.source_groups(job.data_vars):
-                batches = coord_batches(job, job.generate_source_file_coords(processing_ds, group))
+                coords = list(job.generate_source_file_coords(processing_ds, group))
+                batches = coord_batches(job, coords)
+                # The inventories once per batch for every variable's downloads, as the graph fetches them.
+                shares = shares_inventories(job, group, coords)
+                indexes = [client.submit(index_kernel, job_future, b, pure=False) if shares else None for b in batches]
 
-                def submit(variables: list[Any], job_future: Any = job_future, batches: Any = batches) -> list[Any]:
-                    return [client.submit(download_kernel, job_future, b, variables, pure=False) for b in batches]
+                def submit(
+                    variables: list[Any], job_future: Any = job_future, batches: Any = batches, indexes: Any = indexes
+                ) -> list[Any]:
+                    return [
+                        client.submit(download_kernel, job_future, b, variables, i, pure=False)
+                        for b, i in zip(batches, indexes, strict=True)
+                    ]
 
                 shared = [] if job.download_per_variable else submit(list(group))
                 for var_index, data_var in enumerate(group):

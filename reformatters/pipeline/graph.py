@@ -69,9 +69,7 @@ def build_region_graph(
 
         with annotate(priority=priority - position / len(job.data_vars)):
             # Per-variable downloads of a file all need its inventory: one task per batch fetches them for all.
-            shares_indexes = (
-                job.download_per_variable and len(group) > 1 and bool(coords) and job.source_index_url(coords[0])
-            )
+            shares_indexes = shares_inventories(job, group, coords)
             indexes: list[Any] = [
                 delayed(index_kernel, pure=False)(job_key, batch, dask_key_name=f"index-{group_index}-{token}-{i}")
                 if shares_indexes
@@ -131,6 +129,11 @@ def build_region_graph(
                     delayed(upload, pure=False)(encoded, store_key, dask_key_name=f"upload-{data_var.name}-{token}")
                 )
     return uploads
+
+
+def shares_inventories(job: RegionJob[Any, Any], group: Sequence[Any], coords: Sequence[Any]) -> bool:
+    """Whether one task per batch fetches the inventories for every variable's downloads (see `source_index_url`)."""
+    return job.download_per_variable and len(group) > 1 and bool(coords) and job.source_index_url(coords[0]) is not None
 
 
 def coord_batches(job: RegionJob[Any, Any], coords: Sequence[Any]) -> list[list[Any]]:
