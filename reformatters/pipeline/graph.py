@@ -67,17 +67,16 @@ def build_region_graph(
         batches = coord_batches(job, coords)
         batches_per_read = max(1, job.read_batch_size // max(1, job.download_batch_size))
 
-        with annotate(priority=priority - position / len(job.data_vars)):
-            # Per-variable downloads of a file all need its inventory: one task per batch fetches them for all.
-            shares_indexes = shares_inventories(job, group, coords)
-            indexes: list[Any] = [
-                delayed(index_kernel, pure=False)(job_key, batch, dask_key_name=f"index-{group_index}-{token}-{i}")
-                if shares_indexes
-                else None
-                for i, batch in enumerate(batches)
-            ]
-        if shares_indexes and hold_shared is not None:
-            indexes = hold_shared(indexes)
+        # Per-variable downloads of a file all need its inventory: one task per batch fetches them for all.
+        indexes: list[Any] = [None] * len(batches)
+        if shares_inventories(job, group, coords):
+            with annotate(priority=priority - position / len(job.data_vars)):
+                indexes = [
+                    delayed(index_kernel, pure=False)(job_key, batch, dask_key_name=f"index-{group_index}-{token}-{i}")
+                    for i, batch in enumerate(batches)
+                ]
+            if hold_shared is not None:
+                indexes = hold_shared(indexes)
 
         def download_tasks(
             variables: Sequence[Any],

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import certifi
@@ -33,6 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from reformatters.sources.grib_index import IndexEntry, MergedRange, find_message, merge_byte_ranges, parse_index
 
 log = logging.getLogger("reformatters.sources")
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class SourceFileNotFoundError(FileNotFoundError):
@@ -398,13 +401,7 @@ def prefetch_indexes(
             if (text := cache.text(url)) is not None:
                 texts[url] = text
 
-    unique = list(dict.fromkeys(urls))
-    if len(unique) <= 1:
-        for url in unique:
-            fetch(url)
-    else:
-        with ThreadPoolExecutor(max_workers=min(len(unique), config.per_host_concurrency)) as pool:
-            list(pool.map(fetch, unique))
+    _in_parallel(fetch, list(dict.fromkeys(urls)), config.per_host_concurrency)
     return FetchedIndexes(texts, missing)
 
 
@@ -465,15 +462,17 @@ def fetch_grib_messages(
         return rng.split(data)
 
     out: dict[str, bytes] = {}
-    if not ranges:
-        return out
-    if len(ranges) == 1:
-        out = fetch(ranges[0])
-    else:
-        with ThreadPoolExecutor(max_workers=min(len(ranges), config.per_host_concurrency)) as pool:
-            for parts in pool.map(fetch, ranges):
-                out.update(parts)
+    for parts in _in_parallel(fetch, ranges, config.per_host_concurrency):
+        out.update(parts)
     return {key: out[key] for key in wanted}
+
+
+def _in_parallel(function: Callable[[T], R], items: Sequence[T], concurrency: int) -> list[R]:
+    """`function` over `items` in order, on up to `concurrency` threads when there is more than one item."""
+    if len(items) <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(len(items), concurrency)) as pool:
+        return list(pool.map(function, items))
 
 
 def write_atomic(path: Path | str, data: bytes) -> None:

@@ -187,7 +187,7 @@ def _regular_file(root: Path, rel: str) -> tuple[Path, int] | None:
     """The path and size of the regular file `rel` names under `root`, or None: one stat per request
     (a resolve() walks every path component); names climbing out of `root` are refused."""
     normal = os.path.normpath(rel)
-    if normal in (".", "") or normal.startswith(("../", "/")) or normal == "..":
+    if normal in (".", "..") or normal.startswith(("../", "/")):
         return None
     path = root / normal
     try:
