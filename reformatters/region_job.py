@@ -189,9 +189,11 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
         payload: bytes | Mapping[str, bytes],
         out: npt.NDArray[np.float32],
     ) -> None:
-        """`read_data` writing into `out`, the values' place in the variable-region buffer (a float32 view, often
-        strided). Shard writes decode through this hook: implementing it saves a field-sized array and a copy
-        per field. If it raises, the framework refills `out` with NaN. Default: `read_data`, copied in."""
+        """`read_data` writing into `out`, a float32 array of the field's shape: the values' place in the
+        variable-region buffer (a view, often strided), or a field of scratch that still holds the last field
+        read. Write every value of `out`, NaN where the source has none (the dataset kit checks this). Shard
+        writes decode through this hook: implementing it saves a field-sized array and a copy per field. If it
+        raises, the framework refills `out` with NaN. Default: `read_data`, copied in."""
         if type(self).read_data is RegionJob.read_data:
             raise NotImplementedError(f"{type(self).__name__} must implement read_data() or read_data_into()")
         values = np.asarray(self.read_data(coord, data_var, payload), dtype=np.float32)
@@ -206,12 +208,14 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
             cls.transforms_region = RegionJob.transforms_region  # type: ignore[method-assign]
 
     def transforms_region(self, data_var: DataVarT) -> bool:
-        """Whether `apply_data_transformations` changes this variable's values.
+        """Whether `apply_data_transformations` changes this variable's values; the hook is called only where
+        this says yes.
 
         The framework rounds every variable to its `keep_mantissa_bits`: one this says no to field by field
         as each is decoded (the field still in cache, no pass over the region), the others over the region
-        after the hook, so the hook sees unrounded values; and a variable this says no to is known to hold
-        only what was decoded (no scan for values in fields no file delivered). Default: True for every
+        after the hook, so the hook sees unrounded values. A variable this says no to is known to hold only
+        what was decoded (no scan for values in fields no file delivered) and its region buffer is laid out
+        chunk by chunk (compressed where it lies; see `pipeline.region_layout`). Default: True for every
         variable in a class that overrides the hook; override this beside the hook to name the variables the
         hook leaves alone."""
         return type(self).apply_data_transformations is not RegionJob.apply_data_transformations

@@ -21,6 +21,7 @@ import xarray as xr
 from reformatters.common.arrays import holds_only_nan
 from reformatters.common.binary_rounding import round_float32_inplace
 from reformatters.common.storage import ObjectStore
+from reformatters.pipeline.region_layout import RegionLayout
 from reformatters.pipeline.shard_encoding import ShardEncoder, padded_shape
 from reformatters.region_job import FieldShapeError, RegionJob, SourceFileCoord, SourceFileStatus
 from reformatters.sources.download import FetchedIndexes, prefetch_indexes, seed_indexes
@@ -213,6 +214,7 @@ class RegionBufferPool:
     worker holds one variable-region between encodes, never more. `warm` allocates the first one in the
     background while the downloads run, so no shard write waits for it. A buffer given back with the map of
     its 2-D slabs that may hold values is refilled there only (most of a region is often missing fields).
+    Buffers of the same size serve either `RegionLayout`: the refill follows the layout the buffer was used in.
     """
 
     def __init__(self, keep: int = 1) -> None:
@@ -222,56 +224,68 @@ class RegionBufferPool:
         self._warming: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def take(self, shape: tuple[int, ...], dtype: Any, fill: float) -> npt.NDArray[Any]:
+    def take(self, layout: RegionLayout | tuple[int, ...], dtype: Any, fill: float) -> npt.NDArray[Any]:
+        """A buffer of `layout.memory_shape` (a plain shape means row-major) holding only `fill`."""
+        layout = _as_layout(layout)
         with self._lock:
             warming = self._warming
         if warming is not None:
             warming.join()
-        key = (tuple(shape), np.dtype(dtype))
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(layout.memory_shape, dtype=np.int64)) * dtype.itemsize
         with self._lock:
             self._in_use += 1
-            idle = next((b for b in self._idle if (b.buffer.shape, b.buffer.dtype) == key), None)
+            idle = next((b for b in self._idle if (b.buffer.nbytes, b.buffer.dtype) == (nbytes, dtype)), None)
             if idle is not None:
                 self._idle.remove(idle)
         if idle is None:
-            return fresh_buffer(shape, dtype, fill)
+            return fresh_buffer(layout.memory_shape, dtype, fill)
         buffer = idle.buffer
-        if idle.dirty_slabs is None or idle.dirty_slabs.ndim == 0 or not _same_fill(idle.fill, fill):
+        if idle.dirty_slabs is None or not idle.dirty_slabs.shape or not _same_fill(idle.fill, fill):
             buffer.fill(fill)
         else:
             for index in zip(*np.nonzero(idle.dirty_slabs), strict=True):
-                buffer[index] = fill
-        return buffer
+                idle.layout.fill_slab(buffer, tuple(int(i) for i in index), fill)
+        return buffer.reshape(layout.memory_shape)
 
     def give_back(
-        self, buffer: npt.NDArray[Any], fill: float | None = None, dirty_slabs: npt.NDArray[np.bool_] | None = None
+        self,
+        buffer: npt.NDArray[Any],
+        fill: float | None = None,
+        dirty_slabs: npt.NDArray[np.bool_] | None = None,
+        layout: RegionLayout | None = None,
     ) -> None:
-        """Return `buffer` to the pool. With its `fill` and `dirty_slabs` (over its leading dims: the 2-D slabs
-        that may hold anything but `fill`), the next `take` refills only those; otherwise all of it."""
-        if dirty_slabs is not None and dirty_slabs.shape != buffer.shape[:-2]:
-            raise ValueError(f"dirty_slabs of shape {dirty_slabs.shape} for a buffer of shape {buffer.shape}")
-        idle = _IdleBuffer(buffer, fill, None if fill is None else dirty_slabs)
+        """Return `buffer` to the pool. With its `fill` and `dirty_slabs` (over its layout's leading dims: the 2-D
+        slabs that may hold anything but `fill`), the next `take` refills only those; otherwise all of it.
+        `layout`: how the buffer was used (default: row-major over its shape)."""
+        layout = layout or RegionLayout.rows(buffer.shape)
+        if buffer.shape != layout.memory_shape:
+            raise ValueError(f"a buffer of shape {buffer.shape} given back for a layout of {layout.memory_shape}")
+        if dirty_slabs is not None and dirty_slabs.shape != layout.slab_grid:
+            raise ValueError(f"dirty_slabs of shape {dirty_slabs.shape} for a buffer of shape {layout.shape}")
+        idle = _IdleBuffer(buffer, layout, fill, None if fill is None else dirty_slabs)
         with self._lock:
             self._in_use = max(0, self._in_use - 1)
             self._idle.append(idle)
             del self._idle[: max(0, len(self._idle) - self._keep)]
 
-    def warm(self, shape: tuple[int, ...], dtype: Any, fill: float) -> bool:
+    def warm(self, layout: RegionLayout | tuple[int, ...], dtype: Any, fill: float) -> bool:
         """Start allocating a buffer in the background if this worker has none at all; True if started."""
+        layout = _as_layout(layout)
         with self._lock:
             if self._idle or self._in_use or self._warming is not None or self._keep < 1:
                 return False
             self._warming = threading.Thread(
-                target=self._allocate, args=(tuple(shape), dtype, fill), name="region-buffer-warm", daemon=True
+                target=self._allocate, args=(layout, dtype, fill), name="region-buffer-warm", daemon=True
             )
             self._warming.start()
             return True
 
-    def _allocate(self, shape: tuple[int, ...], dtype: Any, fill: float) -> None:
+    def _allocate(self, layout: RegionLayout, dtype: Any, fill: float) -> None:
         try:
-            buffer = fresh_buffer(shape, dtype, fill)
+            buffer = fresh_buffer(layout.memory_shape, dtype, fill)
             with self._lock:
-                self._idle.append(_IdleBuffer(buffer, fill, np.zeros(buffer.shape[:-2], dtype=bool)))
+                self._idle.append(_IdleBuffer(buffer, layout, fill, np.zeros(layout.slab_grid, dtype=bool)))
                 del self._idle[: max(0, len(self._idle) - self._keep)]
         finally:
             with self._lock:
@@ -282,9 +296,14 @@ class RegionBufferPool:
             return len(self._idle)
 
 
+def _as_layout(layout: RegionLayout | tuple[int, ...]) -> RegionLayout:
+    return layout if isinstance(layout, RegionLayout) else RegionLayout.rows(layout)
+
+
 @dataclass(frozen=True)
 class _IdleBuffer:
     buffer: npt.NDArray[Any]
+    layout: RegionLayout  # how its last user laid values out: where `dirty_slabs` are
     fill: float | None  # what the buffer holds outside dirty_slabs; None: unknown, refill all of it
     dirty_slabs: npt.NDArray[np.bool_] | None
 
@@ -333,29 +352,96 @@ VariableInputs = Sequence[ReadOutcome] | Sequence[Sequence[DownloadOutcome]]
 class AssembledVariable:
     """One variable over the processing region, inside a buffer padded to the shard grid."""
 
-    data_array: xr.DataArray  # a view of `padded` over the processing region
-    padded: npt.NDArray[np.float32]  # position 0 along the append dim is the processing region's start
+    job: RegionJob[Any, Any]
+    data_var: Any
+    layout: RegionLayout
+    buffer: npt.NDArray[np.float32]  # position 0 along the append dim is the processing region's start
     results: list[SourceFileCoord]
-    delivered: npt.NDArray[np.bool_]  # over padded's leading dims: slabs that received a whole field
-    written: npt.NDArray[np.bool_]  # over padded's leading dims: slabs a read wrote any value into
+    delivered: npt.NDArray[np.bool_]  # over the layout's leading dims: slabs that received a whole field
+    written: npt.NDArray[np.bool_]  # over the layout's leading dims: slabs a read wrote any value into
+
+    def region_values(self) -> npt.NDArray[np.float32]:
+        """The processing region's values: a view of a row-major buffer, a copy from a chunk-major one."""
+        template_shape = self.job.template_ds[self.data_var.name].shape
+        inside = tuple(slice(0, n) for n in template_shape)
+        if not self.layout.chunk_major:
+            return self.buffer[inside]
+        values = np.empty(self.layout.shape, dtype=self.buffer.dtype)
+        for slab in np.ndindex(self.layout.slab_grid):
+            values[slab] = self.layout.read_field(self.buffer, slab)
+        return values[inside]
+
+    def data_array(self) -> xr.DataArray:
+        """The region as the transform hook gets it: a view of the (row-major) buffer, with the template's coords."""
+        if self.layout.chunk_major:
+            raise ValueError("a chunk-major buffer has no view of the region: assemble row-major to transform")
+        template = self.job.template_ds[self.data_var.name]
+        return xr.DataArray(self.region_values(), coords=template.coords, dims=template.dims, name=self.data_var.name)
+
+
+def choose_layout(
+    job: RegionJob[Any, Any],
+    data_var: Any,
+    encoder: ShardEncoder,
+    coords: Sequence[SourceFileCoord],
+    partial_shards: bool,
+) -> RegionLayout:
+    """Chunk-major when only decoded fields go into the region (no transform hook, no partial shard merged from
+    the region's values, one whole field per source coord) and the buffer holds the array's chunks whole;
+    row-major otherwise."""
+    shape = region_buffer_shape(job, data_var, encoder.shard_shape)
+    rows = RegionLayout.rows(shape)
+    chunks = encoder.chunk_shape
+    template = job.template_ds[data_var.name]
+    axis = template.dims.index(job.append_dim)
+    if job.transforms_region(data_var) or partial_shards or len(shape) < 3:
+        return rows
+    if any(n % c for n, c in zip(shape, chunks, strict=True)) or job.get_processing_region().start % chunks[axis]:
+        return rows
+    leading = set(template.dims[:-2])
+    if any(set(coord.out_loc()) != leading for coord in coords):
+        return rows
+    return RegionLayout.chunked(shape, chunks)
+
+
+def _input_coords(inputs: VariableInputs) -> list[SourceFileCoord]:
+    return [
+        coord
+        for item in inputs
+        for coord in (item.coords if isinstance(item, ReadOutcome) else [outcome.coord for outcome in item])
+    ]
+
+
+_field_scratch = threading.local()
+
+
+def _scratch_field(shape: tuple[int, int]) -> npt.NDArray[np.float32]:
+    """This thread's field to decode into before a chunk-major buffer takes it. It holds the last field read
+    (`read_data_into` writes every value; the kit checks each dataset does): no refill, 0.7 ms a GFS field."""
+    field_values: npt.NDArray[np.float32] | None = getattr(_field_scratch, "values", None)
+    if field_values is None or field_values.shape != shape:
+        field_values = np.full(shape, np.nan, dtype=np.float32)
+        _field_scratch.values = field_values
+    return field_values
 
 
 def assemble_variable(
-    job: RegionJob[Any, Any], data_var: Any, inputs: VariableInputs, shards: Sequence[int] | None = None
+    job: RegionJob[Any, Any], data_var: Any, inputs: VariableInputs, layout: RegionLayout
 ) -> AssembledVariable:
     """The processing region of one variable, NaN where no file delivered a field.
 
-    `inputs` are read tasks' outcomes, or download batches, decoded here one field at a time straight into
-    the buffer. The buffer comes from `REGION_BUFFERS`, padded to whole `shards` (every shard the region covers
-    is then a view of it); give it back once nothing refers to it.
+    `inputs` are read tasks' outcomes, or download batches, decoded here one field at a time (straight into a
+    row-major buffer; through a field of scratch into a chunk-major one). The buffer comes from
+    `REGION_BUFFERS`; give it back once nothing refers to it.
     """
     template = job.template_ds[data_var.name]
-    padded = REGION_BUFFERS.take(region_buffer_shape(job, data_var, shards), np.float32, np.nan)
-    values = padded[tuple(slice(0, n) for n in template.shape)]
+    buffer = REGION_BUFFERS.take(layout, np.float32, np.nan)
+    rows_view = None if layout.chunk_major else buffer[tuple(slice(0, n) for n in template.shape)]
+    field_shape = (template.shape[-2], template.shape[-1])
     indexes = {dim: template.get_index(dim) for dim in template.dims}
     results: list[SourceFileCoord] = []
-    delivered = np.zeros(padded.shape[:-2], dtype=bool)
-    written = np.zeros(padded.shape[:-2], dtype=bool)
+    delivered = np.zeros(layout.slab_grid, dtype=bool)
+    written = np.zeros(layout.slab_grid, dtype=bool)
 
     def locate(coord: SourceFileCoord) -> tuple[Any, ...]:
         location = coord.out_loc()
@@ -377,23 +463,32 @@ def assemble_variable(
                     results.append(coord)
                     if field_values is None:
                         continue
-                    target = values[(*position, ...)]
-                    FieldShapeError.check(data_var.name, coord.get_url(), field_values.shape, target.shape)
-                    target[...] = field_values
+                    if rows_view is None:
+                        FieldShapeError.check(data_var.name, coord.get_url(), field_values.shape, field_shape)
+                        layout.write_field(buffer, position[:-2], field_values)
+                    else:
+                        target = rows_view[(*position, ...)]
+                        FieldShapeError.check(data_var.name, coord.get_url(), field_values.shape, target.shape)
+                        target[...] = field_values
                     mark_read(position)
             else:
                 for outcome in item:
                     position = locate(outcome.coord)
-                    # The trailing Ellipsis keeps even a single point a view of the buffer.
-                    coord, read = read_one_into(job, data_var, outcome, values[(*position, ...)])
+                    if rows_view is None:
+                        scratch = _scratch_field(field_shape)
+                        coord, read = read_one_into(job, data_var, outcome, scratch)
+                        if read:
+                            layout.write_field(buffer, position[:-2], scratch)
+                    else:
+                        # The trailing Ellipsis keeps even a single point a view of the buffer.
+                        coord, read = read_one_into(job, data_var, outcome, rows_view[(*position, ...)])
                     results.append(coord)
                     if read:
                         mark_read(position)
     except BaseException:
-        REGION_BUFFERS.give_back(padded)
+        REGION_BUFFERS.give_back(buffer, layout=layout)
         raise
-    data_array = xr.DataArray(values, coords=template.coords, dims=template.dims, name=data_var.name)
-    return AssembledVariable(data_array, padded, results, delivered, written)
+    return AssembledVariable(job, data_var, layout, buffer, results, delivered, written)
 
 
 def encode_variable_kernel(
@@ -403,28 +498,37 @@ def encode_variable_kernel(
     var_metadata: bytes,
     final_store: ObjectStore,
     count_download_bytes: bool = False,
+    *,
+    chunk_major: bool = True,
 ) -> EncodedVariable:
-    """Assemble one variable-region (decoding downloads if given them), transform it, encode its shards."""
+    """Assemble one variable-region (decoding downloads if given them), transform it, encode its shards.
+    `chunk_major=False` keeps the buffer row-major even where chunk-major would do (to compare the two)."""
     limit_library_threads()
     encoder = ShardEncoder(var_metadata)
-    assembled = assemble_variable(job, data_var, inputs, encoder.shard_shape)
+    plan = ShardPlan.of(job, data_var, encoder, var_metadata)
+    coords = _input_coords(inputs)
+    layout = choose_layout(job, data_var, encoder, coords, bool(plan.partial))
+    if not chunk_major:
+        layout = RegionLayout.rows(layout.shape)
+    assembled = assemble_variable(job, data_var, inputs, layout)
     reads = [r for r in inputs if isinstance(r, ReadOutcome)]
     downloads = [d for batch in inputs if not isinstance(batch, ReadOutcome) for d in batch]
     fetched = sum(r.bytes_fetched for r in reads) + (_fetched(downloads) if count_download_bytes else 0)
     # Encoded chunks are copies: the buffer is free once the shards are encoded (or the encode failed).
     try:
-        job.apply_data_transformations(assembled.data_array, data_var)
         if job.transforms_region(data_var):
-            round_to_keep_bits(assembled.data_array.values, data_var)
-            holding_data = slabs_holding_data(assembled.padded, assembled.delivered)
+            data_array = assembled.data_array()
+            job.apply_data_transformations(data_array, data_var)
+            round_to_keep_bits(data_array.values, data_var)
+            holding_data = slabs_holding_data(assembled.buffer, assembled.delivered)
         else:
             holding_data = assembled.written  # only the reads wrote into the buffer
-        encoded = _encode_assembled(job, data_var, assembled, holding_data, encoder, var_metadata, final_store, fetched)
+        encoded = _encode_assembled(job, data_var, assembled, holding_data, encoder, plan, var_metadata, final_store)
     except BaseException:
-        REGION_BUFFERS.give_back(assembled.padded)
+        REGION_BUFFERS.give_back(assembled.buffer, layout=layout)
         raise
-    REGION_BUFFERS.give_back(assembled.padded, float(np.nan), dirty_slabs=holding_data)
-    return encoded
+    REGION_BUFFERS.give_back(assembled.buffer, float(np.nan), dirty_slabs=holding_data, layout=layout)
+    return EncodedVariable(data_var.name, encoded, _in_region(job, assembled.results), fetched)
 
 
 def slabs_holding_data(padded: npt.NDArray[np.float32], delivered: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
@@ -437,59 +541,89 @@ def slabs_holding_data(padded: npt.NDArray[np.float32], delivered: npt.NDArray[n
     return holding
 
 
+@dataclass(frozen=True)
+class ShardPlan:
+    """The shards a region job writes for one variable, counted along the append dim."""
+
+    axis: int
+    whole: list[int]  # shards the region covers whole: encoded from the region alone
+    partial: list[int]  # shards covered in part: merged into their published content
+
+    @classmethod
+    def of(cls, job: RegionJob[Any, Any], data_var: Any, encoder: ShardEncoder, var_metadata: bytes) -> ShardPlan:
+        region = job.region
+        axis = job.template_ds[data_var.name].dims.index(job.append_dim)
+        full_length = json.loads(var_metadata)["shape"][axis]
+        if region.stop > full_length:
+            raise ValueError(
+                f"{data_var.name}: region {region} runs past the array's {job.append_dim} length {full_length}"
+            )
+        unit = encoder.shard_shape[axis]
+        whole: list[int] = []
+        partial: list[int] = []
+        for index in range(region.start // unit, -(-region.stop // unit)):
+            shard_start = index * unit
+            covered = region.start <= shard_start and region.stop >= min(shard_start + unit, full_length)
+            (whole if covered else partial).append(index)
+        return cls(axis, whole, partial)
+
+
+def _in_region(job: RegionJob[Any, Any], results: Sequence[SourceFileCoord]) -> list[SourceFileCoord]:
+    """The results of the region itself, not of the processing region's extra positions."""
+    processing = job.get_processing_region()
+    region = job.region
+    offset = region.start - processing.start
+    in_region = set(job.template_ds.get_index(job.append_dim)[offset : offset + region.stop - region.start])
+    return [c for c in results if c.out_loc().get(job.append_dim) in in_region]
+
+
 def _encode_assembled(
     job: RegionJob[Any, Any],
     data_var: Any,
     assembled: AssembledVariable,
     holding_data: npt.NDArray[np.bool_],
     encoder: ShardEncoder,
+    plan: ShardPlan,
     var_metadata: bytes,
     final_store: ObjectStore,
-    bytes_fetched: int,
-) -> EncodedVariable:
+) -> dict[str, bytes]:
     processing = job.get_processing_region()
     region = job.region
-    data_array = assembled.data_array
-    axis = data_array.dims.index(job.append_dim)
-    offset = region.start - processing.start
-    in_region = set(job.template_ds.get_index(job.append_dim)[offset : offset + region.stop - region.start])
-    results = [c for c in assembled.results if c.out_loc().get(job.append_dim) in in_region]
-
+    axis = plan.axis
     array_shape = json.loads(var_metadata)["shape"]
-    full_length = array_shape[axis]
-    if region.stop > full_length:
-        raise ValueError(
-            f"{data_var.name}: region {region} runs past the array's {job.append_dim} length {full_length}"
-        )
-    unit = encoder.shard_shape[axis]
     shard_grid = [range(-(-n // s)) for n, s in zip(array_shape, encoder.shard_shape, strict=True)]
+    layout = assembled.layout
     objects: dict[str, bytes] = {}
-    partial: list[int] = []
-    for index in range(region.start // unit, -(-region.stop // unit)):
-        shard_start = index * unit
-        if region.start > shard_start or region.stop < min(shard_start + unit, full_length):
-            partial.append(index)
-            continue
+    for index in plan.whole:
         grid = list(shard_grid)
         grid[axis] = range(index, index + 1)
         for shard_index in itertools.product(*grid):
-            block = []
-            for dim, (i, s) in enumerate(zip(shard_index, encoder.shard_shape, strict=True)):
-                start = i * s - (processing.start if dim == axis else 0)
-                block.append(slice(start, start + s))
+            # The shard's first position in the buffer, which starts at the processing region's start.
+            origin = [i * s for i, s in zip(shard_index, encoder.shard_shape, strict=True)]
+            origin[axis] -= processing.start
+            slabs = tuple(slice(o, o + s) for o, s in zip(origin[:-2], encoder.shard_shape[:-2], strict=True))
             key = f"{data_var.name}/c/" + "/".join(map(str, shard_index))
-            objects[key] = encoder.encode(
-                assembled.padded[tuple(block)], holding_data[tuple(block[:-2])], others_hold_fill=True
-            )
-    if partial:
-        cut = [slice(None)] * data_array.ndim
+            if layout.chunk_major:
+                first_chunk = [o // c for o, c in zip(origin, encoder.chunk_shape, strict=True)]
+
+                def chunk_at(within: tuple[int, ...], first: list[int] = first_chunk) -> npt.NDArray[np.float32]:
+                    return layout.chunk(assembled.buffer, [f + w for f, w in zip(first, within, strict=True)])
+
+                objects[key] = encoder.encode_chunks(chunk_at, holding_data[slabs])
+            else:
+                block = tuple(slice(o, o + s) for o, s in zip(origin, encoder.shard_shape, strict=True))
+                objects[key] = encoder.encode(assembled.buffer[block], holding_data[slabs], others_hold_fill=True)
+    if plan.partial:
+        offset = region.start - processing.start
+        values = assembled.region_values()
+        cut = [slice(None)] * values.ndim
         cut[axis] = slice(offset, offset + (region.stop - region.start))
         objects.update(
             _merge_partial_shards(
-                data_var.name, data_array.values[tuple(cut)], partial, region, axis, var_metadata, final_store
+                data_var.name, values[tuple(cut)], plan.partial, region, axis, var_metadata, final_store
             )
         )
-    return EncodedVariable(data_var.name, objects, results, bytes_fetched)
+    return objects
 
 
 def _merge_partial_shards(

@@ -10,7 +10,7 @@ out of the shard (readers see the fill value), and the rest go through the array
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -98,8 +98,6 @@ class ShardEncoder:
         says the caller knows they hold only fill. Marking a slab that holds only fill is harmless: each chunk
         is checked again before it is encoded.
         """
-        from zarr.core.sync import sync
-
         if shard.shape != self.shard_shape:
             raise ValueError(f"shard of shape {shard.shape} given, the array's shards are {self.shard_shape}")
         if shard.dtype != self.dtype:
@@ -121,18 +119,58 @@ class ShardEncoder:
             for index in np.ndindex(slab_has_data.shape):
                 if not slab_has_data[index]:
                     slab_has_data[index] = not self._is_fill(shard[index])
+        chunk_shape = self.chunk_shape
+
+        def chunk_at(chunk_coords: tuple[int, ...]) -> npt.NDArray[Any]:
+            return shard[tuple(slice(i * c, (i + 1) * c) for i, c in zip(chunk_coords, chunk_shape, strict=True))]
+
+        return self._encode_shard(chunk_at, slab_has_data)
+
+    def encode_chunks(
+        self, chunk_at: Callable[[tuple[int, ...]], npt.NDArray[Any]], slabs_with_data: npt.NDArray[np.bool_]
+    ) -> bytes:
+        """The shard's object bytes from its chunks: `chunk_at(coords within the shard)` gives one (a chunk-major
+        buffer's chunk, C-contiguous, is compressed where it lies). `slabs_with_data` (over the shard's leading
+        dims) marks the 2-D slabs that may hold anything but fill; every other slab must hold only fill."""
+        if slabs_with_data.shape != self.shard_shape[:-2]:
+            raise ValueError(
+                f"slabs_with_data has shape {slabs_with_data.shape}, the shard's leading dims are "
+                f"{self.shard_shape[:-2]}"
+            )
+        if self._sharding is None:
+            chunk = self._checked(chunk_at((0,) * len(self.chunk_shape)))
+            return bytes(self._encode_chunk(self._copy_to_scratch(chunk)).to_bytes())
+        return self._encode_shard(chunk_at, slabs_with_data)
+
+    def _checked(self, chunk: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        if chunk.shape != self.chunk_shape or chunk.dtype != self.dtype:
+            raise ValueError(
+                f"chunk of {chunk.dtype} {chunk.shape} given, the array's chunks are {self.dtype} {self.chunk_shape}"
+            )
+        return chunk
+
+    def _encode_shard(
+        self, chunk_at: Callable[[tuple[int, ...]], npt.NDArray[Any]], slab_has_data: npt.NDArray[np.bool_]
+    ) -> bytes:
+        from zarr.core.sync import sync
+
+        assert self._sharding is not None
         chunk_map: dict[tuple[int, ...], Any] = {}
         for chunk_coords in itertools.product(*(range(n) for n in self.chunks_per_shard)):
             block = tuple(slice(i * c, (i + 1) * c) for i, c in zip(chunk_coords, self.chunk_shape, strict=True))
             chunk_has_data = slab_has_data[block[:-2]]
             if not chunk_has_data.any():
                 continue
+            chunk = self._checked(chunk_at(chunk_coords))
             fill_from_byte: int | None = None
             if chunk_has_data.all():
-                contiguous = self._copy_to_scratch(shard[block])
+                contiguous = self._copy_to_scratch(chunk)
             else:
-                contiguous = self._copy_data_slabs_to_scratch(shard[block], chunk_has_data)
-                # Slabs after the last one with data were written as fill: Blosc need not compress them.
+                # Slabs without data hold fill (contiguous chunks as they lie, copies as written) and those after
+                # the last slab with data need not be compressed.
+                contiguous = (
+                    chunk if chunk.flags.c_contiguous else self._copy_data_slabs_to_scratch(chunk, chunk_has_data)
+                )
                 fill_from_byte = (int(np.flatnonzero(chunk_has_data)[-1]) + 1) * self._slab_nbytes
             # A slab with data nearly always shows it at its first point: no scan of the chunk then.
             first_slab: tuple[int | slice, ...] = (
@@ -143,10 +181,8 @@ class ShardEncoder:
                 continue
             chunk_map[chunk_coords] = self._encode_chunk(contiguous, fill_from_byte)
         if not chunk_map:
-            first = (0,) * shard.ndim
-            chunk_map[first] = self._encode_chunk(
-                self._copy_to_scratch(shard[tuple(slice(0, c) for c in self.chunk_shape)])
-            )
+            first = (0,) * len(self.chunk_shape)
+            chunk_map[first] = self._encode_chunk(self._copy_to_scratch(self._checked(chunk_at(first))))
         shard_bytes = sync(
             self._sharding._encode_shard_dict(
                 chunk_map,
