@@ -93,6 +93,40 @@ def test_direct_shards_match_zarrs_own_write_without_empty_chunks(tmp_path: Path
             assert (direct / relative).read_bytes() == shard.read_bytes(), relative
 
 
+def test_shards_with_the_index_first_match_zarrs_own_write(tmp_path: Path) -> None:
+    """The shard's index leads the object: every chunk offset moves by the index's length."""
+    from zarr.codecs import BytesCodec, ShardingCodec
+
+    limit_library_threads()
+    values = sample_values(2)
+    paths = {name: tmp_path / f"{name}.zarr" for name in ("direct", "reference")}
+    for path in paths.values():
+        zarr.create_array(
+            str(path),
+            shape=SHAPE,
+            chunks=SHARDS,
+            dtype="float32",
+            fill_value=float("nan"),
+            serializer=ShardingCodec(
+                chunk_shape=CHUNKS,
+                codecs=[BytesCodec(), BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")],
+                index_location="start",
+            ),
+            compressors=None,
+        )
+    write_shards(paths["direct"], values)
+    with zarr.config.set({"array.write_empty_chunks": False}):
+        zarr.open_array(str(paths["reference"]), mode="r+")[...] = values
+    compared = 0
+    for shard in sorted((paths["reference"] / "c").rglob("*")):
+        if shard.is_file():
+            relative = shard.relative_to(paths["reference"])
+            assert (paths["direct"] / relative).read_bytes() == shard.read_bytes(), relative
+            compared += 1
+    assert compared == 2 * 1 * 2 * 2
+    np.testing.assert_array_equal(zarr.open_array(str(paths["direct"]), mode="r")[...], values)
+
+
 def test_an_all_fill_shard_still_yields_an_object_that_reads_as_fill(tmp_path: Path) -> None:
     path = tmp_path / "empty.zarr"
     create_array(path)

@@ -152,7 +152,6 @@ class ShardEncoder:
     def _encode_shard(
         self, chunk_at: Callable[[tuple[int, ...]], npt.NDArray[Any]], slab_has_data: npt.NDArray[np.bool_]
     ) -> bytes:
-        from zarr.core.sync import sync
 
         assert self._sharding is not None
         chunk_map: dict[tuple[int, ...], Any] = {}
@@ -183,15 +182,34 @@ class ShardEncoder:
         if not chunk_map:
             first = (0,) * len(self.chunk_shape)
             chunk_map[first] = self._encode_chunk(self._copy_to_scratch(self._checked(chunk_at(first))))
-        shard_bytes = sync(
-            self._sharding._encode_shard_dict(
-                chunk_map,
-                chunks_per_shard=self.chunks_per_shard,
-                buffer_prototype=self._prototype,
-            )
-        )
-        assert shard_bytes is not None  # at least one chunk is always encoded
-        return bytes(shard_bytes.to_bytes())
+        return self._join_shard(chunk_map)
+
+    def _join_shard(self, chunk_map: dict[tuple[int, ...], Any]) -> bytes:
+        """The shard object: its chunks in zarr's (Morton) order and the index, copied once into one bytes
+        object (zarr's own shard writer joins them into a buffer, then copies that to bytes: 0.6 ms a GFS field)."""
+        from zarr.codecs.sharding import ShardingCodecIndexLocation, _ShardIndex
+        from zarr.core.indexing import morton_order_iter
+        from zarr.core.sync import sync
+
+        assert self._sharding is not None
+        index = _ShardIndex.create_empty(self.chunks_per_shard)
+        pieces: list[memoryview] = []
+        start = 0
+        for chunk_coords in morton_order_iter(self.chunks_per_shard):
+            encoded = chunk_map.get(chunk_coords)
+            if encoded is None or len(encoded) == 0:
+                continue
+            pieces.append(memoryview(encoded.as_numpy_array()))  # the chunk's bytes, not a copy
+            index.set_chunk_slice(chunk_coords, slice(start, start + len(encoded)))
+            start += len(encoded)
+        index_bytes = sync(self._sharding._encode_shard_index(index)).as_numpy_array().data
+        if self._sharding.index_location == ShardingCodecIndexLocation.start:
+            # Offsets count from the object's start, so they move by the index's own length.
+            present = index.offsets_and_lengths[..., 0] != np.iinfo(np.uint64).max
+            index.offsets_and_lengths[present, 0] += len(index_bytes)
+            index_bytes = sync(self._sharding._encode_shard_index(index)).as_numpy_array().data
+            return b"".join([index_bytes, *pieces])
+        return b"".join([*pieces, index_bytes])
 
     def _copy_to_scratch(self, block: npt.NDArray[Any]) -> npt.NDArray[Any]:
         """`block` as a C-contiguous array: a copy into this encoder's scratch chunk unless it already is one."""
