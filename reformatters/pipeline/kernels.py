@@ -519,8 +519,11 @@ def encode_variable_kernel(
         if job.transforms_region(data_var):
             data_array = assembled.data_array()
             job.apply_data_transformations(data_array, data_var)
-            round_to_keep_bits(data_array.values, data_var)
             holding_data = slabs_holding_data(assembled.buffer, assembled.delivered)
+            # Only slabs holding values: a forecast's region is often mostly leads not published (yet).
+            region = data_array.values
+            for slab in zip(*np.nonzero(holding_data[tuple(slice(0, n) for n in region.shape[:-2])]), strict=True):
+                round_to_keep_bits(region[slab], data_var)
         else:
             holding_data = assembled.written  # only the reads wrote into the buffer
         encoded = _encode_assembled(job, data_var, assembled, holding_data, encoder, plan, var_metadata, final_store)
