@@ -38,8 +38,18 @@ def check_report(report: dict[str, Any], sizes: tuple[int, ...], fields_per_init
     assert 0 < bound["seconds_per_field_one_core"] < 10
     assert bound["fields_per_second"] == pytest.approx(bound["cores"] / bound["seconds_per_field_one_core"])
     samples = bound["samples_seconds_per_field"]
-    assert len(samples) == 2, "measured before and after the runs"
-    assert bound["seconds_per_field_one_core"] == pytest.approx(sum(samples) / 2)
+    assert len(samples) == len(MODES) + 1, "measured before the runs and after each mode's"
+    assert bound["seconds_per_field_one_core"] == pytest.approx(sum(samples) / len(samples))
+    # Each mode is judged against the measurements just before and after its runs.
+    assert list(report["bound_by_mode"]) == list(MODES)
+    for i, mode in enumerate(MODES):
+        around = report["bound_by_mode"][mode]
+        assert around["samples_seconds_per_field"] == samples[i : i + 2], mode
+        assert report["derived"][mode]["bound_ms_per_field"] == pytest.approx(
+            1000 * around["seconds_per_field_one_core"]
+        )
+    order = [r["mode"] for r in report["runs"]]
+    assert order == sorted(order, key=list(MODES).index), "each mode's sizes run back to back"
 
     runs = report["runs"]
     assert {(r["mode"], r["size"]) for r in runs} == {(m, s) for m in MODES for s in sizes}
@@ -87,7 +97,7 @@ def check_report(report: dict[str, Any], sizes: tuple[int, ...], fields_per_init
         assert set(cpu) == {"workers", "driver", "server"} and all(math.isfinite(v) for v in cpu.values()), mode
         if sum(cpu.values()) > 0:
             assert derived[mode]["cpu_efficiency_vs_bound"] == pytest.approx(
-                bound["seconds_per_field_one_core"] * 1000 / sum(cpu.values())
+                report["bound_by_mode"][mode]["seconds_per_field_one_core"] * 1000 / sum(cpu.values())
             )
         if mode != "naive":
             assert math.isfinite(derived[mode]["efficiency_vs_bound"]) == slower[mode], mode
