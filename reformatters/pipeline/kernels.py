@@ -361,20 +361,15 @@ class AssembledVariable:
     written: npt.NDArray[np.bool_]  # over the layout's leading dims: slabs a read wrote any value into
 
     def region_values(self) -> npt.NDArray[np.float32]:
-        """The processing region's values: a view of a row-major buffer, a copy from a chunk-major one."""
+        """The processing region's values, a view of the buffer (row-major only: `choose_layout` picks row-major
+        wherever the region is needed as one array)."""
+        if self.layout.chunk_major:
+            raise ValueError("a chunk-major buffer has no view of the region: assemble it row-major")
         template_shape = self.job.template_ds[self.data_var.name].shape
-        inside = tuple(slice(0, n) for n in template_shape)
-        if not self.layout.chunk_major:
-            return self.buffer[inside]
-        values = np.empty(self.layout.shape, dtype=self.buffer.dtype)
-        for slab in np.ndindex(self.layout.slab_grid):
-            values[slab] = self.layout.read_field(self.buffer, slab)
-        return values[inside]
+        return self.buffer[tuple(slice(0, n) for n in template_shape)]
 
     def data_array(self) -> xr.DataArray:
-        """The region as the transform hook gets it: a view of the (row-major) buffer, with the template's coords."""
-        if self.layout.chunk_major:
-            raise ValueError("a chunk-major buffer has no view of the region: assemble row-major to transform")
+        """The region as the transform hook gets it: a view of the buffer, with the template's coords."""
         template = self.job.template_ds[self.data_var.name]
         return xr.DataArray(self.region_values(), coords=template.coords, dims=template.dims, name=self.data_var.name)
 
