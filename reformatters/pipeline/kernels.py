@@ -543,6 +543,7 @@ def slabs_holding_data(padded: npt.NDArray[np.float32], delivered: npt.NDArray[n
 class ShardPlan:
     """The shards a region job writes for one variable, counted along the append dim."""
 
+    array_shape: tuple[int, ...]
     axis: int
     whole: list[int]  # shards the region covers whole: encoded from the region alone
     partial: list[int]  # shards covered in part: merged into their published content
@@ -551,7 +552,8 @@ class ShardPlan:
     def of(cls, job: RegionJob[Any, Any], data_var: Any, encoder: ShardEncoder, var_metadata: bytes) -> ShardPlan:
         region = job.region
         axis = job.template_ds[data_var.name].dims.index(job.append_dim)
-        full_length = json.loads(var_metadata)["shape"][axis]
+        array_shape = tuple(json.loads(var_metadata)["shape"])
+        full_length = array_shape[axis]
         if region.stop > full_length:
             raise ValueError(
                 f"{data_var.name}: region {region} runs past the array's {job.append_dim} length {full_length}"
@@ -563,7 +565,7 @@ class ShardPlan:
             shard_start = index * unit
             covered = region.start <= shard_start and region.stop >= min(shard_start + unit, full_length)
             (whole if covered else partial).append(index)
-        return cls(axis, whole, partial)
+        return cls(array_shape, axis, whole, partial)
 
 
 def _in_region(job: RegionJob[Any, Any], results: Sequence[SourceFileCoord]) -> list[SourceFileCoord]:
@@ -588,8 +590,7 @@ def _encode_assembled(
     processing = job.get_processing_region()
     region = job.region
     axis = plan.axis
-    array_shape = json.loads(var_metadata)["shape"]
-    shard_grid = [range(-(-n // s)) for n, s in zip(array_shape, encoder.shard_shape, strict=True)]
+    shard_grid = [range(-(-n // s)) for n, s in zip(plan.array_shape, encoder.shard_shape, strict=True)]
     layout = assembled.layout
     objects: dict[str, bytes] = {}
     for index in plan.whole:

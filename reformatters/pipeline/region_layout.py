@@ -79,13 +79,6 @@ class RegionLayout:
         tiles = buffer[index]  # (chunk rows, chunk columns, rows, columns)
         return np.asarray(tiles).transpose(0, 2, 1, 3)
 
-    def field_view(self, buffer: npt.NDArray[Any], slab: tuple[int, ...], field_shape: Sequence[int]) -> Any:
-        """Row-major only: the slab's first `field_shape` values, a view to decode into."""
-        if self.chunks is not None:
-            raise ValueError("a chunk-major buffer has no view of a whole field; use write_field")
-        index: tuple[Any, ...] = (*slab, slice(0, field_shape[0]), slice(0, field_shape[1]))
-        return buffer[index]
-
     def write_field(self, buffer: npt.NDArray[Any], slab: tuple[int, ...], values: npt.NDArray[Any]) -> None:
         """Put a field (at most the slab's size; the rest of the slab keeps its padding) into slab `slab`."""
         rows, columns = values.shape
@@ -114,13 +107,6 @@ class RegionLayout:
             )
         if rest_rows and rest_columns:
             tiles[whole_rows, :rest_rows, whole_columns, :rest_columns] = values[top:, left:]
-
-    def read_field(self, buffer: npt.NDArray[Any], slab: tuple[int, ...]) -> npt.NDArray[Any]:
-        """The whole slab as a (rows, columns) array: a view when row-major, a copy when chunk-major."""
-        if self.chunks is None:
-            return np.asarray(buffer[slab])
-        tiles = self._slab_tiles(buffer, slab)
-        return np.ascontiguousarray(tiles).reshape(self.field_shape)
 
     def fill_slab(self, buffer: npt.NDArray[Any], slab: tuple[int, ...], fill: float) -> None:
         if self.chunks is None:

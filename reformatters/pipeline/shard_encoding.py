@@ -152,7 +152,6 @@ class ShardEncoder:
     def _encode_shard(
         self, chunk_at: Callable[[tuple[int, ...]], npt.NDArray[Any]], slab_has_data: npt.NDArray[np.bool_]
     ) -> bytes:
-
         assert self._sharding is not None
         chunk_map: dict[tuple[int, ...], Any] = {}
         for chunk_coords in itertools.product(*(range(n) for n in self.chunks_per_shard)):
