@@ -7,6 +7,8 @@ Everything runs in one process tree: this driver, the archive server (a subproce
 worker processes and the naive script (a spawned subprocess). Each measured mode runs at two sizes (init times)
 with the same leads and variables, so the fixed cost of a run and its marginal (warm) throughput separate:
 marginal = (work at the larger size - work at the smaller) / (wall at the larger - wall at the smaller).
+A mode's sizes run back to back; the machine's bound is measured before the first mode and after each one,
+and a mode is judged against the two measurements around it (this VM's speed per core drifts within minutes).
 """
 
 from __future__ import annotations
@@ -1130,15 +1132,27 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path | N
     parser.add_argument(
         "--leads", type=_parse_ints, default="0-48", help="lead hours in the archive, e.g. 0-48 or 0,1,2,6"
     )
-    parser.add_argument("--variables", default=",".join(DEFAULT_VARIABLES))
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--variables", default=",".join(DEFAULT_VARIABLES), help="GFS variables, comma-separated")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated, run in this order; of {', '.join(MODES)}"
+    )
     parser.add_argument("--workers", type=int, default=None, help="default: what open_client('local') picks")
-    parser.add_argument("--filler-ratio", type=float, default=3.0)
-    parser.add_argument("--bound-fields", type=int, default=105)
+    parser.add_argument(
+        "--filler-ratio",
+        type=float,
+        default=3.0,
+        help="filler messages per wanted message in each file, each as large as one",
+    )
+    parser.add_argument(
+        "--bound-fields",
+        type=int,
+        default=105,
+        help="fields per variable in each measurement of the bound (at most 105, one lead chunk)",
+    )
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs of each mode and size; the fastest counts (default 1)"
     )
-    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None, help="where runs write (default: a temporary directory)")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     args = parser.parse_args(argv)
     config = BenchConfig(
