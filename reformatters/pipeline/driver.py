@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from distributed import Client, Future, as_completed
 
@@ -22,6 +22,14 @@ log = logging.getLogger("reformatters.driver")
 
 class RegionFailedError(RuntimeError):
     pass
+
+
+class CompletionQueue(Protocol):
+    """What the driver needs of `distributed.as_completed`: futures added, then yielded as they finish."""
+
+    def add(self, future: Future[Any]) -> None: ...
+
+    def __iter__(self) -> Iterator[Future[Any]]: ...
 
 
 @dataclass
@@ -62,8 +70,11 @@ def run_region_jobs(
     max_variables_in_flight: int | None = None,
     on_region_done: RegionCallback | None = None,
     upload_for: UploadFactory | None = None,
+    completion_queue: Callable[[], CompletionQueue] = as_completed,
 ) -> list[RegionOutcome]:
-    """Run every job; `on_region_done` is called in completion order, the returned list is in job order.
+    """Run every job and return one outcome per job, in job order, or raise `RegionFailedError`.
+
+    `on_region_done` is called in completion order.
 
     Variable-regions (one variable's shard writes for one region) go to the scheduler in append order, at most
     `max_variables_in_flight` at once (and, if given, from at most `max_regions_in_flight` regions), so a
@@ -79,7 +90,7 @@ def run_region_jobs(
     pending_units: deque[tuple[int, list[Any]]] = deque()  # (region index, delayed uploads submitted together)
     regions: dict[int, _RegionInFlight] = {}
     outcomes: dict[int, RegionOutcome] = {}
-    completed = as_completed()
+    completed = completion_queue()
     future_region: dict[str, int] = {}
     variables_in_flight = 0
     store_ref = client.scatter(final_store, hash=False)
@@ -139,16 +150,16 @@ def run_region_jobs(
         for future in completed:
             index = future_region.pop(future.key)
             affinity.release(future.key)
-            if index not in regions:
-                continue
-            region = regions[index]
-            if future.status == "error":
-                error = future.exception()
-                raise RegionFailedError(
-                    f"region {region.job.describe()} failed: {type(error).__name__}: {error}"
-                ) from error
             variables_in_flight -= 1
-            if len(region.futures) == region.variables and all(f.done() for f in region.futures):
+            region = regions[index]
+            if future.status != "finished":
+                error = future.exception() if future.status == "error" else None
+                reason = f"{type(error).__name__}: {error}" if error is not None else f"task {future.status}"
+                raise RegionFailedError(f"region {region.job.describe()} failed: {reason}") from error
+            # A region is done when each of its results has been taken from the queue; a sibling future being
+            # done already is not enough: its result is still queued and must find the region open.
+            region.received += 1
+            if region.received == region.variables:
                 results = [f.result() for f in region.futures]
                 del regions[index]
                 outcome = RegionOutcome(index, region.job, results, time.perf_counter() - region.started)
@@ -159,6 +170,12 @@ def run_region_jobs(
     finally:
         for region in regions.values():
             client.cancel(region.futures + region.shared)
+    unfinished = [job.describe() for i, job in enumerate(jobs) if i not in outcomes]
+    if unfinished:
+        raise RegionFailedError(
+            f"{len(unfinished)} of {len(jobs)} regions never completed (first: {unfinished[0]}); nothing is "
+            "published for them: re-run the same command to finish them"
+        )
     return [outcomes[i] for i in sorted(outcomes)]
 
 
@@ -208,3 +225,4 @@ class _RegionInFlight:
     job_ref: Future[Any]  # held until the region is done
     shared: list[Future[Any]]  # tasks every variable of the region depends on, held until the region is done
     futures: list[Future[Any]] = field(default_factory=list)
+    received: int = 0  # results taken from the completion queue
