@@ -91,7 +91,7 @@ def run_region_jobs(
     regions: dict[int, _RegionInFlight] = {}
     outcomes: dict[int, RegionOutcome] = {}
     completed = completion_queue()
-    future_region: dict[str, int] = {}
+    future_region: dict[Any, int] = {}  # future key -> region index
     variables_in_flight = 0
     store_ref = client.scatter(final_store, hash=False)
     affinity = WorkerAffinity(client)
@@ -192,7 +192,7 @@ class WorkerAffinity:
     def __init__(self, client: Client) -> None:
         self._client = client
         self._in_flight: dict[str, int] = {}
-        self._worker_of: dict[str, str] = {}
+        self._worker_of: dict[Any, str] = {}  # future key -> worker address
         self._workers: list[str] = []
         self._refreshed_at = float("-inf")
 
@@ -206,12 +206,12 @@ class WorkerAffinity:
             return None
         return min(workers, key=lambda address: (self._in_flight.get(address, 0), address))
 
-    def assign(self, key: str, worker: str | None) -> None:
+    def assign(self, key: Any, worker: str | None) -> None:
         if worker is not None:
             self._worker_of[key] = worker
             self._in_flight[worker] = self._in_flight.get(worker, 0) + 1
 
-    def release(self, key: str) -> None:
+    def release(self, key: Any) -> None:
         worker = self._worker_of.pop(key, None)
         if worker is not None:
             self._in_flight[worker] -= 1
