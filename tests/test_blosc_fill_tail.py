@@ -76,16 +76,21 @@ def test_a_chunk_of_another_size_is_refused() -> None:
         fill_tail.encode(np.zeros((10, 64, 64), dtype=np.float32), SLAB)
 
 
+@pytest.mark.parametrize("checksum", [True, False])
 @pytest.mark.parametrize("fill", [np.nan, -1.0])
-def test_shards_with_part_filled_lead_chunks_match_zarrs_own_write(tmp_path: Path, fill: float) -> None:
-    """A forecast's first lead chunk part data, part leads not published: the shard bytes equal zarr's."""
+def test_shards_with_part_filled_lead_chunks_match_zarrs_own_write(tmp_path: Path, fill: float, checksum: bool) -> None:
+    """A forecast's first lead chunk part data, part leads not published: the shard bytes equal zarr's, with
+    the project's CRC-32C after Blosc or without it."""
     limit_library_threads()
     shape, chunks, shards = (2, 120, 64, 128), (1, 60, 64, 64), (1, 120, 64, 128)
     values = np.full(shape, fill, dtype=np.float32)
     values[0, :13] = np.concatenate([field_like(1), field_like(2)], axis=2)[:13]
     values[1, :41] = np.concatenate([field_like(3), field_like(4)], axis=2)[:41]
     values[1, 5] = fill  # a missing lead inside the data
-    arrays = {name: create_array(tmp_path / name, fill, shape, chunks, shards) for name in ("direct", "reference")}
+    arrays = {
+        name: create_array(tmp_path / name, fill, shape, chunks, shards, checksum=checksum)
+        for name in ("direct", "reference")
+    }
     with zarr.config.set({"array.write_empty_chunks": False}):
         arrays["reference"][...] = values
     encoder = ShardEncoder((tmp_path / "direct" / "zarr.json").read_bytes())

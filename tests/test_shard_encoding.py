@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from reformatters.common.binary_rounding import round_float32_inplace
 from reformatters.pipeline.kernels import limit_library_threads
@@ -25,7 +25,9 @@ def create_array(
     shape: tuple[int, ...] = SHAPE,
     chunks: tuple[int, ...] = CHUNKS,
     shards: tuple[int, ...] = SHARDS,
+    checksum: bool = True,
 ) -> zarr.Array:
+    """An array with the project's inner codec chain (Blosc, then a CRC-32C of each chunk), or Blosc alone."""
     return zarr.create_array(
         str(path),
         shape=shape,
@@ -33,7 +35,7 @@ def create_array(
         shards=shards,
         dtype="float32",
         fill_value=fill_value,
-        compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")],
+        compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), *([Crc32cCodec()] if checksum else [])],
     )
 
 
@@ -78,15 +80,16 @@ def test_direct_shards_read_back_exactly(tmp_path: Path) -> None:
     np.testing.assert_array_equal(zarr.open_array(str(path), mode="r")[...], values)
 
 
-def test_direct_shards_match_zarrs_own_write_without_empty_chunks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("checksum", [True, False])
+def test_direct_shards_match_zarrs_own_write_without_empty_chunks(tmp_path: Path, checksum: bool) -> None:
     limit_library_threads()
     values = sample_values(1)
     direct = tmp_path / "direct.zarr"
-    create_array(direct)
+    create_array(direct, checksum=checksum)
     write_shards(direct, values)
     reference = tmp_path / "reference.zarr"
     with zarr.config.set({"array.write_empty_chunks": False}):
-        create_array(reference)[...] = values
+        create_array(reference, checksum=checksum)[...] = values
     for shard in sorted((reference / "c").rglob("*")):
         if shard.is_file():
             relative = shard.relative_to(reference)
@@ -109,7 +112,7 @@ def test_shards_with_the_index_first_match_zarrs_own_write(tmp_path: Path) -> No
             fill_value=float("nan"),
             serializer=ShardingCodec(
                 chunk_shape=CHUNKS,
-                codecs=[BytesCodec(), BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")],
+                codecs=[BytesCodec(), BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec()],
                 index_location="start",
             ),
             compressors=None,

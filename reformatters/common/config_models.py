@@ -38,6 +38,10 @@ class Encoding(FrozenModel):
     chunks: tuple[int, ...]
     shards: tuple[int, ...] | None = None
     compressors: tuple[BloscCompressor, ...] = (BloscCompressor(),)
+    # A CRC-32C of each compressed chunk, checked on every read: a reader that combines a shard's index with
+    # chunks of another version of the shard (a partial read while the object is replaced) gets an error,
+    # never wrong values.
+    checksum: Literal["crc32c"] | None = "crc32c"
     # CF time encoding for datetime64 / timedelta64 coordinates.
     units: str | None = None
     calendar: str | None = None
@@ -70,11 +74,16 @@ class Encoding(FrozenModel):
         """The smallest independently writable block: the shard if sharded, else the chunk."""
         return self.shards if self.shards is not None else self.chunks
 
+    def _checksum_codecs(self) -> tuple[Any, ...]:
+        from zarr.codecs import Crc32cCodec
+
+        return (Crc32cCodec(),) if self.checksum == "crc32c" else ()
+
     def to_xarray_encoding(self) -> dict[str, Any]:
         encoding: dict[str, Any] = {
             "dtype": self.dtype,
             "chunks": self.chunks,
-            "compressors": tuple(c.to_codec() for c in self.compressors),
+            "compressors": (*(c.to_codec() for c in self.compressors), *self._checksum_codecs()),
         }
         if self.shards is not None:
             encoding["shards"] = self.shards

@@ -75,6 +75,7 @@ class ShardEncoder:
         self._scratch: npt.NDArray[Any] | None = None
         self._direct_codecs = _synchronous_codecs(self._pipeline)
         self._fill_tail = _blosc_fill_tail(self._direct_codecs, self.chunk_shape, self.dtype, fill)
+        self._fill_tail_checksum = self._fill_tail is not None and len(self._direct_codecs[1]) == 2  # type: ignore[index]
         self._slab_nbytes = int(np.prod(self.chunk_shape[-2:])) * self.dtype.itemsize
 
     def _is_fill(self, values: npt.NDArray[Any]) -> bool:
@@ -246,6 +247,8 @@ class ShardEncoder:
         if fill_from_byte is not None and self._fill_tail is not None:
             frame = self._fill_tail.encode(chunk, fill_from_byte)
             if frame is not None:
+                if self._fill_tail_checksum:
+                    frame = with_crc32c(frame)
                 return self._prototype.buffer.from_bytes(frame)
 
         nd_buffer = self._prototype.nd_buffer.from_numpy_array(chunk)
@@ -265,6 +268,13 @@ class ShardEncoder:
         return encoded
 
 
+def with_crc32c(frame: bytes) -> bytes:
+    """`frame` followed by its CRC-32C, little-endian: what zarr's `crc32c` codec appends."""
+    import google_crc32c
+
+    return frame + np.uint32(google_crc32c.value(frame)).tobytes()
+
+
 def _synchronous_codecs(pipeline: Any) -> tuple[Any, list[Any]] | None:
     """(array-to-bytes codec, bytes-to-bytes codecs) when every codec of `pipeline` can encode synchronously
     and none transforms the array first; None otherwise (then chunks go through zarr's async pipeline)."""
@@ -281,8 +291,9 @@ def _synchronous_codecs(pipeline: Any) -> tuple[Any, list[Any]] | None:
 def _blosc_fill_tail(
     direct_codecs: tuple[Any, list[Any]] | None, chunk_shape: Sequence[int], dtype: np.dtype[Any], fill: Any
 ) -> BloscFillTail | None:
-    """A fill-tail compressor when a chunk's bytes are its values as they lie in memory, then Blosc alone."""
-    from zarr.codecs import BloscCodec, BytesCodec
+    """A fill-tail compressor when a chunk's bytes are its values as they lie in memory, then Blosc (and at most
+    a CRC-32C of the compressed frame after it, which the caller appends)."""
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 
     if direct_codecs is None or fill is None:
         return None
@@ -292,7 +303,9 @@ def _blosc_fill_tail(
         return None
     if dtype.itemsize > 1 and array_bytes.endian is not None and array_bytes.endian.value != native:
         return None
-    if len(bytes_codecs) != 1 or not isinstance(bytes_codecs[0], BloscCodec):
+    if not bytes_codecs or not isinstance(bytes_codecs[0], BloscCodec):
+        return None
+    if len(bytes_codecs) > 2 or (len(bytes_codecs) == 2 and not isinstance(bytes_codecs[1], Crc32cCodec)):
         return None
     blosc = bytes_codecs[0]
     shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[blosc.shuffle.value]

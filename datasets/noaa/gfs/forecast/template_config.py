@@ -354,7 +354,7 @@ def gfs_forecast_template_config() -> GfsForecastTemplateConfig:
         template_append_length=4,
         dataset_attributes=DatasetAttributes(
             dataset_id="noaa-gfs-forecast",
-            dataset_version="0.1.0",
+            dataset_version="0.2.0",
             name="NOAA GFS forecast",
             description="Weather forecasts from the Global Forecast System (GFS) operated by NOAA NWS NCEP.",
             attribution="NOAA NWS NCEP GFS data processed by reformatters.",
