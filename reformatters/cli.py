@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from reformatters.cluster import ClusterUnavailableError
+from reformatters.publish import DEFAULT_LEASE_WAIT_SECONDS, RunCannotStartError
 from reformatters.common.time_utils import parse_utc
 from reformatters.region_job import RegionJobFilters
 from reformatters.registry import UnknownDatasetError, get_dataset
@@ -58,9 +59,27 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def _fail(message: str) -> typer.Exit:
+# Another publisher holds the store's lease: distinct from every other failure, so a scheduler can retry later.
+EXIT_LEASE_HELD = 3
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
+    return typer.Exit(code=code)
+
+
+def _run_failure(error: Exception) -> typer.Exit:
+    """One line for a run that could not start or was refused: the message says what to do."""
+    from reformatters.update.lease import LeaseHeldError
+
+    return _fail(" ".join(str(error).split()), EXIT_LEASE_HELD if isinstance(error, LeaseHeldError) else 2)
+
+
+# What a run raises when it cannot start or must not publish; everything else is a bug and keeps its traceback.
+def _run_failures() -> tuple[type[Exception], ...]:
+    from reformatters.sources.reachability import SourceUnreachableError
+
+    return (ClusterUnavailableError, RunCannotStartError, SourceUnreachableError, ValueError)
 
 
 def _dataset(dataset_id: str) -> Any:
@@ -109,8 +128,15 @@ def backfill(
     source_url: SourceUrlOption = None,
     workers: Annotated[int | None, typer.Option(help="Workers for --cluster local.")] = None,
     summary: Annotated[Path | None, typer.Option(help="Also write the run summary as JSON here.")] = None,
+    lease_wait: Annotated[
+        float,
+        typer.Option(
+            help="Seconds to wait while another backfill or update publishes to the store (it holds the lease); "
+            f"exit status {EXIT_LEASE_HELD} if it still does."
+        ),
+    ] = DEFAULT_LEASE_WAIT_SECONDS,
 ) -> None:
-    """Build DATASET_ID's history up to APPEND_DIM_END on a Dask cluster.
+    """Build DATASET_ID's history up to APPEND_DIM_END on a Dask cluster (also into a store readers use).
 
     Example: reformatters backfill noaa-gfs-forecast 2025-01-01T00:00 --cluster local --filter-start 2024-12-01
     """
@@ -139,9 +165,10 @@ def backfill(
             source_url=source_url,
             summary_path=summary,
             n_workers=workers,
+            lease_wait_seconds=lease_wait,
         )
-    except ClusterUnavailableError as error:
-        raise _fail(str(error)) from None
+    except _run_failures() as error:
+        raise _run_failure(error) from None
     typer.echo("\n".join(result.render_lines()))
 
 
@@ -155,7 +182,9 @@ def update(
     workers: Annotated[int | None, typer.Option(help="Workers for --cluster local.")] = None,
     summary: Annotated[Path | None, typer.Option(help="Also write the run summary as JSON here.")] = None,
 ) -> None:
-    """Append the newest runs to DATASET_ID and publish each region as it completes (the operational CronJob)."""
+    """Append the newest runs to DATASET_ID and publish each region as it completes (the operational CronJob).
+
+    Stops at once, exit status 3, while another backfill or update publishes to the store."""
     dataset = _dataset(dataset_id)
     operational_update = getattr(dataset, "update", None)
     if operational_update is None:
@@ -169,8 +198,8 @@ def update(
             n_workers=workers,
             summary_path=summary,
         )
-    except (ClusterUnavailableError, ValueError) as error:
-        raise _fail(str(error)) from None
+    except _run_failures() as error:
+        raise _run_failure(error) from None
     typer.echo("\n".join(result.render_lines()))
 
 

@@ -17,10 +17,20 @@ from reformatters.common.storage import ObjectStore
 from reformatters.common.time_utils import parse_utc
 from reformatters.pipeline.driver import RegionOutcome, run_region_jobs
 from reformatters.progress import RunProgress
-from reformatters.publish import publish_from_tmp_store, tmp_metadata_store, variable_metadata
+from reformatters.publish import (
+    DEFAULT_LEASE_WAIT_SECONDS,
+    Publisher,
+    check_publishable,
+    hold_lease,
+    publication_template,
+    published_dataset,
+    tmp_metadata_store,
+    variable_metadata,
+)
 from reformatters.region_job import RegionJob, RegionJobFilters, SourceFileCoord
+from reformatters.sources.reachability import check_source_reachable
 from reformatters.summary import RunSummary
-from reformatters.template_config import TemplateConfig, with_template_encodings
+from reformatters.template_config import TemplateConfig
 
 log = logging.getLogger("reformatters")
 
@@ -79,54 +89,80 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         n_workers: int | None = None,
         max_regions_in_flight: int | None = None,
         show_progress: bool = True,
+        lease_wait_seconds: float = DEFAULT_LEASE_WAIT_SECONDS,
     ) -> RunSummary:
+        """Process the regions up to `append_dim_end` (exclusive) that `filters` select, and publish them.
+
+        Safe on a store readers already use, whatever the slice, variables or end: it is the same publisher as
+        the update (`reformatters.publish`): it waits up to `lease_wait_seconds` for the lease, keeps published
+        fields the run has no values for, keeps published coordinates outside what it processed for every
+        variable, never shortens the dataset, and publishes its metadata last. Nothing is written before the
+        cluster is up and the source answers.
+        """
         started = time.perf_counter()
         config = self.template_config
+        append_dim = config.append_dim
         final_store = self.store(store_url)
+        end = parse_utc(append_dim_end)
         # The cluster starts while the template is expanded and the jobs are planned.
         with ClusterSession(cluster, n_workers=n_workers) as session:
-            template_ds = config.get_template(append_dim_end)
             jobs = self.region_job_class.get_jobs(
-                template_ds, config.append_dim, config.data_vars, filters, source_url=source_url
+                config.get_template(end), append_dim, config.data_vars, filters, source_url=source_url
             )
             summary = RunSummary(
                 dataset_id=self.dataset_id, kind="backfill", store=final_store.url, regions_total=len(jobs)
             )
-            store_in_use = final_store.exists("zarr.json")
-            log.info(
-                "backfill %s: %d region jobs into %s (%s)",
-                self.dataset_id,
-                len(jobs),
-                final_store.url,
-                "store in use: metadata deferred to the end" if store_in_use else "new store: metadata first",
-            )
-            all_results: dict[str, list[SourceFileCoord]] = {}
-            with tmp_metadata_store(template_ds) as tmp_store:
-                if not store_in_use:
-                    publish_from_tmp_store(tmp_store, final_store)
-                var_metadata = variable_metadata(tmp_store, [v.name for v in config.data_vars])
-                client = session.client()
-                with RunProgress(f"backfill {self.dataset_id}", len(jobs), client, enabled=show_progress) as progress:
-
-                    def region_done(outcome: RegionOutcome) -> None:
-                        summary.regions_done += 1
-                        summary.add(outcome.results)
-                        for result in outcome.results:
-                            all_results.setdefault(result.var_name, []).extend(result.results)
-                        progress.region_done(outcome)
-
-                    run_region_jobs(
-                        client,
-                        jobs,
-                        var_metadata,
-                        final_store,
-                        max_regions_in_flight=max_regions_in_flight,
-                        on_region_done=region_done,
+            client = session.client()
+            check_source_reachable(source_probe_urls(jobs), what=f"backfill of {self.dataset_id}")
+            with hold_lease(final_store, wait_seconds=lease_wait_seconds) as lease:
+                published = published_dataset(final_store)
+                # Jobs see the published extent too: a region that ends before it merges into its shard.
+                template_ds = publication_template(config, end, published)
+                jobs = [job.model_copy(update={"template_ds": template_ds}) for job in jobs]
+                log.info(
+                    "backfill %s: %d region jobs into %s (%s)",
+                    self.dataset_id,
+                    len(jobs),
+                    final_store.url,
+                    "new store"
+                    if published is None
+                    else f"published store of {published.sizes[append_dim]} {append_dim} positions",
+                )
+                with tmp_metadata_store(template_ds) as tmp_store:
+                    if published is not None:
+                        check_publishable(tmp_store, final_store, append_dim)
+                    var_metadata = variable_metadata(tmp_store, [v.name for v in config.data_vars])
+                    publisher = Publisher(
+                        job_class=self.region_job_class,
+                        template_ds=template_ds,
+                        append_dim=append_dim,
+                        final_store=final_store,
+                        lease=lease,
+                        data_var_names=[v.name for v in config.data_vars],
+                        published_ds=published,
                     )
-            # The workers shut down while the results are published.
-            session.close_in_background()
-            published = self.finalize(template_ds, all_results, final_store)
-        summary.published_append_dim_end = _last_label(published, config.append_dim)
+                    with RunProgress(
+                        f"backfill {self.dataset_id}", len(jobs), client, enabled=show_progress
+                    ) as progress:
+
+                        def region_done(outcome: RegionOutcome) -> None:
+                            summary.regions_done += 1
+                            summary.add(outcome.results)
+                            publisher.add(outcome.job.region, {r.var_name: r.results for r in outcome.results})
+                            progress.region_done(outcome)
+
+                        run_region_jobs(
+                            client,
+                            jobs,
+                            var_metadata,
+                            final_store,
+                            max_regions_in_flight=max_regions_in_flight,
+                            on_region_done=region_done,
+                        )
+                # The workers shut down while the results are published.
+                session.close_in_background()
+                published = publisher.publish(f"backfill of {self.dataset_id}")
+        summary.published_append_dim_end = _last_label(published, append_dim)
         summary.elapsed_seconds = time.perf_counter() - started
         if summary_path is not None:
             summary.write_json(summary_path)
@@ -135,17 +171,26 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
     def finalize(
         self, template_ds: xr.Dataset, results: dict[str, list[SourceFileCoord]], final_store: ObjectStore
     ) -> xr.Dataset:
-        """`update_template_with_results` over all results, then publish; never shorter than published."""
-        append_dim = self.template_config.append_dim
-        updated = with_template_encodings(
-            self.region_job_class.update_template_with_results(template_ds, append_dim, results), template_ds
-        )
-        published_length = published_append_length(final_store, append_dim)
-        if published_length is not None and updated.sizes[append_dim] < published_length:
-            updated = _keep_published_extent(template_ds, updated, final_store, append_dim, published_length)
-        with tmp_metadata_store(updated) as tmp_store:
-            publish_from_tmp_store(tmp_store, final_store)
-        return updated
+        """Publish `results` as a backfill does, for tools that run the kernels themselves (the benchmark's staged
+        mode): the results are taken to cover `template_ds` whole for the variables they name."""
+        published = published_dataset(final_store)
+        with hold_lease(final_store) as lease:
+            publisher = Publisher(
+                job_class=self.region_job_class,
+                template_ds=publication_template(
+                    self.template_config,
+                    template_ds.get_index(self.template_config.append_dim)[-1]
+                    + self.template_config.append_dim_frequency,
+                    published,
+                ),
+                append_dim=self.template_config.append_dim,
+                final_store=final_store,
+                lease=lease,
+                data_var_names=self.data_var_names(),
+                published_ds=published,
+            )
+            publisher.add(slice(0, template_ds.sizes[self.template_config.append_dim]), results)
+            return publisher.publish(f"results of {self.dataset_id}")
 
     # ---- operational update and validation (reformatters.update, reformatters.validation) ----
     def update(self, **kwargs: Any) -> RunSummary:
@@ -172,32 +217,14 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         return [v.name for v in self.template_config.data_vars]
 
 
-def published_append_length(final_store: ObjectStore, append_dim: str) -> int | None:
-    if not final_store.exists("zarr.json"):
-        return None
-    ds = final_store.open_dataset()
-    return int(ds.sizes[append_dim]) if append_dim in ds.sizes else None
-
-
-def _keep_published_extent(
-    template_ds: xr.Dataset,
-    updated: xr.Dataset,
-    final_store: ObjectStore,
-    append_dim: str,
-    published_length: int,
-) -> xr.Dataset:
-    """A run that processed less than is published keeps the published extent and its coordinates."""
-    published = final_store.open_dataset()
-    kept = template_ds.isel({append_dim: slice(0, published_length)})
-    overrides = {}
-    for name, coord in published.coords.items():
-        if append_dim in coord.dims and name != append_dim and name in kept.coords:
-            values = coord.values.copy()
-            if name in updated.coords:
-                fresh = updated[name]
-                values[: fresh.sizes[append_dim]] = fresh.values
-            overrides[name] = (coord.dims, values)
-    return kept.assign_coords(overrides)
+def source_probe_urls(jobs: Sequence[RegionJob[Any, Any]], count: int = 2) -> list[str]:
+    """The URLs of the first source files of the first job: what a reachability probe asks for."""
+    if not jobs:
+        return []
+    job = jobs[0]
+    processing_ds = job.template_ds.isel({job.append_dim: job.get_processing_region()})
+    coords = job.generate_source_file_coords(processing_ds, job.source_groups(job.data_vars)[0])
+    return [coord.get_url() for coord in list(coords)[:count]]
 
 
 def _last_label(ds: xr.Dataset, append_dim: str) -> str | None:

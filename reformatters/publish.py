@@ -1,26 +1,60 @@
-"""The publication protocol: how metadata reaches the final store so readers always see a valid dataset.
+"""The one publisher: how a backfill or an update changes a store that readers may already use.
 
-Chunk data is uploaded first (by the region graphs). Then metadata is copied from a tmp store:
-coordinate chunks and per-array `zarr.json` first, the root `zarr.json` (which carries the
-consolidated metadata readers open by default) last. That last single-object write is the commit.
+1. Take the lease (`PublisherLease`): one publisher at a time. A backfill waits for it (`--lease-wait`); an update
+   stops at once. Taking it is also the run's first write, so a store that cannot be written fails there.
+2. Chunk data goes first (the region graphs' upload tasks: whole shard objects, published fields kept where the
+   run has none, unchanged objects left alone).
+3. Regions are published in append order: coordinates are merged with what is published (`merge_with_published`),
+   the append dimension never gets shorter, and only the metadata objects whose bytes change are written:
+   coordinate chunks and per-array `zarr.json` first, the root `zarr.json` (consolidated metadata, what readers
+   open by default) last. That last single-object write is the commit.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pandas as pd
 import xarray as xr
 
 from reformatters.common.storage import ObjectStore
-from reformatters.template_config import write_metadata
+from reformatters.region_job import RegionJob, SourceFileCoord
+from reformatters.template_config import with_template_encodings, write_metadata
+from reformatters.update.drift import check_no_drift
+from reformatters.update.lease import DEFAULT_TTL_SECONDS, LeaseHeldError, UpdateLease, UpdateRefusedError
+from reformatters.update.pause import pause_at
+
+log = logging.getLogger("reformatters.publish")
 
 ROOT_METADATA_KEY = "zarr.json"
+DEFAULT_LEASE_WAIT_SECONDS = 300.0
+
+# The lease is the publisher's, whichever kind of run holds it.
+PublisherLease = UpdateLease
 
 
+class RunCannotStartError(RuntimeError):
+    """The run stops before writing anything: the message says what was expected, what was found, what to do."""
+
+
+class StoreNotWritableError(RunCannotStartError):
+    pass
+
+
+class SourceOutageError(UpdateRefusedError):
+    """Publishing the results would shorten the published dataset."""
+
+
+# ---- metadata from a tmp store ----
 @contextmanager
 def tmp_metadata_store(template_ds: xr.Dataset) -> Iterator[Path]:
     """A local store holding the full expanded metadata; removed afterwards, also on failure."""
@@ -45,11 +79,200 @@ def metadata_keys(tmp_store: Path) -> list[str]:
     return [*coordinate_chunks, *array_metadata, ROOT_METADATA_KEY]
 
 
-def publish_metadata(template_ds: xr.Dataset, final_store: ObjectStore) -> None:
+def publish_metadata(template_ds: xr.Dataset, final_store: ObjectStore) -> list[str]:
+    """Write `template_ds`'s metadata (root `zarr.json` last); returns the keys whose bytes changed."""
     with tmp_metadata_store(template_ds) as tmp_store:
-        publish_from_tmp_store(tmp_store, final_store)
+        return publish_from_tmp_store(tmp_store, final_store)
 
 
-def publish_from_tmp_store(tmp_store: Path, final_store: ObjectStore) -> None:
-    for key in metadata_keys(tmp_store):
-        final_store.put(key, (tmp_store / key).read_bytes())
+def publish_from_tmp_store(tmp_store: Path, final_store: ObjectStore) -> list[str]:
+    """Copy the metadata objects of `tmp_store` whose bytes differ into `final_store`, root `zarr.json` last."""
+    contents = {key: (tmp_store / key).read_bytes() for key in metadata_keys(tmp_store)}
+    changed = [key for key, data in contents.items() if final_store.get(key) != data]
+    for key in changed:
+        if key == ROOT_METADATA_KEY:
+            pause_at("mid_publish")
+        final_store.put(key, contents[key])
+    return changed
+
+
+# ---- the lease ----
+@contextmanager
+def hold_lease(
+    store: ObjectStore, *, wait_seconds: float = 0.0, ttl_seconds: float = DEFAULT_TTL_SECONDS
+) -> Iterator[UpdateLease]:
+    """The publisher's lease on `store` for the duration of the block; waits up to `wait_seconds` for another
+    publisher to finish. A store that cannot be written fails here, before anything else is written."""
+    deadline = time.monotonic() + wait_seconds
+    waited = False
+    while True:
+        lease = PublisherLease(store, ttl_seconds=ttl_seconds)
+        try:
+            lease.__enter__()
+            break
+        except LeaseHeldError as error:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if waited:
+                    raise LeaseHeldError(
+                        f"{error} Waited {wait_seconds:.0f} s for it (--lease-wait); run again later or wait longer."
+                    ) from None
+                raise
+            if not waited:
+                log.warning("another publisher holds the lease on %s; waiting up to %.0f s", store.url, left)
+            waited = True
+            time.sleep(min(2.0, left))
+        except OSError as error:
+            raise StoreNotWritableError(
+                f"cannot write to the store {store.url} ({type(error).__name__}: {error}); nothing was written. "
+                "Check the path or URL, its permissions and the credentials (AWS_*, GOOGLE_APPLICATION_CREDENTIALS)."
+            ) from None
+    try:
+        yield lease
+    finally:
+        lease.__exit__(None, None, None)
+
+
+# ---- coordinates ----
+def merge_with_published(
+    updated: xr.Dataset,
+    template_ds: xr.Dataset,
+    published: xr.Dataset | None,
+    append_dim: str,
+    covered_by_all: np.ndarray[Any, np.dtype[np.bool_]],
+) -> xr.Dataset:
+    """What to publish: the append dimension as long as the longer of `updated` (the run's
+    `update_template_with_results`) and `published`, no longer than `template_ds`; each non-index coordinate
+    along it taken from the run where it covered every variable (or the store has no value yet) and from the
+    published store everywhere else."""
+    published_length = 0 if published is None else int(published.sizes[append_dim])
+    run_length = int(updated.sizes[append_dim])
+    length = max(run_length, published_length)
+    if length > template_ds.sizes[append_dim]:
+        raise ValueError(f"the template ends before the {length} {append_dim} positions to publish")
+    merged = template_ds.isel({append_dim: slice(0, length)})
+    positions = np.arange(length)
+    covered = np.zeros(length, dtype=bool)
+    covered[: min(length, len(covered_by_all))] = covered_by_all[:length]
+    from_run = (positions < run_length) & (covered | (positions >= published_length))
+    from_published = (positions < published_length) & ~from_run
+    overrides = {}
+    for name, coord in merged.coords.items():
+        if name == append_dim or append_dim not in coord.dims:
+            continue
+        values = np.array(coord.values, copy=True)
+        axis = coord.dims.index(append_dim)
+        moved = np.moveaxis(values, axis, 0)  # a view: writes land in `values`
+        if name in updated.coords and from_run.any():
+            moved[from_run] = np.moveaxis(np.asarray(updated[name].values), axis, 0)[from_run[:run_length]]
+        if published is not None and name in published.coords and from_published.any():
+            source = np.moveaxis(np.asarray(published[name].values), axis, 0)
+            moved[from_published] = source[from_published[:published_length]].astype(values.dtype)
+        overrides[name] = (coord.dims, values)
+    result = merged.assign_coords(overrides)
+    for name in overrides:
+        result[name].attrs = dict(template_ds[name].attrs)
+    return with_template_encodings(result, template_ds)
+
+
+# ---- the publisher ----
+@dataclass
+class Publisher:
+    """Publishes the results of one run into `final_store`, region by region in append order.
+
+    `template_ds` must cover the published extent (see `publication_template`); `data_var_names` are every
+    variable of the dataset (a position's derived coordinates are recomputed only where all of them ran).
+    """
+
+    job_class: type[RegionJob[Any, Any]]
+    template_ds: xr.Dataset
+    append_dim: str
+    final_store: ObjectStore
+    lease: UpdateLease
+    data_var_names: Sequence[str]
+    published_ds: xr.Dataset | None
+    refuse_shorter: bool = False  # an update fails instead of keeping the published extent
+    results: dict[str, list[SourceFileCoord]] = field(default_factory=dict)
+    published_length: int = 0
+
+    def __post_init__(self) -> None:
+        if self.published_ds is not None:
+            self.published_length = int(self.published_ds.sizes[self.append_dim])
+        self._ran = np.zeros((len(self.data_var_names), self.template_ds.sizes[self.append_dim]), dtype=bool)
+        self._var_index = {name: i for i, name in enumerate(self.data_var_names)}
+
+    def add(self, region: slice, results: Mapping[str, Sequence[SourceFileCoord]]) -> None:
+        """The results of one region job (its variables' file outcomes): all its variables are uploaded."""
+        for name, coords in results.items():
+            self.results.setdefault(name, []).extend(coords)
+            self._ran[self._var_index[name], region] = True
+
+    def merged(self) -> tuple[xr.Dataset, int]:
+        """What publishing now would publish, and the length the run's own results reach."""
+        updated = with_template_encodings(
+            self.job_class.update_template_with_results(self.template_ds, self.append_dim, self.results),
+            self.template_ds,
+        )
+        covered_by_all = np.asarray(self._ran.all(axis=0), dtype=bool)
+        merged = merge_with_published(updated, self.template_ds, self.published_ds, self.append_dim, covered_by_all)
+        return merged, int(updated.sizes[self.append_dim])
+
+    def publish(self, what: str) -> xr.Dataset:
+        """Publish everything added so far; `what` names it in logs and errors."""
+        merged, run_length = self.merged()
+        if self.refuse_shorter and run_length < self.published_length:
+            raise SourceOutageError(
+                f"{what}: the results end at {self.append_dim} position {run_length} but {self.published_length} "
+                "positions are published. Publishing would shorten the dataset, so nothing was published and the "
+                "published data is unchanged. The source is probably missing files it had before; re-run the "
+                "update once it is back."
+            )
+        new_length = int(merged.sizes[self.append_dim])
+        with tmp_metadata_store(merged) as tmp_store:
+            contents = {key: (tmp_store / key).read_bytes() for key in metadata_keys(tmp_store)}
+        changed = [key for key, data in contents.items() if self.final_store.get(key) != data]
+        if not changed:
+            log.info("%s: nothing new to publish (metadata unchanged)", what)
+            return merged
+        self.lease.verify()
+        pause_at("before_publish")
+        for key in changed:
+            if key == ROOT_METADATA_KEY:
+                pause_at("mid_publish")
+            self.final_store.put(key, contents[key])
+        log.info(
+            "published %s: %s %d -> %d positions (to %s), %d metadata objects changed",
+            what,
+            self.append_dim,
+            self.published_length,
+            new_length,
+            _last_label(merged, self.append_dim),
+            len(changed),
+        )
+        self.published_length = new_length
+        return merged
+
+
+def published_dataset(final_store: ObjectStore) -> xr.Dataset | None:
+    return final_store.open_dataset() if final_store.exists(ROOT_METADATA_KEY) else None
+
+
+def publication_template(config: Any, append_dim_end: pd.Timestamp, published: xr.Dataset | None) -> xr.Dataset:
+    """The template up to `append_dim_end`, or up to the published end if that is later (a backfill that ends
+    before the published end must not cut the straddling shard or the published coordinates)."""
+    append_dim = config.append_dim
+    if published is not None and published.sizes[append_dim] > 0:
+        published_end = pd.Timestamp(published.get_index(append_dim)[-1]) + config.append_dim_frequency
+        if published_end > append_dim_end:
+            return config.get_template(published_end)  # type: ignore[no-any-return]
+    return config.get_template(append_dim_end)  # type: ignore[no-any-return]
+
+
+def check_publishable(tmp_store: Path, final_store: ObjectStore, append_dim: str) -> None:
+    """Refuse to write into a published store of another structure (the drift guard)."""
+    check_no_drift(tmp_store, final_store, append_dim)
+
+
+def _last_label(ds: xr.Dataset, append_dim: str) -> str | None:
+    index = ds.get_index(append_dim)
+    return None if len(index) == 0 else pd.Timestamp(index[-1]).isoformat()

@@ -7,8 +7,10 @@ environment variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ..., `STORAGE_EM
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
+import hashlib
 import os
 import uuid
 from functools import cached_property
@@ -96,6 +98,50 @@ class ObjectStore:
             return data
         except FileNotFoundError:
             return None
+
+    def get_range(self, key: str, start: int, end: int | None = None) -> bytes | None:
+        """Bytes `start`..`end` of an object (a negative `start` counts from its end); None if it is absent."""
+        if self.is_local:
+            try:
+                with open(self._path(key), "rb") as file:
+                    file.seek(start, os.SEEK_END if start < 0 else os.SEEK_SET)
+                    return file.read() if end is None else file.read(max(0, end - file.tell()))
+            except FileNotFoundError:
+                return None
+            except OSError:  # a suffix longer than the file
+                whole = self.get(key)
+                return None if whole is None else whole[start:end]
+        try:
+            data: bytes = self.fs.cat_file(self._path(key), start=start, end=end)
+            return data
+        except FileNotFoundError:
+            return None
+
+    def holds(self, key: str, data: bytes) -> bool:
+        """Whether the object at `key` has exactly these bytes, judged without downloading it: the object store's
+        MD5 (S3's ETag of a single-part upload, GCS's md5Hash); a local file's size, then its digest."""
+        if self.is_local:
+            path = Path(self._path(key))
+            try:
+                if path.stat().st_size != len(data):
+                    return False
+            except FileNotFoundError:
+                return False
+            return hashlib.md5(path.read_bytes()).digest() == hashlib.md5(data).digest()
+        try:
+            info = self.fs.info(self._path(key))
+        except FileNotFoundError:
+            return False
+        if int(info.get("size", -1)) != len(data):
+            return False
+        md5 = hashlib.md5(data)
+        etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+        if etag and "-" not in etag:  # a multipart upload's ETag is no MD5 of the object
+            return etag == md5.hexdigest()
+        md5_hash = info.get("md5Hash")
+        if md5_hash:
+            return base64.b64decode(md5_hash) == md5.digest()
+        return False
 
     def exists(self, key: str) -> bool:
         if self.is_local:

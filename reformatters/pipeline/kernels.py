@@ -21,6 +21,7 @@ import xarray as xr
 from reformatters.common.arrays import holds_only_nan
 from reformatters.common.binary_rounding import round_float32_inplace
 from reformatters.common.storage import ObjectStore
+from reformatters.pipeline.published_fields import PublishedShard, keep_published_fields
 from reformatters.pipeline.region_layout import RegionLayout
 from reformatters.pipeline.shard_encoding import ShardEncoder, padded_shape
 from reformatters.region_job import FieldShapeError, RegionJob, SourceFileCoord, SourceFileStatus
@@ -68,6 +69,7 @@ class EncodedVariable:
     objects: dict[str, bytes]
     results: list[SourceFileCoord]
     bytes_fetched: int
+    kept_published_fields: int = 0  # fields the run had no values for, kept from the published shards
 
 
 @dataclass(frozen=True)
@@ -520,13 +522,15 @@ def encode_variable_kernel(
             for slab in zip(*np.nonzero(holding_data[tuple(slice(0, n) for n in region.shape[:-2])]), strict=True):
                 round_to_keep_bits(region[slab], data_var)
         else:
-            holding_data = assembled.written  # only the reads wrote into the buffer
-        encoded = _encode_assembled(job, data_var, assembled, holding_data, encoder, plan, var_metadata, final_store)
+            holding_data = assembled.written.copy()  # only the reads wrote into the buffer
+        encoded, kept = _encode_assembled(
+            job, data_var, assembled, holding_data, encoder, plan, var_metadata, final_store
+        )
     except BaseException:
         REGION_BUFFERS.give_back(assembled.buffer, layout=layout)
         raise
     REGION_BUFFERS.give_back(assembled.buffer, float(np.nan), dirty_slabs=holding_data, layout=layout)
-    return EncodedVariable(data_var.name, encoded, _in_region(job, assembled.results), fetched)
+    return EncodedVariable(data_var.name, encoded, _in_region(job, assembled.results), fetched, kept)
 
 
 def slabs_holding_data(padded: npt.NDArray[np.float32], delivered: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
@@ -586,13 +590,16 @@ def _encode_assembled(
     plan: ShardPlan,
     var_metadata: bytes,
     final_store: ObjectStore,
-) -> dict[str, bytes]:
+) -> tuple[dict[str, bytes], int]:
+    """The shard objects of one variable-region, and how many fields they keep from the published shards
+    (`holding_data` is updated where they do)."""
     processing = job.get_processing_region()
     region = job.region
     axis = plan.axis
     shard_grid = [range(-(-n // s)) for n, s in zip(plan.array_shape, encoder.shard_shape, strict=True)]
     layout = assembled.layout
     objects: dict[str, bytes] = {}
+    kept = 0
     for index in plan.whole:
         grid = list(shard_grid)
         grid[axis] = range(index, index + 1)
@@ -602,40 +609,62 @@ def _encode_assembled(
             origin[axis] -= processing.start
             slabs = tuple(slice(o, o + s) for o, s in zip(origin[:-2], encoder.shard_shape[:-2], strict=True))
             key = f"{data_var.name}/c/" + "/".join(map(str, shard_index))
+            slab_map = holding_data[slabs]  # a view: slabs given published fields are marked in holding_data
+            published = PublishedShard(final_store, key, encoder)
             if layout.chunk_major:
                 first_chunk = [o // c for o, c in zip(origin, encoder.chunk_shape, strict=True)]
 
                 def chunk_at(within: tuple[int, ...], first: list[int] = first_chunk) -> npt.NDArray[np.float32]:
                     return layout.chunk(assembled.buffer, [f + w for f, w in zip(first, within, strict=True)])
 
-                objects[key] = encoder.encode_chunks(chunk_at, holding_data[slabs])
+                kept += keep_published_fields(encoder, published, chunk_at, slab_map)
+                objects[key] = encoder.encode_chunks(chunk_at, slab_map)
             else:
                 block = tuple(slice(o, o + s) for o, s in zip(origin, encoder.shard_shape, strict=True))
-                objects[key] = encoder.encode(assembled.buffer[block], holding_data[slabs], others_hold_fill=True)
+                shard = assembled.buffer[block]
+
+                def shard_chunk(within: tuple[int, ...], shard: npt.NDArray[np.float32] = shard) -> npt.NDArray[Any]:
+                    return shard[
+                        tuple(slice(i * c, (i + 1) * c) for i, c in zip(within, encoder.chunk_shape, strict=True))
+                    ]
+
+                kept += keep_published_fields(encoder, published, shard_chunk, slab_map)
+                objects[key] = encoder.encode(shard, slab_map, others_hold_fill=True)
     if plan.partial:
         offset = region.start - processing.start
         values = assembled.region_values()
         cut = [slice(None)] * values.ndim
         cut[axis] = slice(offset, offset + (region.stop - region.start))
-        objects.update(
-            _merge_partial_shards(
-                data_var.name, values[tuple(cut)], plan.partial, region, axis, var_metadata, final_store
-            )
+        in_template = tuple(slice(0, n) for n in values.shape[:-2])
+        merged, merged_kept = _merge_partial_shards(
+            data_var.name,
+            values[tuple(cut)],
+            holding_data[in_template][tuple(cut[:-2])],
+            plan.partial,
+            region,
+            axis,
+            var_metadata,
+            final_store,
         )
-    return objects
+        objects.update(merged)
+        kept += merged_kept
+    return objects, kept
 
 
 def _merge_partial_shards(
     var_name: str,
     region_values: npt.NDArray[np.float32],
+    region_has_values: npt.NDArray[np.bool_],
     partial: Sequence[int],
     region: slice,
     axis: int,
     var_metadata: bytes,
     final_store: ObjectStore,
-) -> dict[str, bytes]:
+) -> tuple[dict[str, bytes], int]:
     """Shards the region covers only in part along the append dim, merged into their published content
-    (design invariant 2). Updates of datasets with long shards come here; whole shards never do."""
+    (design invariant 2), and how many published fields they keep: a slab of the region without values
+    (`region_has_values`, over the region's leading dims) keeps the published field. Updates of datasets with
+    long shards come here; whole shards never do."""
     import zarr
     import zarr.storage
     from zarr.core.buffer import default_buffer_prototype
@@ -657,6 +686,7 @@ def _merge_partial_shards(
             published = final_store.get(key)
             if published is not None:
                 store_dict[key] = buffer.from_bytes(published)
+    kept = 0
     with zarr.config.set({"array.write_empty_chunks": True}):
         array = zarr.open_array(zarr.storage.MemoryStore(store_dict=store_dict), path=var_name, mode="r+")
         for index in partial:
@@ -666,23 +696,45 @@ def _merge_partial_shards(
             selection[axis] = slice(start, stop)
             values = [slice(None)] * array.ndim
             values[axis] = slice(start - region.start, stop - region.start)
-            array[tuple(selection)] = region_values[tuple(values)]
-    return {key: value.to_bytes() for key, value in store_dict.items() if key.startswith(prefix)}
+            new = region_values[tuple(values)]
+            missing = ~region_has_values[tuple(values[:-2])]
+            if missing.any():
+                new = np.array(new, copy=True)
+                current = np.asarray(array[tuple(selection)])
+                for slab in zip(*np.nonzero(missing), strict=True):
+                    if not holds_only_nan(current[slab]):
+                        new[slab] = current[slab]
+                        kept += 1
+            array[tuple(selection)] = new
+    return {key: value.to_bytes() for key, value in store_dict.items() if key.startswith(prefix)}, kept
 
 
 def upload_kernel(encoded: EncodedVariable, final_store: ObjectStore) -> VariableResult:
-    """Copy chunk data, never metadata, into the final store. Each object is written whole."""
+    """Copy chunk data, never metadata, into the final store. Each object is written whole; an object whose
+    published bytes are the same (judged by digest, never downloaded) is left alone: fewer replaced objects,
+    fewer readers caught between two versions of a shard."""
+
+    def put_if_changed(item: tuple[str, bytes]) -> bool:
+        key, data = item
+        if final_store.holds(key, data):
+            return False
+        final_store.put(key, data)
+        return True
+
     items = sorted(encoded.objects.items())
     if final_store.is_local:
-        for key, data in items:
-            final_store.put(key, data)
+        written = [put_if_changed(item) for item in items]
     else:
         with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(lambda item: final_store.put(*item), items))
+            written = list(pool.map(put_if_changed, items))
+    extra: dict[str, Any] = {"objects_unchanged": written.count(False)}
+    if encoded.kept_published_fields:
+        extra["kept_published_fields"] = encoded.kept_published_fields
     return VariableResult(
         var_name=encoded.var_name,
         results=encoded.results,
         bytes_fetched=encoded.bytes_fetched,
-        bytes_written=sum(len(d) for _, d in items),
-        objects_written=len(items),
+        bytes_written=sum(len(data) for (_, data), put in zip(items, written, strict=True) if put),
+        objects_written=written.count(True),
+        extra=extra,
     )

@@ -78,6 +78,35 @@ class ShardEncoder:
         self._fill_tail_checksum = self._fill_tail is not None and len(self._direct_codecs[1]) == 2  # type: ignore[index]
         self._slab_nbytes = int(np.prod(self.chunk_shape[-2:])) * self.dtype.itemsize
 
+    @property
+    def fill_is_nan(self) -> bool:
+        return self._fill_is_nan
+
+    def read_shard_index(self, store: Any, key: str) -> Any:
+        """The index of the shard object `key` in `store` (zarr's `_ShardIndex`), read alone; None if absent."""
+        from zarr.codecs.sharding import ShardingCodecIndexLocation
+        from zarr.core.sync import sync
+
+        if self._sharding is None:
+            raise ValueError("an unsharded array has no shard index")
+        size = self._sharding._shard_index_size(self.chunks_per_shard)
+        at_start = self._sharding.index_location == ShardingCodecIndexLocation.start
+        data = store.get_range(key, 0, size) if at_start else store.get_range(key, -size)
+        if data is None:
+            return None
+        if len(data) != size:
+            raise ValueError(f"{key}: {len(data)} bytes where a shard index of {size} bytes was expected")
+        return sync(self._sharding._decode_shard_index(self._prototype.buffer.from_bytes(data), self.chunks_per_shard))
+
+    def decode_chunk(self, data: bytes) -> npt.NDArray[Any]:
+        """One inner chunk's values from its stored bytes (its checksum verified)."""
+        from zarr.core.sync import sync
+
+        (decoded,) = sync(self._pipeline.decode([(self._prototype.buffer.from_bytes(data), self._chunk_spec)]))
+        if decoded is None:
+            raise RuntimeError("zarr's codecs decoded no values from a chunk")
+        return np.asarray(decoded.as_numpy_array()).reshape(self.chunk_shape)
+
     def _is_fill(self, values: npt.NDArray[Any]) -> bool:
         """True if `values` hold only the fill value (a whole chunk, or one 2-D slab of a shard)."""
         if self._fill_is_nan:

@@ -1,14 +1,15 @@
 """`reformatters update DATASET_ID`: append the newest runs, publishing strictly in append order.
 
-1. Take the publish lease (one publisher at a time), expand the template up to `now`, ask the region job
-   class for the jobs (`operational_update_jobs`), and refuse to run if the template's structure drifted.
+1. Start the cluster and ask the source whether it answers; then take the publisher's lease (one publisher at
+   a time: if another holds it, stop at once), expand the template up to `now`, ask the region job class for
+   the jobs (`operational_update_jobs`), and refuse to run if the template's structure drifted.
 2. Write the full expanded metadata to a local tmp store; encode tasks take their array metadata from it.
 3. Submit the jobs in append order to a LocalCluster (regions compute concurrently). Only chunk data
-   reaches the final store while they run; uploads of regions readers already see go through the upload
-   gate, and every upload is recorded by the progress tracker.
-4. As each region's futures resolve and every earlier region is published: `update_template_with_results`
-   over the cumulative results, write that metadata to a tmp store and copy it into the final store
-   (root `zarr.json` last) -- the commit that makes the region visible. Never a shorter append dimension.
+   reaches the final store while they run (fields the run lacks keep their published values, unchanged
+   objects are not rewritten), and every upload is recorded by the progress tracker.
+4. As each region's jobs are done and every earlier region is published, the shared publisher
+   (`reformatters.publish.Publisher`) publishes it: coordinates merged with the published ones, root
+   `zarr.json` last -- the commit that makes the region visible. Never a shorter append dimension.
 """
 
 from __future__ import annotations
@@ -21,31 +22,35 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import xarray as xr
 
 from reformatters.cluster import ClusterSession
 from reformatters.common.storage import ObjectStore
 from reformatters.common.time_utils import parse_utc, utc_now
+from reformatters.dynamical_dataset import source_probe_urls
 from reformatters.pipeline.driver import RegionOutcome, run_region_jobs
 from reformatters.pipeline.kernels import VariableResult
 from reformatters.progress import RunProgress
-from reformatters.publish import ROOT_METADATA_KEY, metadata_keys, tmp_metadata_store, variable_metadata
-from reformatters.region_job import RegionJob, SourceFileCoord, SourceFileStatus
+from reformatters.publish import (
+    ROOT_METADATA_KEY,
+    Publisher,
+    SourceOutageError,
+    hold_lease,
+    tmp_metadata_store,
+    variable_metadata,
+)
+from reformatters.region_job import RegionJob, SourceFileStatus
+from reformatters.sources.reachability import check_source_reachable
 from reformatters.summary import RunSummary
-from reformatters.template_config import with_template_encodings
 from reformatters.update.drift import check_no_drift
-from reformatters.update.lease import DEFAULT_TTL_SECONDS, UpdateLease, UpdateRefusedError
-from reformatters.update.pause import pause_at
+from reformatters.update.lease import DEFAULT_TTL_SECONDS, UpdateRefusedError
 from reformatters.update.progress_tracker import UpdateProgressTracker, metadata_digest, region_key
-from reformatters.update.upload_gate import GatedUpload
+from reformatters.update.upload_gate import RecordedUpload
 
 log = logging.getLogger("reformatters.update")
 
-
-class SourceOutageError(UpdateRefusedError):
-    pass
+__all__ = ["SourceOutageError", "run_operational_update"]
 
 
 @dataclass
@@ -88,58 +93,96 @@ def run_operational_update(
     run_id = f"{now_ts:%Y%m%dT%H%M}-{uuid.uuid4().hex[:8]}"
     log.info("update %s as of %s into %s (run %s)", dataset.dataset_id, now_ts, final_store.url, run_id)
 
-    # A local cluster starts while the published store is read and the regions are planned.
-    with (
-        ClusterSession(cluster, n_workers=n_workers) as session,
-        UpdateLease(final_store, ttl_seconds=lease_ttl_seconds) as lease,
-    ):
-        published_ds = final_store.open_dataset()
-        published_length = int(published_ds.sizes[append_dim])
-        if template_ds.sizes[append_dim] < published_length:
-            raise UpdateRefusedError(
-                f"the template up to now ({now_ts}) has {template_ds.sizes[append_dim]} {append_dim} positions, "
-                f"the store already publishes {published_length} (to "
-                f"{published_ds.get_index(append_dim)[-1]}); is --now (or the clock) right?"
+    # A local cluster starts while the template is expanded; nothing is written before it is up and the
+    # source answers.
+    with ClusterSession(cluster, n_workers=n_workers) as session:
+        session.client()
+        newest = slice(template_ds.sizes[append_dim] - 1, template_ds.sizes[append_dim])
+        probe_jobs = job_class.jobs_for_regions(template_ds, append_dim, config.data_vars, [newest], source_url)
+        check_source_reachable(source_probe_urls(probe_jobs), what=f"update of {dataset.dataset_id}")
+        with hold_lease(final_store, ttl_seconds=lease_ttl_seconds) as lease:
+            _update_under_lease(
+                dataset,
+                session,
+                lease,
+                final_store,
+                template_ds,
+                now_ts,
+                run_id,
+                summary,
+                started,
+                show_progress,
+                source_url,
             )
-        jobs, template_ds = job_class.operational_update_jobs(
-            final_store, template_ds, append_dim, config.data_vars, source_url
-        )
-        with tmp_metadata_store(template_ds) as tmp_store:
-            check_no_drift(tmp_store, final_store, append_dim)
-            var_metadata = variable_metadata(tmp_store, [v.name for v in config.data_vars])
-            tracker = UpdateProgressTracker(final_store.url, run_id)
-            plans = _plan_regions(jobs, template_ds, append_dim, var_metadata, tracker)
-            summary.regions_total = len(plans)
-            publisher = _Publisher(
-                job_class=job_class,
-                template_ds=template_ds,
-                published_ds=published_ds,
-                append_dim=append_dim,
-                final_store=final_store,
-                lease=lease,
-                tracker=tracker,
-                summary=summary,
-                published_length=published_length,
-                first_start=plans[0].region.start if plans else published_length,
-                started=started,
-            )
-            to_run = [(plan, job) for plan in plans for job in plan.jobs]
-            if not plans:
-                log.info("update %s: no regions to process", dataset.dataset_id)
-            publisher.publish_ready(plans)
-            if to_run:
-                _run_and_publish(dataset, session, show_progress, to_run, plans, publisher, var_metadata, tracker)
-                session.close_in_background()
-            publisher.publish_ready(plans)
-            unpublished = [p.key for p in plans if p.index >= publisher.next_index]
-            if unpublished:
-                raise RuntimeError(f"regions {unpublished} finished without being published (a driver bug)")
-    summary.published_append_dim_end = pd.Timestamp(publisher.published_end).isoformat()
     summary.elapsed_seconds = time.perf_counter() - started
     if summary_path is not None:
         summary.write_json(summary_path)
     log.info("update %s done: %s", dataset.dataset_id, summary.render_lines()[0])
     return summary
+
+
+def _update_under_lease(
+    dataset: Any,
+    session: ClusterSession,
+    lease: Any,
+    final_store: ObjectStore,
+    template_ds: xr.Dataset,
+    now_ts: pd.Timestamp,
+    run_id: str,
+    summary: RunSummary,
+    started: float,
+    show_progress: bool,
+    source_url: str | None,
+) -> None:
+    """Plan, run and publish the update's regions: everything from reading the published store on happens
+    while this run holds the publisher's lease."""
+    config = dataset.template_config
+    append_dim: str = config.append_dim
+    job_class: type[RegionJob[Any, Any]] = dataset.region_job_class
+    published_ds = final_store.open_dataset()
+    published_length = int(published_ds.sizes[append_dim])
+    if template_ds.sizes[append_dim] < published_length:
+        raise UpdateRefusedError(
+            f"the template up to now ({now_ts}) has {template_ds.sizes[append_dim]} {append_dim} positions, "
+            f"the store already publishes {published_length} (to "
+            f"{published_ds.get_index(append_dim)[-1]}); is --now (or the clock) right?"
+        )
+    jobs, template_ds = job_class.operational_update_jobs(
+        final_store, template_ds, append_dim, config.data_vars, source_url
+    )
+    with tmp_metadata_store(template_ds) as tmp_store:
+        check_no_drift(tmp_store, final_store, append_dim)
+        var_metadata = variable_metadata(tmp_store, [v.name for v in config.data_vars])
+        tracker = UpdateProgressTracker(final_store.url, run_id)
+        plans = _plan_regions(jobs, template_ds, append_dim, var_metadata, tracker)
+        summary.regions_total = len(plans)
+        publisher = _RegionPublisher(
+            publisher=Publisher(
+                job_class=job_class,
+                template_ds=template_ds,
+                append_dim=append_dim,
+                final_store=final_store,
+                lease=lease,
+                data_var_names=[v.name for v in config.data_vars],
+                published_ds=published_ds,
+                refuse_shorter=True,
+            ),
+            tracker=tracker,
+            summary=summary,
+            started=started,
+        )
+        to_run = [(plan, job) for plan in plans for job in plan.jobs]
+        if not plans:
+            log.info("update %s: no regions to process", dataset.dataset_id)
+        publisher.publish_ready(plans)
+        if to_run:
+            _run_and_publish(dataset, session, show_progress, to_run, plans, publisher, var_metadata, tracker)
+            session.close_in_background()
+        publisher.publish_ready(plans)
+        unpublished = [p.key for p in plans if p.index >= publisher.next_index]
+        if unpublished:
+            raise RuntimeError(f"regions {unpublished} finished without being published (a driver bug)")
+    summary.published_append_dim_end = pd.Timestamp(publisher.published_end).isoformat()
 
 
 def _plan_regions(
@@ -189,21 +232,16 @@ def _run_and_publish(
     show_progress: bool,
     to_run: list[tuple[RegionPlan, RegionJob[Any, Any]]],
     plans: list[RegionPlan],
-    publisher: _Publisher,
+    publisher: _RegionPublisher,
     var_metadata: dict[str, bytes],
     tracker: UpdateProgressTracker,
 ) -> None:
     plan_of_job = {id(job): plan for plan, job in to_run}
-    published_length_at_start = publisher.published_length
 
-    def upload_for(job: RegionJob[Any, Any]) -> GatedUpload:
+    def upload_for(job: RegionJob[Any, Any]) -> RecordedUpload:
         plan = plan_of_job[id(job)]
-        return GatedUpload(
+        return RecordedUpload(
             region_key=plan.key,
-            region_start=job.region.start,
-            region_stop=job.region.stop,
-            append_axis={v.name: job.template_ds[v.name].dims.index(job.append_dim) for v in job.data_vars},
-            published_length=published_length_at_start,
             var_metadata={v.name: var_metadata[v.name] for v in job.data_vars},
             tracker=tracker,
         )
@@ -222,31 +260,26 @@ def _run_and_publish(
             client,
             [job for _, job in to_run],
             var_metadata,
-            publisher.final_store,
+            publisher.publisher.final_store,
             on_region_done=region_done,
             upload_for=upload_for,
         )
 
 
 @dataclass
-class _Publisher:
-    job_class: type[RegionJob[Any, Any]]
-    template_ds: xr.Dataset
-    published_ds: xr.Dataset
-    append_dim: str
-    final_store: ObjectStore
-    lease: UpdateLease
+class _RegionPublisher:
+    """Publishes the update's regions in append order, each once every job of it is done."""
+
+    publisher: Publisher
     tracker: UpdateProgressTracker
     summary: RunSummary
-    published_length: int
-    first_start: int
     started: float
     next_index: int = 0
-    cumulative: dict[str, list[SourceFileCoord]] = field(default_factory=dict)
 
     @property
     def published_end(self) -> Any:
-        return self.template_ds.get_index(self.append_dim)[self.published_length - 1]
+        publisher = self.publisher
+        return publisher.template_ds.get_index(publisher.append_dim)[publisher.published_length - 1]
 
     def publish_ready(self, plans: list[RegionPlan]) -> None:
         """Publish every finished region whose predecessors are all published, in append order."""
@@ -255,52 +288,22 @@ class _Publisher:
             self.next_index += 1
 
     def _publish(self, plan: RegionPlan) -> None:
+        results: dict[str, list[Any]] = {}
         for result in plan.results:
-            self.cumulative.setdefault(result.var_name, []).extend(result.results)
+            results.setdefault(result.var_name, []).extend(result.results)
             _log_variable(plan.key, result)
         counted = [
             replace(r, bytes_fetched=0, bytes_written=0, objects_written=0) if "resumed_from_run" in r.extra else r
             for r in plan.results
         ]
         self.summary.add(counted)
-        updated = with_template_encodings(
-            self.job_class.update_template_with_results(self.template_ds, self.append_dim, self.cumulative),
-            self.template_ds,
-        )
-        updated = _keep_published_coords(updated, self.published_ds, self.append_dim, self.first_start)
-        new_length = int(updated.sizes[self.append_dim])
-        if new_length < self.published_length:
+        self.publisher.add(plan.region, results)
+        try:
+            self.publisher.publish(f"region {plan.key}")
+        except SourceOutageError as error:
             failed = sum(1 for r in plan.results for c in r.results if c.status != SourceFileStatus.Succeeded)
-            raise SourceOutageError(
-                f"region {plan.key}: the results end at {self.append_dim} position {new_length} but "
-                f"{self.published_length} positions are published ({failed} file-variables failed in this "
-                "region). Publishing would shorten the dataset, so nothing was published and the published "
-                "data is unchanged. The source is probably missing files it had before; re-run the update "
-                "once it is back."
-            )
-        with tmp_metadata_store(updated) as tmp_store:
-            keys = metadata_keys(tmp_store)
-            contents = {key: (tmp_store / key).read_bytes() for key in keys}
-        if all(self.final_store.get(key) == data for key, data in contents.items()):
-            log.info("region %s: nothing new to publish (metadata unchanged)", plan.key)
-        else:
-            self.lease.verify()
-            pause_at("before_publish")
-            for key in keys:
-                if key == ROOT_METADATA_KEY:
-                    pause_at("mid_publish")
-                self.final_store.put(key, contents[key])
-            previous = self.published_length
-            self.published_length = new_length
-            log.info(
-                "published region %s: %s %d -> %d positions (to %s), %.1f s since start",
-                plan.key,
-                self.append_dim,
-                previous,
-                new_length,
-                pd.Timestamp(self.published_end),
-                time.perf_counter() - self.started,
-            )
+            raise SourceOutageError(f"{error} ({failed} file-variables failed in this region)") from None
+        log.info("region %s done, %.1f s since start", plan.key, time.perf_counter() - self.started)
         self.tracker.clear(plan.key)
         self.summary.regions_done += 1
 
@@ -310,15 +313,13 @@ def _log_variable(key: str, result: VariableResult) -> None:
     failed = len(result.results) - ok
     if "resumed_from_run" in result.extra:
         how = f"skipped, uploaded by run {result.extra['resumed_from_run']}"
-    elif result.extra.get("gate") == "unchanged":
-        how = "not uploaded, same as published"
-    elif result.extra.get("gate"):
-        how = (
-            f"kept the published values ({result.extra['new_valid']} new values < "
-            f"{result.extra['published_valid']} published), uploaded {result.objects_written} objects"
-        )
     else:
         how = f"uploaded {result.objects_written} objects, {result.bytes_written / 1e6:.2f} MB"
+        unchanged = result.extra.get("objects_unchanged", 0)
+        if unchanged:
+            how += f", {unchanged} not uploaded, same as published"
+        if result.extra.get("kept_published_fields"):
+            how += f", kept {result.extra['kept_published_fields']} published fields the source lacks now"
     log.info(
         "region %s %s: files ok %d failed %d, fetched %.2f MB, %s",
         key,
@@ -328,28 +329,3 @@ def _log_variable(key: str, result: VariableResult) -> None:
         result.bytes_fetched / 1e6,
         how,
     )
-
-
-def _keep_published_coords(updated: xr.Dataset, published: xr.Dataset, append_dim: str, first_start: int) -> xr.Dataset:
-    """Positions before the first processed region keep their published non-index coordinate values."""
-    keep = min(first_start, int(published.sizes[append_dim]), int(updated.sizes[append_dim]))
-    if keep <= 0:
-        return updated
-    overrides = {}
-    for name, coord in updated.coords.items():
-        if name == append_dim or append_dim not in coord.dims or name not in published.coords:
-            continue
-        values = np.array(coord.values, copy=True)
-        axis = coord.dims.index(append_dim)
-        source = np.asarray(published[name].values)
-        cut = [slice(None)] * values.ndim
-        cut[axis] = slice(0, keep)
-        values[tuple(cut)] = source[tuple(cut)]
-        overrides[name] = (coord.dims, values)
-    if not overrides:
-        return updated
-    result = updated.assign_coords(overrides)
-    for name in overrides:
-        result[name].attrs = updated[name].attrs
-        result[name].encoding = updated[name].encoding
-    return result
