@@ -10,8 +10,8 @@ from typing import Annotated, Any
 import typer
 
 from reformatters.cluster import ClusterUnavailableError
-from reformatters.publish import DEFAULT_LEASE_WAIT_SECONDS, RunCannotStartError
 from reformatters.common.time_utils import parse_utc
+from reformatters.publish import DEFAULT_LEASE_WAIT_SECONDS, RunCannotStartError
 from reformatters.region_job import RegionJobFilters
 from reformatters.registry import UnknownDatasetError, get_dataset
 
