@@ -73,20 +73,29 @@ def keep_published_fields(
         return 0
     kept = 0
     chunk_shape = encoder.chunk_shape
-    for chunk_coords in itertools.product(*(range(n) for n in encoder.chunks_per_shard)):
-        block = tuple(slice(i * c, (i + 1) * c) for i, c in zip(chunk_coords[:-2], chunk_shape[:-2], strict=True))
-        has_values = slabs_with_values[block]
-        if has_values.all():
+    leading_grid = encoder.chunks_per_shard[:-2]
+    field_grid = encoder.chunks_per_shard[-2:]
+    for leading in itertools.product(*(range(n) for n in leading_grid)):
+        block = tuple(slice(i * c, (i + 1) * c) for i, c in zip(leading, chunk_shape[:-2], strict=True))
+        has_values = slabs_with_values[block]  # a view
+        missing = list(zip(*np.nonzero(~has_values), strict=True))
+        if not missing:
             continue
-        published_chunk = published.chunk(chunk_coords)
-        if published_chunk is None:
-            continue
-        target = chunk_at(chunk_coords)
-        for slab in zip(*np.nonzero(~has_values), strict=True):
-            source = published_chunk[slab]
-            if holds_only_nan(source) if encoder.fill_is_nan else bool((source == encoder.fill_value).all()):
+        # A field spans the chunks along its own two dims: each of them may hold part of the published field.
+        restored: set[tuple[Any, ...]] = set()
+        for field_chunk in itertools.product(*(range(n) for n in field_grid)):
+            chunk_coords = (*leading, *field_chunk)
+            published_chunk = published.chunk(chunk_coords)
+            if published_chunk is None:
                 continue
-            target[slab] = source
+            target = chunk_at(chunk_coords)
+            for slab in missing:
+                source = published_chunk[slab]
+                if holds_only_nan(source) if encoder.fill_is_nan else bool((source == encoder.fill_value).all()):
+                    continue
+                target[slab] = source
+                restored.add(slab)
+        for slab in restored:
             has_values[slab] = True
-            kept += 1
+        kept += len(restored)
     return kept

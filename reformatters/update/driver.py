@@ -301,6 +301,8 @@ class _RegionPublisher:
         try:
             self.publisher.publish(f"region {plan.key}")
         except SourceOutageError as error:
+            # What this run uploaded reflects the outage: the next run fetches the region again.
+            self.tracker.clear(plan.key)
             failed = sum(1 for r in plan.results for c in r.results if c.status != SourceFileStatus.Succeeded)
             raise SourceOutageError(f"{error} ({failed} file-variables failed in this region)") from None
         log.info("region %s done, %.1f s since start", plan.key, time.perf_counter() - self.started)
