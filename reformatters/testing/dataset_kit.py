@@ -2,12 +2,16 @@
 
 Subclass `DatasetTestKit` in a test module (its name must start with `Test`), give it the dataset and a
 generated source, and pytest collects the whole suite: the checked-in template matches the code, jobs
-cover the template exactly once, and a backfill into a local store reads back as the source says.
+cover the template exactly once, a backfill into a local store reads back as the source says, and backfills
+into a live store (a slice in the middle, a subset of variables, an end before the published end) change no
+object and no coordinate value they had no reason to change.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,11 +37,19 @@ class DatasetTestKit:
     jobs_cover_end: ClassVar[str]
     """End of a longer stretch over which job coverage is checked."""
     n_workers: ClassVar[int] = 2
+    live_store_end: ClassVar[str | None] = None
+    """Exclusive end of the live-store checks' first backfill: at least three regions (default: backfill_end)."""
+    live_store_variables: ClassVar[tuple[str, ...]] = ()
+    """Variables of the live-store checks (default: backfill_variables); at least two."""
 
     # ---- what an integration provides ----
     def make_source(self, root: Path) -> str:
         """Write (or serve) a source archive for the backfill; return the source URL."""
         raise NotImplementedError
+
+    def make_live_store_source(self, root: Path) -> str:
+        """The source of the live-store checks, up to `live_store_end` (default: `make_source`)."""
+        return self.make_source(root)
 
     def expected_values(self, var_name: str, published: xr.Dataset) -> npt.NDArray[np.float32]:
         """What the published variable must hold (NaN where the source has no data)."""
@@ -161,3 +173,91 @@ class DatasetTestKit:
                 actual, expected, rtol=rtol * 1.0001, atol=self.absolute_tolerance(name), err_msg=name
             )
         self.check_summary(summary)
+
+    # ---- live-store checks: one publisher whatever the run ----
+    def test_backfills_into_a_live_store_change_only_what_they_ran(self, tmp_path: Path) -> None:
+        """Backfills of a slice in the middle, of a subset of variables and up to an end before the published end,
+        into a published store: every object outside `_internal/` keeps its bytes and is not rewritten (the
+        source is unchanged, so nothing differs), every coordinate value stays (derived ones included)."""
+
+        config = self.dataset.template_config
+        end = self.live_store_end or self.backfill_end
+        variables = self.live_store_variables or self.backfill_variables or tuple(v.name for v in config.data_vars)
+        source_url = self.make_live_store_source(tmp_path / "source")
+        store = tmp_path / "live.zarr"
+        template = config.get_template(end)
+        jobs = self.dataset.region_job_class.get_jobs(
+            template, config.append_dim, config.data_vars, self.kit_filters(variables)
+        )
+        regions = sorted({(job.region.start, job.region.stop) for job in jobs})
+        assert len(regions) >= 3, f"the live-store checks need at least three regions up to {end}, got {regions}"
+        assert len(variables) >= 2, "the live-store checks need at least two variables"
+        labels = template.get_index(config.append_dim)
+        middle = regions[len(regions) // 2]
+        earlier_end = (
+            labels[regions[-1][0] + (regions[-1][1] - regions[-1][0]) // 2]
+            if (regions[-1][1] - regions[-1][0] > 1)
+            else labels[regions[-1][0]]
+        )
+        runs = {
+            "a slice in the middle": (end, RegionJobFilters(contains=(labels[middle[0]],), variable_names=variables)),
+            "a subset of variables": (end, RegionJobFilters(variable_names=variables[:1])),
+            "an end before the published end": (earlier_end, RegionJobFilters(variable_names=variables)),
+        }
+        with _kit_cluster(self.n_workers) as address:
+            self.dataset.backfill(
+                end,
+                cluster=address,
+                store_url=str(store),
+                source_url=source_url,
+                filters=self.kit_filters(variables),
+                show_progress=False,
+            )
+            before = _store_state(store)
+            coords_before = _append_dim_coords(store, config.append_dim)
+            assert coords_before, "the published store has no coordinate along the append dimension to check"
+            for what, (run_end, filters) in runs.items():
+                summary = self.dataset.backfill(
+                    run_end,
+                    cluster=address,
+                    store_url=str(store),
+                    source_url=source_url,
+                    filters=filters,
+                    show_progress=False,
+                    lease_wait_seconds=0,
+                )
+                assert summary.regions_done == summary.regions_total > 0, f"{what}: no region ran"
+                after = _store_state(store)
+                assert sorted(after) == sorted(before), (
+                    f"{what}: objects appeared or vanished: {sorted(set(after) ^ set(before))}"
+                )
+                changed = [key for key in before if after[key][0] != before[key][0]]
+                assert not changed, f"{what}: the bytes of {changed} changed"
+                rewritten = [key for key in before if after[key][1] != before[key][1]]
+                assert not rewritten, f"{what}: {rewritten} were rewritten with the same bytes"
+                coords_after = _append_dim_coords(store, config.append_dim)
+                for name, values in coords_before.items():
+                    np.testing.assert_array_equal(coords_after[name], values, err_msg=f"{what}: coordinate {name}")
+
+
+@contextmanager
+def _kit_cluster(n_workers: int) -> Iterator[str]:
+    """One LocalCluster for several runs (each run connects to it as a remote cluster): its address."""
+    from reformatters.cluster import open_client
+
+    with open_client("local", n_workers=n_workers) as client:
+        yield str(client.scheduler.address)
+
+
+def _store_state(store: Path) -> dict[str, tuple[bytes, int]]:
+    """Every object outside `_internal/` with its bytes and modification time."""
+    return {
+        str(path.relative_to(store)): (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in sorted(store.rglob("*"))
+        if path.is_file() and not str(path.relative_to(store)).startswith("_internal") and ".tmp-" not in path.name
+    }
+
+
+def _append_dim_coords(store: Path, append_dim: str) -> dict[str, npt.NDArray[Any]]:
+    published = xr.open_zarr(store, decode_timedelta=True)
+    return {str(name): coord.values for name, coord in published.coords.items() if append_dim in coord.dims}

@@ -40,9 +40,15 @@ class TestExampleDataset(DatasetTestKit):
     dataset = ExampleDataset()
     backfill_end = "2024-01-02T00:00"
     jobs_cover_end = "2024-03-01T00:00"
+    live_store_end = "2024-01-02T12:00"  # three regions; the checks' earlier end cuts the last shard in two
 
     def make_source(self, root: Path) -> str:
         source.generate_source(root, INITS, missing=MISSING, corrupt=CORRUPT)
+        return str(root)
+
+    def make_live_store_source(self, root: Path) -> str:
+        inits = pd.date_range(INITS[0], self.live_store_end, freq="6h", inclusive="left")
+        source.generate_source(root, inits, missing=MISSING, corrupt=CORRUPT)
         return str(root)
 
     def expected_values(self, var_name: str, published: xr.Dataset) -> npt.NDArray[np.float32]:

@@ -46,6 +46,18 @@ def server(archive: ArchiveManifest) -> Iterator[ArchiveServer]:
         yield archive_server
 
 
+LIVE_INITS = [INIT, datetime(2021, 5, 1, 6), datetime(2021, 5, 1, 12)]
+LIVE_VARIABLES = ("temperature_2m", "precipitation_surface")
+
+
+@pytest.fixture(scope="module")
+def live_server() -> Iterator[ArchiveServer]:
+    """Three inits, leads 0-2, for the kit's live-store checks (one region per init)."""
+    live = generate_gfs_archive(LIVE_INITS, [0, 1, 2], variables=LIVE_VARIABLES, filler_ratio=1.0, workers=2)
+    with ArchiveServer(live.root) as archive_server:
+        yield archive_server
+
+
 def decode_source(archive: ArchiveManifest, name: str, lead: int) -> npt.NDArray[np.float64]:
     """ecCodes' own decode of the source message, rolled to -180..179.75 as the dataset publishes it."""
     var = BY_NAME[name]
@@ -95,6 +107,8 @@ class TestGfsForecastDataset(DatasetTestKit):
     backfill_end = "2021-05-01T06:00"
     backfill_variables = VARIABLES
     jobs_cover_end = "2021-06-01T00:00"
+    live_store_end = "2021-05-01T18:00"
+    live_store_variables = LIVE_VARIABLES
 
     @pytest.fixture(autouse=True)
     def _archive(self, archive: ArchiveManifest, server: ArchiveServer) -> None:
@@ -104,6 +118,14 @@ class TestGfsForecastDataset(DatasetTestKit):
     def make_source(self, root: Path) -> str:
         self.server.reset_counters()
         return self.server.url
+
+    def make_live_store_source(self, root: Path) -> str:
+        return str(self._live_server.url)
+
+    @pytest.fixture(autouse=True)
+    def _live(self, request: pytest.FixtureRequest) -> None:
+        if "live_store" in request.node.name:
+            self._live_server = request.getfixturevalue("live_server")
 
     def expected_values(self, var_name: str, published: xr.Dataset) -> npt.NDArray[np.float32]:
         return expected_gfs(self.archive, var_name)
@@ -125,6 +147,11 @@ class TestGfsForecastDataset(DatasetTestKit):
         assert len(inventories) == len(LEAD_HOURS)
         assert set(inventories.values()) == {1}, sorted(inventories.items(), key=lambda item: -item[1])[:3]
         assert summary.published_append_dim_end == pd.Timestamp(INIT).isoformat()
+
+    @pytest.mark.slow
+    def test_backfills_into_a_live_store_change_only_what_they_ran(self, tmp_path: Path) -> None:
+        # Four backfills of the full 0.25-degree grid: over a minute on two cores.
+        super().test_backfills_into_a_live_store_change_only_what_they_ran(tmp_path)
 
     def test_ingested_forecast_length_after_backfill(self, tmp_path: Path) -> None:
         store = tmp_path / "gfs.zarr"
