@@ -75,7 +75,9 @@ def test_no_kubernetes_credentials_writes_nothing(tmp_path: Path, example_archiv
     nowhere = tmp_path / "no-such-kubeconfig"
     store = tmp_path / "store.zarr"
     result = run_cli(
-        backfill_args(store, "--cluster", "k8s", "--source-url", str(example_archive)), tmp_path, KUBECONFIG=str(nowhere)
+        backfill_args(store, "--cluster", "k8s", "--source-url", str(example_archive)),
+        tmp_path,
+        KUBECONFIG=str(nowhere),
     )
     assert_failed_with_one_line(result, "Kubernetes credentials", str(nowhere))
     assert objects_under(tmp_path) == []
