@@ -14,6 +14,7 @@ import xarray as xr
 from reformatters_datasets.example.dataset import ExampleDataset
 
 from reformatters.common.storage import ObjectStore
+from reformatters.region_job import RegionJobFilters
 from reformatters.testing.object_store_server import S3Server
 
 INITS = pd.date_range("2024-01-01", periods=4, freq="6h")
@@ -55,6 +56,40 @@ def test_backfill_into_s3_reads_back_as_the_source_says(s3: S3Server, example_so
     machine = json.loads((tmp_path / "summary.json").read_text())
     assert machine["totals"]["files_failed"] == 2 * 3
     assert machine["totals"]["bytes_written"] > 0
+
+
+def test_backfill_of_a_slice_into_a_live_s3_store_changes_nothing_it_had_no_reason_to(  # type: ignore[no-untyped-def]
+    s3: S3Server, example_source
+) -> None:
+    """A backfill of the middle region into a published store on S3: no object outside `_internal/` is written
+    again (same ETag, same modification time: same bytes are not uploaded), nothing published changes."""
+    src = example_source(INITS.append(pd.date_range(INITS[-1] + pd.Timedelta("6h"), periods=2, freq="6h")))
+    store_url = s3.url("live-slice/example.zarr")
+    dataset = ExampleDataset()
+    with s3.environment():
+        common = {"cluster": "local", "n_workers": 2, "store_url": store_url, "source_url": src.url}
+        dataset.backfill("2024-01-02T12:00", show_progress=False, **common)  # type: ignore[arg-type]
+
+        def etags() -> dict[str, tuple[str, object]]:
+            # The ETag of a rewrite with the same bytes stays; its modification time does not.
+            client = s3.boto3_client()
+            listed = client.list_objects_v2(Bucket=s3.bucket, Prefix="live-slice/example.zarr/")["Contents"]
+            return {o["Key"]: (o["ETag"], o["LastModified"]) for o in listed if "/_internal/" not in o["Key"]}
+
+        before, published = etags(), ObjectStore(store_url).open_dataset().load()
+        summary = dataset.backfill(
+            "2024-01-02T12:00",
+            filters=RegionJobFilters(contains=(INITS[2],)),
+            show_progress=False,
+            lease_wait_seconds=0,
+            **common,  # type: ignore[arg-type]
+        )
+        after = ObjectStore(store_url).open_dataset().load()
+        etags_after = etags()
+    assert summary.regions_done == summary.regions_total == 1
+    assert any("/c/" in key for key in before)
+    assert etags_after == before
+    xr.testing.assert_identical(after, published)
 
 
 def test_objects_written_elsewhere_are_seen_after_a_listing(s3: S3Server) -> None:

@@ -99,7 +99,7 @@ def test_a_torn_partial_read_raises_instead_of_returning_other_values(
     (store / key).write_bytes(torn)
     ds = xr.open_zarr(store, decode_timedelta=True)
     with pytest.raises(ValueError, match="checksum"):
-        ds.temperature_2m.isel(init_time=0, lead_time=0, latitude=slice(0, 8), longitude=slice(0, 16)).values
+        _ = ds.temperature_2m.isel(init_time=0, lead_time=0, latitude=slice(0, 8), longitude=slice(0, 16)).values
 
 
 class _BytesStore:
