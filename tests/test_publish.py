@@ -43,9 +43,9 @@ def test_an_update_does_not_wait(tmp_path: Path) -> None:
 
 def test_a_store_that_cannot_be_written_fails_before_anything_else(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(StoreNotWritableError, match="cannot write to the store"):
-        with hold_lease(ObjectStore(tmp_path / "a-file" / "store.zarr")):
-            pass
+    unwritable = ObjectStore(tmp_path / "a-file" / "store.zarr")
+    with pytest.raises(StoreNotWritableError, match="cannot write to the store"), hold_lease(unwritable):
+        pass
 
 
 def _coords(length: int, ingested_hours: list[float]) -> xr.Dataset:
