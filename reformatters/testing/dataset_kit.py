@@ -246,7 +246,7 @@ def _kit_cluster(n_workers: int) -> Iterator[str]:
     from reformatters.cluster import open_client
 
     with open_client("local", n_workers=n_workers) as client:
-        yield str(client.scheduler.address)
+        yield str(client.scheduler_info()["address"])
 
 
 def _store_state(store: Path) -> dict[str, tuple[bytes, int]]:
