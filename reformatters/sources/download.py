@@ -254,7 +254,7 @@ def _get_with_retries(
         except SourceFileNotFoundError:
             not_found += 1
             if not_found >= config.not_found_attempts:
-                log.warning("source file not found: %s", what)
+                log.debug("source file not found: %s", what)
                 raise
             reason = "not found"
         except _Retryable as e:
