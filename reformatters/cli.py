@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
@@ -63,6 +65,30 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for a command stopped with Ctrl-C
+
+
+def _stops_on_ctrl_c(command: Callable[P, R]) -> Callable[P, R]:
+    """Ctrl-C ends the command with one line and exit 130 once its cluster has stopped, not with tracebacks."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            typer.secho(
+                f"interrupted: {command.__name__} stopped before it finished; run the same command again to finish it",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
+            raise typer.Exit(code=INTERRUPTED_EXIT_CODE) from None
+
+    return run
+
+
 def _dataset(dataset_id: str) -> Any:
     try:
         return get_dataset(dataset_id)
@@ -93,6 +119,7 @@ def update_template(dataset_id: str) -> None:
 
 
 @app.command()
+@_stops_on_ctrl_c
 def backfill(
     dataset_id: str,
     append_dim_end: Annotated[str, typer.Argument(help="Exclusive end of the append dimension, ISO 8601 UTC.")],
@@ -146,6 +173,7 @@ def backfill(
 
 
 @app.command()
+@_stops_on_ctrl_c
 def update(
     dataset_id: str,
     cluster: ClusterOption = "local",
@@ -175,6 +203,7 @@ def update(
 
 
 @app.command()
+@_stops_on_ctrl_c
 def validate(dataset_id: str, store: StoreOption = None, now: NowOption = None) -> None:
     """Check DATASET_ID's published store: current data, recent NaNs, expected shards. Non-zero exit on failure."""
     dataset = _dataset(dataset_id)
@@ -186,6 +215,7 @@ def validate(dataset_id: str, store: StoreOption = None, now: NowOption = None) 
 
 
 @app.command()
+@_stops_on_ctrl_c
 def demo(
     preset: Annotated[str, typer.Option(help="'default' or 'small' (fast, for CI).")] = "default",
     workdir: Annotated[Path, typer.Option(help="Where the archive and the dataset go.")] = Path("data/demo"),

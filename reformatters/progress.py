@@ -37,7 +37,7 @@ class RunProgress:
         self._task = self._progress.add_task(title, total=regions_total, files=self._files())
         if enabled and client is not None:
             link = client.dashboard_link
-            self.console.print(f"{title}: {regions_total} regions; Dask dashboard {link}")
+            self.console.print(f"{title}: {regions_total} regions; Dask dashboard {link}", markup=False)
 
     def __enter__(self) -> RunProgress:
         if self.enabled and sys.stderr.isatty():
@@ -69,4 +69,5 @@ class RunProgress:
             self.console.print(
                 f"{self.title}: region {done}/{total} done ({outcome.job.describe()}), {files}, {elapsed:.1f} s",
                 soft_wrap=True,
+                markup=False,  # region descriptions hold [variable, ...] lists
             )
