@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ import typer
 
 from reformatters.cluster import ClusterUnavailableError
 from reformatters.common.time_utils import parse_utc
+from reformatters.pipeline.worker_setup import LOG_FORMAT, LOG_LEVEL_ENVIRON
 from reformatters.region_job import RegionJobFilters
 from reformatters.registry import UnknownDatasetError, get_dataset
 
@@ -52,12 +54,11 @@ SourceUrlOption = Annotated[
 NowOption = Annotated[str | None, typer.Option("--now", help="Pretend the wall clock reads this UTC time (ISO 8601).")]
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(verbosity: int) -> None:
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbosity, 2)]
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    # Local worker processes inherit the environment and log at the same level (`worker_setup`).
+    os.environ[LOG_LEVEL_ENVIRON] = logging.getLevelName(level)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -97,7 +98,17 @@ def _dataset(dataset_id: str) -> Any:
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False) -> None:
+def main(
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose",
+            "-v",
+            count=True,
+            help="-v: log each step and one line per variable and region; -vv: also each source file not found.",
+        ),
+    ] = 0,
+) -> None:
     _setup_logging(verbose)
 
 
