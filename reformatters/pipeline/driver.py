@@ -15,7 +15,7 @@ from reformatters.cluster import workers_have_encode_resource
 from reformatters.common.storage import ObjectStore
 from reformatters.pipeline.graph import build_region_graph
 from reformatters.pipeline.kernels import VariableResult
-from reformatters.region_job import RegionJob
+from reformatters.region_job import RegionJob, SourceFileStatus
 
 log = logging.getLogger("reformatters.driver")
 
@@ -160,9 +160,10 @@ def run_region_jobs(
             # done already is not enough: its result is still queued and must find the region open.
             region.received += 1
             if region.received == region.variables:
-                results = [f.result() for f in region.futures]
+                results = client.gather(region.futures)  # one round trip for all of them
                 del regions[index]
                 outcome = RegionOutcome(index, region.job, results, time.perf_counter() - region.started)
+                log_region_outcome(outcome)
                 outcomes[index] = outcome
                 if on_region_done is not None:
                     on_region_done(outcome)
@@ -177,6 +178,25 @@ def run_region_jobs(
             "published for them: re-run the same command to finish them"
         )
     return [outcomes[i] for i in sorted(outcomes)]
+
+
+def log_region_outcome(outcome: RegionOutcome) -> None:
+    """One line per variable of a finished region; the files behind the counts are logged at debug level."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    for result in outcome.results:
+        not_found = sum(1 for coord in result.results if coord.not_found)
+        ok = result.count(SourceFileStatus.Succeeded)
+        log.info(
+            "region %s %s: %d files ok, %d not found, %d failed, %.2f MB fetched, %d objects written",
+            outcome.job.describe(),
+            result.var_name,
+            ok,
+            not_found,
+            len(result.results) - ok - not_found,
+            result.bytes_fetched / 1e6,
+            result.objects_written,
+        )
 
 
 class WorkerAffinity:
