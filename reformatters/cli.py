@@ -12,7 +12,7 @@ import typer
 from reformatters.cluster import ClusterUnavailableError
 from reformatters.common.time_utils import parse_utc
 from reformatters.region_job import RegionJobFilters
-from reformatters.registry import UnknownDatasetError, get_dataset
+from reformatters.registry import DatasetRegistrationError, UnknownDatasetError, all_datasets, get_dataset
 
 app = typer.Typer(
     name="reformatters",
@@ -66,7 +66,7 @@ def _fail(message: str) -> typer.Exit:
 def _dataset(dataset_id: str) -> Any:
     try:
         return get_dataset(dataset_id)
-    except UnknownDatasetError as error:
+    except (UnknownDatasetError, DatasetRegistrationError) as error:
         raise _fail(str(error)) from None
 
 
@@ -77,18 +77,35 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each
 
 @app.command("list")
 def list_datasets() -> None:
-    """List the datasets this installation can build."""
-    from reformatters.registry import all_datasets
-
-    for dataset in all_datasets():
+    """List the datasets this installation can build (entry points of the group reformatters.datasets)."""
+    try:
+        datasets = all_datasets()
+    except DatasetRegistrationError as error:
+        raise _fail(str(error)) from None
+    for dataset in datasets:
         attrs = dataset.template_config.dataset_attributes
         typer.echo(f"{dataset.dataset_id:<32} v{attrs.dataset_version:<8} {attrs.name}")
 
 
 @app.command("update-template")
-def update_template(dataset_id: str) -> None:
+def update_template(
+    dataset_id: str,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--output-dir",
+            help="Write DATASET_ID/latest.zarr under this directory instead of the checkout's templates/ "
+            "(needed where reformatters is installed from a wheel rather than an editable checkout).",
+        ),
+    ] = None,
+) -> None:
     """Render DATASET_ID's template (Zarr metadata, coordinate values, no data) into templates/."""
-    path = _dataset(dataset_id).template_config.update_template()
+    from reformatters.common.package_data import PackageDataError
+
+    try:
+        path = _dataset(dataset_id).template_config.update_template(output_dir)
+    except PackageDataError as error:
+        raise _fail(str(error)) from None
     typer.echo(f"wrote {path}")
 
 
