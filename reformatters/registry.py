@@ -82,7 +82,7 @@ def datasets_of(source: DatasetSource, loaded: Any) -> list[DynamicalDataset[Any
 
 
 def all_datasets() -> list[DynamicalDataset[Any]]:
-    """Every registered dataset, in registration order.
+    """Every registered dataset, by dataset id.
 
     A source that fails to import or to build its datasets is logged as a warning and skipped, so one broken
     plugin does not take the others down; a dataset id declared by two sources is an error.
@@ -107,7 +107,7 @@ def all_datasets() -> list[DynamicalDataset[Any]]:
                     f"{source.description}; uninstall one of them or give one of the datasets another id"
                 )
             found[dataset.dataset_id] = (dataset, source)
-    return [dataset for dataset, _ in found.values()]
+    return [found[dataset_id][0] for dataset_id in sorted(found)]
 
 
 def get_dataset(dataset_id: str) -> DynamicalDataset[Any]:

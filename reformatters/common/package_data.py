@@ -40,11 +40,14 @@ def is_editable_checkout(package: str) -> bool:
     are copies that a rewrite would silently lose at the next install.
     """
     top_level = package.partition(".")[0]
-    names = importlib.metadata.packages_distributions().get(top_level, [])
+    names = set(importlib.metadata.packages_distributions().get(top_level, []))
     if not names:
         return True
-    for name in names:
-        direct_url = importlib.metadata.distribution(name).read_text("direct_url.json")
+    # Every copy counts: a checkout on sys.path also holds the build's `*.egg-info`, without direct_url.json.
+    for distribution in importlib.metadata.distributions():
+        if distribution.metadata["Name"] not in names:
+            continue
+        direct_url = distribution.read_text("direct_url.json")
         if direct_url and json.loads(direct_url).get("dir_info", {}).get("editable", False):
             return True
     return False
