@@ -114,7 +114,8 @@ def test_drift_refuses_and_lists_each_difference(tmp_path: Path) -> None:
     assert "temperature_2m: chunks template [1, 6, 8, 16] != published [1, 6, 16, 16]" in message
     assert "backfill into a new dataset version" in message
     assert store_objects(tmp_path / "store.zarr") == before
-    assert not store.exists(LEASE_KEY)
+    lease = read_lease(store)
+    assert lease is not None and lease.released
 
 
 def test_update_of_missing_store_says_backfill_first(tmp_path: Path) -> None:
