@@ -26,6 +26,7 @@ set the TTL and the holder identity.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -162,6 +163,11 @@ def commit_records(store: ObjectStore) -> list[CommitRecord]:
     return sorted(records, key=lambda r: (r.generation, r.sequence))
 
 
+@functools.lru_cache(maxsize=8)
+def _store_for(url: str) -> ObjectStore:
+    return ObjectStore(url)  # one per worker process and URL: its S3/GCS client is reused across checks
+
+
 @dataclass(frozen=True)
 class Fence:
     """What a worker needs to check, before uploading, that its publisher still holds the lease."""
@@ -171,7 +177,7 @@ class Fence:
     generation: int
 
     def check(self) -> None:
-        store = ObjectStore(self.store_url)
+        store = _store_for(self.store_url)
         current = read_lease(store)
         if current is None or current.released or current.owner != self.owner or current.generation != self.generation:
             raise LeaseLostError(_lost_message(store, self.owner, self.generation, current))

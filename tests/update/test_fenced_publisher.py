@@ -1,6 +1,6 @@
-"""The fenced publisher with the real `reformatters update` of the example dataset in subprocesses, on local disk:
-a publisher stopped (SIGSTOP) past its lease's TTL writes nothing once resumed, and SIGTERM releases the lease
-and stops the cluster."""
+"""The fenced publisher with the real `reformatters update` of the example dataset in subprocesses: a publisher
+stopped (SIGSTOP) past its lease's TTL writes nothing once resumed (local disk and GCS), and SIGTERM releases the
+lease and stops the cluster."""
 
 from __future__ import annotations
 
@@ -8,16 +8,30 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from reformatters.common.storage import ObjectStore
+from reformatters.testing.object_store_server import GCSServer
 from reformatters.update.lease import HOLDER_ENV, TTL_ENV, commit_records, read_lease
 from reformatters.update.progress_tracker import PROGRESS_PREFIX
 
-from .conftest import REPO, UpdateFixture, assert_same_store, cli_env, copy_store, run_cli, update_command
+from .conftest import (
+    REPO,
+    UpdateFixture,
+    assert_same_store,
+    cli_env,
+    copy_store,
+    run_cli,
+    store_objects,
+    update_command,
+)
+
+pytest_plugins = ["tests.object_store_backends"]  # the gcs fixture
 
 STALE_TTL = 4.0
 
@@ -39,16 +53,39 @@ def _wait_stopped(pid: int, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
-def _snapshot(store: Path) -> dict[str, tuple[bytes, int, int]]:
-    """Every object outside `_internal/` with its bytes, inode and modification time: any write (even of the
-    same bytes, which goes through a new file renamed into place) changes the entry."""
+def _snapshot(store: ObjectStore) -> dict[str, tuple[bytes, str]]:
+    """Every object outside `_internal/` with its bytes and version (local: inode and times, GCS: generation):
+    any write, even of the same bytes, changes the entry."""
     snapshot = {}
-    for path in sorted(store.rglob("*")):
-        rel = str(path.relative_to(store))
-        if path.is_file() and not rel.startswith("_internal") and ".tmp-" not in path.name:
-            stat = path.stat()
-            snapshot[rel] = (path.read_bytes(), stat.st_ino, stat.st_mtime_ns)
+    for key in store.list():
+        if not key.startswith("_internal"):
+            data, version = store.get_with_version(key) or (b"", "")
+            snapshot[key] = (data, version)
     return snapshot
+
+
+@pytest.fixture(params=["local", "gcs"])
+def base_store(request: pytest.FixtureRequest, update_fixture: UpdateFixture, tmp_path: Path) -> Iterator[ObjectStore]:
+    """A copy of the published base on local disk or in fake-gcs-server (its environment set meanwhile)."""
+    if request.param == "local":
+        yield ObjectStore(copy_store(update_fixture.base_store, tmp_path / "store.zarr"))
+        return
+    server: GCSServer = request.getfixturevalue("gcs")
+    with server.environment():
+        store = ObjectStore(server.url(f"stale-{tmp_path.name}/example.zarr"))
+        for key, data in store_objects(update_fixture.base_store).items():
+            store.put(key, data)
+        yield store
+
+
+def _same_objects(store: ObjectStore, reference: Path) -> None:
+    if store.is_local:
+        assert_same_store(Path(store.url), reference)
+        return
+    want: dict[str, Any] = store_objects(reference)
+    got = {key: store.get(key) for key in store.list() if not key.startswith("_internal")}
+    assert sorted(got) == sorted(want)
+    assert [key for key in want if got[key] != want[key]] == []
 
 
 def _group_processes(pgid: int) -> list[int]:
@@ -63,13 +100,15 @@ def _group_processes(pgid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_stale_publisher_writes_nothing_after_resuming(update_fixture: UpdateFixture, tmp_path: Path) -> None:
-    store = copy_store(update_fixture.base_store, tmp_path / "store.zarr")
+def test_stale_publisher_writes_nothing_after_resuming(
+    base_store: ObjectStore, update_fixture: UpdateFixture, tmp_path: Path
+) -> None:
+    store = base_store
     marker = tmp_path / "stopped"
     # The first update publishes its first region, then stops itself (SIGSTOP) before publishing the second:
     # its chunk uploads have begun and its lease stops being renewed.
     stale = subprocess.Popen(
-        update_command(store, update_fixture.source),
+        update_command(store.url, update_fixture.source),
         cwd=REPO,
         env=cli_env(
             {
@@ -89,15 +128,15 @@ def test_stale_publisher_writes_nothing_after_resuming(update_fixture: UpdateFix
     try:
         _wait_for(marker, stale)
         _wait_stopped(stale.pid)
-        stale_lease = read_lease(ObjectStore(store))
+        stale_lease = read_lease(store)
         assert stale_lease is not None and stale_lease.holder == "pod-a" and not stale_lease.released
 
         # Another pod watches the lease go unrenewed for its TTL, takes over and runs to the end.
-        second = run_cli(update_command(store, update_fixture.source), env={HOLDER_ENV: "pod-b"})
+        second = run_cli(update_command(store.url, update_fixture.source), env={HOLDER_ENV: "pod-b"})
         assert second.returncode == 0, second.stderr[-3000:]
         assert "took over the publisher lease" in second.stderr
         after_second = _snapshot(store)
-        successor = read_lease(ObjectStore(store))
+        successor = read_lease(store)
         assert successor is not None and successor.holder == "pod-b" and successor.released
         assert successor.generation > stale_lease.generation
 
@@ -113,9 +152,9 @@ def test_stale_publisher_writes_nothing_after_resuming(update_fixture: UpdateFix
     assert "Traceback" not in err
 
     assert _snapshot(store) == after_second, "the resumed publisher wrote objects readers see"
-    assert_same_store(store, update_fixture.reference_store)
-    assert not ObjectStore(store).list(PROGRESS_PREFIX)
-    records = commit_records(ObjectStore(store))
+    _same_objects(store, update_fixture.reference_store)
+    assert not store.list(PROGRESS_PREFIX)
+    records = commit_records(store)
     generations = [r.generation for r in records]
     assert generations == sorted(generations) and generations[0] == stale_lease.generation
     assert {r.body["holder"] for r in records} == {"pod-a", "pod-b"}
