@@ -211,3 +211,18 @@ def test_sigterm_releases_the_lease(backend_store: ObjectStore, tmp_path: Path) 
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     record = read_lease(store)
     assert record is not None and record.released, json.dumps(record.__dict__ if record else None)
+
+
+def test_renew_whose_answer_was_lost_keeps_the_lease(backend_store: ObjectStore) -> None:
+    """A renewal the store applied but whose answer never arrived (a timeout) leaves the holder with an old
+    version: the next renewal finds its own lease there and carries on; another holder's lease would not."""
+    store = backend_store
+    lease = _lease(store, "host-a", ttl=600)
+    lease.acquire()
+    current = store.get_with_version(LEASE_KEY)
+    assert current is not None
+    store.put_if_match(LEASE_KEY, current[0].replace(b'"renewals": 0', b'"renewals": 1'), current[1])
+    lease.renew()
+    lease.verify()
+    record = read_lease(store)
+    assert record is not None and record.owner == lease.owner and record.renewals == 1

@@ -362,7 +362,20 @@ class UpdateLease:
             try:
                 self._version = self.store.put_if_match(LEASE_KEY, self._body(), self._version)
             except PreconditionFailedError:
-                self._lost = _lost_message(self.store, self.owner, self.generation, read_lease(self.store))
+                current = self.store.get_with_version(LEASE_KEY)
+                record = None if current is None else LeaseRecord.parse(current[0])
+                if (
+                    current is not None
+                    and record is not None
+                    and record.owner == self.owner
+                    and record.generation == self.generation
+                    and not record.released
+                ):
+                    # Our previous renewal landed although its answer was lost (a timeout): still ours.
+                    self._version = current[1]
+                    self._version = self.store.put_if_match(LEASE_KEY, self._body(), self._version)
+                    return
+                self._lost = _lost_message(self.store, self.owner, self.generation, record)
                 raise LeaseLostError(self._lost) from None
 
     def observe(self, store: ObjectStore, key: str = ROOT_KEY) -> None:
