@@ -5,11 +5,12 @@
 #
 # Usage: .ci/check_wheel.sh [WHEEL]     WHEEL: check this wheel instead of building one from the checkout.
 # PYTHON (default .venv/bin/python, the README's environment) builds the wheel, runs pip and compares templates.
-# Downloaded dependency wheels are kept in ~/.cache/reformatters/ci-wheelhouse/, one folder per lock file.
+# The dependencies' wheels are kept in ~/.cache/reformatters/ci-wheelhouse/ and downloaded only when missing.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-$repo/.venv/bin/python}"
 lock="$repo/requirements.lock"
+wheelhouse="${XDG_CACHE_HOME:-$HOME/.cache}/reformatters/ci-wheelhouse"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 unset PYTHONPATH REFORMATTERS_EXTRA_DATASETS
@@ -73,19 +74,19 @@ print(f"all {len(expected)} modules, templates and manifests of the checkout are
 EOF
 
 # ---- its dependencies, pinned by the lock, from a local wheelhouse ----
-key="$(cat "$lock" <(unzip -p "$wheel" '*.dist-info/METADATA' | grep '^Requires-Dist') | sha256sum | cut -c1-16)"
-wheelhouse="${XDG_CACHE_HOME:-$HOME/.cache}/reformatters/ci-wheelhouse/$key"
-if [ ! -d "$wheelhouse" ]; then
-  say "downloading the wheel's locked dependencies into $wheelhouse (once per lock file)"
-  mkdir -p "$(dirname "$wheelhouse")"
-  partial="$(mktemp -d "$wheelhouse.partial.XXXX")"
-  "$python" -m pip download -q -c "$lock" -d "$partial" "$wheel" 2> >(grep -v "is ignored: it is neither" >&2)
-  rm -f "$partial"/reformatters-*.whl
-  mv "$partial" "$wheelhouse"
-fi
 python3 -m venv --without-pip "$work/venv"
-"$python" -m pip --python "$work/venv/bin/python" install -q --no-compile --no-index --find-links "$wheelhouse" \
-  -c "$lock" "$wheel" 2> >(grep -v "is ignored: it is neither" >&2)
+install() {
+  "$python" -m pip --python "$work/venv/bin/python" install -q --no-compile --no-index --find-links "$wheelhouse" \
+    -c "$lock" "$wheel"
+}
+if ! install 2>"$work/err"; then
+  # pip resolves before it installs anything: a wheel missing from the wheelhouse leaves the venv empty.
+  say "downloading the wheel's locked dependencies missing from $wheelhouse"
+  mkdir -p "$wheelhouse"
+  "$python" -m pip download -q -c "$lock" -d "$wheelhouse" "$wheel" 2> >(grep -v "is ignored: it is neither" >&2)
+  rm -f "$wheelhouse"/reformatters-*.whl
+  install 2> >(grep -v "is ignored: it is neither" >&2)
+fi
 say "installed into a fresh virtual environment"
 bin="$work/venv/bin"
 
