@@ -14,6 +14,8 @@ wheelhouse="${XDG_CACHE_HOME:-$HOME/.cache}/reformatters/ci-wheelhouse"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 unset PYTHONPATH REFORMATTERS_EXTRA_DATASETS
+# Installed with --no-compile: the first command caches bytecode for the modules it imports, the next reuse it.
+unset PYTHONDONTWRITEBYTECODE
 started=$SECONDS
 failures=0
 
