@@ -10,6 +10,7 @@ from typing import Any
 
 def all_datasets() -> list[Any]:
     from .example.dataset import ExampleDataset
+    from .noaa.gefs.forecast_35_day.dataset import GefsForecast35DayDataset
     from .noaa.gfs.forecast.dataset import GfsForecastDataset
 
-    return [GfsForecastDataset(), ExampleDataset()]
+    return [GfsForecastDataset(), GefsForecast35DayDataset(), ExampleDataset()]
