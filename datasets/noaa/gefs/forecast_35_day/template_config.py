@@ -353,6 +353,9 @@ class GefsForecast35DayTemplateConfig(TemplateConfig[GefsDataVar]):
     def template_path(self) -> Path:
         return (self.templates_dir or TEMPLATES_DIR) / self.dataset_id / "latest.zarr"
 
+    def update_template(self, templates_dir: Path | None = None) -> Path:
+        return super().update_template(templates_dir or self.templates_dir)
+
     def dimension_coordinates(self) -> dict[str, Any]:
         return {
             "ensemble_member": np.asarray(self.ensemble_members, dtype=np.int64),

@@ -1,0 +1,314 @@
+"""noaa-gefs-forecast-35-day against generated GEFS-layout archives served on loopback.
+
+The kit's backfill runs a small variant of the dataset (members c00 and p30, the `s` files on a 1 degree grid and
+the `a`/`b` files on a 2 degree one, a 1 degree output); one test reads the published 0.25/0.5 degree grids.
+Expected values come from ecCodes' own decode of the archive's messages, resampled here from coordinates.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import eccodes
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import pytest
+import xarray as xr
+from reformatters_datasets.noaa.gefs.forecast_35_day.dataset import GefsForecast35DayDataset
+from reformatters_datasets.noaa.gefs.forecast_35_day.region_job import (
+    GefsSourceFileCoord,
+    product_at,
+    requested_lead_hours,
+    step_text,
+)
+from reformatters_datasets.noaa.gefs.forecast_35_day.template_config import (
+    LEAD_HOURS,
+    gefs_forecast_35_day_template_config,
+)
+
+from reformatters.region_job import RegionJobFilters
+from reformatters.sources.grib_decode import GridSpec
+from reformatters.sources.grib_index import find_message, parse_ncep_idx
+from reformatters.summary import RunSummary
+from reformatters.template_config import template_differences
+from reformatters.testing.archive_server import ArchiveServer
+from reformatters.testing.dataset_kit import DatasetTestKit
+from reformatters.testing.gefs_archive import GefsArchiveManifest, generate_gefs_archive
+
+INIT = datetime(2020, 10, 1, 0)
+MEMBERS = (0, 30)
+ARCHIVE_LEADS = [0, 3, 6, 9, 240, 246, 252]
+VARIABLES = ("temperature_2m", "precipitation_surface", "categorical_rain_surface", "wind_u_100m")
+# p30's 3 h `s` file and c00's 252 h `a` file are missing: NaN there, and p30's 6 h rate (its bucket began at 0).
+MISSING = [(INIT, 30, "s", 3), (INIT, 0, "a", 252)]
+SMALL_RESOLUTION = 1.0
+SMALL_TEMPLATES = Path(tempfile.mkdtemp(prefix="gefs-small-templates-"))
+SMALL_CONFIG = gefs_forecast_35_day_template_config(
+    ensemble_members=MEMBERS,
+    resolution=SMALL_RESOLUTION,
+    chunks=(1, 2, 64, 46, 90),
+    shards=(1, 2, 192, 184, 360),
+    templates_dir=SMALL_TEMPLATES,
+)
+SMALL_DATASET = GefsForecast35DayDataset(template_config=SMALL_CONFIG)
+BY_NAME = {v.name: v for v in SMALL_CONFIG.data_vars}
+
+
+@pytest.fixture(scope="module")
+def archive() -> GefsArchiveManifest:
+    return generate_gefs_archive(
+        [INIT],
+        MEMBERS,
+        ARCHIVE_LEADS,
+        variables=VARIABLES,
+        fine_grid=GridSpec.global_regular(SMALL_RESOLUTION),
+        coarse_grid=GridSpec.global_regular(2 * SMALL_RESOLUTION),
+        missing=MISSING,
+        workers=2,
+    )
+
+
+@pytest.fixture(scope="module")
+def server(archive: GefsArchiveManifest) -> Iterator[ArchiveServer]:
+    SMALL_CONFIG.update_template(templates_dir=SMALL_TEMPLATES)
+    with ArchiveServer(archive.root) as archive_server:
+        yield archive_server
+
+
+def decode(archive: GefsArchiveManifest, name: str, member: int, lead: int) -> npt.NDArray[np.float64] | None:
+    """ecCodes' decode of the message the dataset reads, on its own grid (longitudes 0..360); None if absent."""
+    var = BY_NAME[name]
+    product = product_at(var.internal_attrs.products, lead)
+    path = archive.path(INIT, member, product, lead)
+    step = step_text(var, lead)
+    if step is None or not path.exists():
+        return None
+    entries = parse_ncep_idx(Path(f"{path}.idx").read_text())
+    entry = find_message(entries, var.internal_attrs.grib_element, var.internal_attrs.grib_level, step)
+    handle = eccodes.codes_new_from_message(path.read_bytes()[entry.start : entry.end])
+    try:
+        shape = (eccodes.codes_get(handle, "Nj"), eccodes.codes_get(handle, "Ni"))
+        values = eccodes.codes_get_values(handle).reshape(shape)
+    finally:
+        eccodes.codes_release(handle)
+    return values - 273.15 if var.internal_attrs.kelvin_to_celsius else values
+
+
+def _axis_neighbours(
+    source_first: float, source_step: float, size: int, target: npt.NDArray[np.float64], periodic: bool
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.float64]]:
+    """The source points on either side of each target coordinate, and the distance fraction to the first one."""
+    offset = (target - source_first) % 360.0 if periodic else target - source_first
+    before = np.floor(offset / source_step + 1e-9).astype(np.intp)
+    fraction = offset / source_step - before
+    fraction[np.abs(fraction) < 1e-9] = 0.0
+    after = (before + 1) % size if periodic else np.minimum(before + 1, size - 1)
+    return before, after, fraction
+
+
+def to_target_grid(field: npt.NDArray[np.float64], resolution: float, method: str) -> npt.NDArray[np.float64]:
+    """Bilinear (four corners) or nearest (ties north and west) from a (lat 90..-90, lon 0..360) grid at twice
+    `resolution` to the dataset's grid (lat 90..-90, lon -180..180), computed from the coordinates."""
+    nj, ni = field.shape
+    step = 360.0 / ni
+    lat = np.linspace(90.0, -90.0, round(180 / resolution) + 1)
+    lon = -180.0 + np.arange(round(360 / resolution)) * resolution
+    north, south, t = _axis_neighbours(90.0, -step, nj, lat, periodic=False)
+    west, east, u = _axis_neighbours(0.0, step, ni, lon, periodic=True)
+    if method == "nearest":
+        rows = np.where(t > 0.5, south, north)
+        columns = np.where(u > 0.5, east, west)
+        return field[np.ix_(rows, columns)]
+    t, u = t[:, None], u[None, :]
+    corners = [(north, west, (1 - t) * (1 - u)), (north, east, (1 - t) * u), (south, west, t * (1 - u)), (south, east, t * u)]
+    total = np.zeros((lat.size, lon.size))
+    for rows, columns, weight in corners:
+        contribution = weight * field[np.ix_(rows, columns)]
+        total += np.where(weight == 0, 0.0, contribution)  # a zero weight ignores its corner, NaN or not
+    return total
+
+
+def on_dataset_grid(
+    archive: GefsArchiveManifest, name: str, member: int, lead: int, resolution: float
+) -> npt.NDArray[np.float64] | None:
+    values = decode(archive, name, member, lead)
+    if values is None:
+        return None
+    var = BY_NAME[name]
+    if product_at(var.internal_attrs.products, lead) == "s":
+        return np.roll(values, values.shape[1] // 2, axis=1)
+    return to_target_grid(values, resolution, var.internal_attrs.resampling)
+
+
+def expected_gefs(archive: GefsArchiveManifest, name: str) -> npt.NDArray[np.float32]:
+    var = BY_NAME[name]
+    n_lat, n_lon = round(180 / SMALL_RESOLUTION) + 1, round(360 / SMALL_RESOLUTION)
+    expected = np.full((1, len(MEMBERS), len(LEAD_HOURS), n_lat, n_lon), np.nan)
+    window = var.internal_attrs.window
+    for m, member in enumerate(MEMBERS):
+        for i, lead in enumerate(int(h) for h in LEAD_HOURS):
+            current = on_dataset_grid(archive, name, member, lead, SMALL_RESOLUTION)
+            if current is None:
+                continue
+            if window == "instant":
+                expected[0, m, i] = current
+                continue
+            previous_lead = int(LEAD_HOURS[i - 1])
+            start = ((lead - 1) // 6) * 6
+            if previous_lead <= start:  # first step of a 6-hour bucket
+                expected[0, m, i] = current / ((lead - previous_lead) * 3600.0) if window == "acc" else current
+                continue
+            previous = on_dataset_grid(archive, name, member, previous_lead, SMALL_RESOLUTION)
+            if previous is None:
+                continue
+            if window == "acc":
+                expected[0, m, i] = (current - previous) / ((lead - previous_lead) * 3600.0)
+            else:
+                expected[0, m, i] = (current * (lead - start) - previous * (previous_lead - start)) / (
+                    lead - previous_lead
+                )
+    return expected.astype(np.float32)
+
+
+class TestGefsForecast35Day(DatasetTestKit):
+    dataset = SMALL_DATASET
+    backfill_end = "2020-10-02T00:00"
+    backfill_variables = VARIABLES
+    jobs_cover_end = "2020-11-01T00:00"
+
+    @pytest.fixture(autouse=True)
+    def _archive(self, archive: GefsArchiveManifest, server: ArchiveServer) -> None:
+        self.archive = archive
+        self.server = server
+
+    def make_source(self, root: Path) -> str:
+        self.server.reset_counters()
+        return self.server.url
+
+    def expected_values(self, var_name: str, published: xr.Dataset) -> npt.NDArray[np.float32]:
+        assert published[var_name].dims == SMALL_CONFIG.dims
+        assert published["ensemble_member"].values.tolist() == list(MEMBERS)
+        return expected_gefs(self.archive, var_name)
+
+    def absolute_tolerance(self, var_name: str) -> float:
+        # Rates are tiny numbers carrying the packing step of the accumulations they come from; float32 kelvin near
+        # 273 K resolve 3e-5 K, so celsius near 0 carry that much absolutely, more once blended bilinearly.
+        return {"precipitation_surface": 1e-6, "categorical_rain_surface": 1e-6, "temperature_2m": 1e-4}.get(
+            var_name, 0.0
+        )
+
+    def check_summary(self, summary: RunSummary) -> None:
+        files_per_member = len(LEAD_HOURS)
+        for name in VARIABLES:
+            entry = summary.variables[name]
+            assert entry.files_failed == 0, (name, entry)
+            missing = (len(LEAD_HOURS) - len(ARCHIVE_LEADS)) * len(MEMBERS)
+            if name != "wind_u_100m":  # the `b` files are all there
+                missing += 2
+            assert entry.files_not_found == missing, (name, entry.files_not_found, missing)
+            assert entry.files_ok == files_per_member * len(MEMBERS) - missing
+        assert summary.published_append_dim_end == pd.Timestamp(INIT).isoformat()
+
+    def test_template_matches_code(self, tmp_path: Path) -> None:
+        """The checked-in template of the published dataset (the kit's variant is rendered from the same code)."""
+        config = GefsForecast35DayDataset().template_config
+        differences = template_differences(config.template_path, config.update_template(templates_dir=tmp_path))
+        assert not differences, f"run `reformatters update-template {config.dataset_id}`: {differences}"
+        template = config.get_template("2020-10-03T00:00")
+        assert dict(template.sizes) == {
+            "init_time": 2,
+            "ensemble_member": 31,
+            "lead_time": 181,
+            "latitude": 721,
+            "longitude": 1440,
+        }
+        assert template["temperature_2m"].encoding["shards"] == (1, 31, 192, 374, 368)
+        assert template["ingested_forecast_length"].dims == ("init_time", "ensemble_member")
+
+    def test_ingested_forecast_length_per_member(self, tmp_path: Path) -> None:
+        store = tmp_path / "gefs.zarr"
+        SMALL_DATASET.backfill(
+            self.backfill_end,
+            cluster="local",
+            n_workers=2,
+            store_url=str(store),
+            source_url=self.server.url,
+            filters=self.kit_filters(("temperature_2m",)),
+            show_progress=False,
+        )
+        published = xr.open_zarr(store, decode_timedelta=True)
+        # c00's 252 h `a` file is missing: its temperature was last ingested at 246 h; p30's at 252 h.
+        assert published["ingested_forecast_length"].values.tolist() == [
+            [np.timedelta64(246, "h").astype("timedelta64[ns]"), np.timedelta64(252, "h").astype("timedelta64[ns]")]
+        ]
+        assert published["expected_forecast_length"].values[0] == np.timedelta64(840, "h")
+
+
+def test_extension_leads_only_for_inits_old_enough() -> None:
+    leads = [int(h) for h in LEAD_HOURS]
+    now = pd.Timestamp("2026-01-10T07:00")
+    young = requested_lead_hours(leads, pd.Timestamp("2026-01-10T00:00"), now)
+    assert max(young) == 384 and young == [h for h in leads if h <= 384]
+    assert requested_lead_hours(leads, pd.Timestamp("2026-01-09T00:00"), now) == leads
+
+
+def test_each_variable_reads_its_product() -> None:
+    by_name = {v.name: v for v in gefs_forecast_35_day_template_config().data_vars}
+    assert [product_at(by_name["temperature_2m"].internal_attrs.products, h) for h in (0, 240, 246)] == ["s", "s", "a"]
+    assert [product_at(by_name["wind_gust_surface"].internal_attrs.products, h) for h in (3, 246)] == ["s", "b"]
+    assert {product_at(by_name["wind_u_100m"].internal_attrs.products, h) for h in (0, 3, 840)} == {"b"}
+    assert {product_at(by_name["geopotential_height_500hpa"].internal_attrs.products, h) for h in (0, 840)} == {"a"}
+    coord = GefsSourceFileCoord(
+        source_url="https://noaa-gefs-pds.s3.amazonaws.com",
+        init_time=pd.Timestamp("2025-08-01T00:00"),
+        ensemble_member=1,
+        lead_time=pd.Timedelta(hours=15),
+        product="s",
+    )
+    assert coord.get_url().endswith("gefs.20250801/00/atmos/pgrb2sp25/gep01.t00z.pgrb2s.0p25.f015")
+    assert coord.out_loc() == {"init_time": coord.init_time, "ensemble_member": 1, "lead_time": coord.lead_time}
+
+
+def test_reads_at_the_published_resolution(tmp_path: Path) -> None:
+    """The published dataset's grids: 0.25 degree `s` fields as decoded (rolled to -180), 0.5 degree `a` fields
+    bilinear and a categorical one by nearest neighbour, for members c00 and p30."""
+    names = ("temperature_2m", "categorical_rain_surface")
+    real = gefs_forecast_35_day_template_config()
+    by_name = {v.name: v for v in real.data_vars}
+    manifest = generate_gefs_archive([INIT], MEMBERS, [240, 246], variables=names, filler_ratio=0.0, workers=2)
+    dataset = GefsForecast35DayDataset()
+    template = real.get_template("2020-10-02T00:00")
+    with ArchiveServer(manifest.root) as server:
+        job = dataset.region_job_class.get_jobs(
+            template, real.append_dim, real.data_vars, RegionJobFilters(variable_names=names), source_url=server.url
+        )[0].for_workers()
+        out = np.full((721, 1440), -1.0, dtype=np.float32)
+        for member in MEMBERS:
+            for lead in (240, 246):
+                coord = GefsSourceFileCoord(
+                    source_url=server.url,
+                    init_time=pd.Timestamp(INIT),
+                    ensemble_member=member,
+                    lead_time=pd.Timedelta(hours=lead),
+                    product=product_at("s+a", lead),
+                )
+                payload = job.download_file(coord, [by_name[n] for n in names])
+                for name in names:
+                    job.read_data_into(coord, by_name[name], payload, out)
+                    var = by_name[name]
+                    values = decode(manifest, name, member, lead)
+                    assert values is not None
+                    if lead == 240:
+                        assert values.shape == (721, 1440)
+                        expected = np.roll(values, 720, axis=1)
+                    else:
+                        assert values.shape == (361, 720)
+                        expected = to_target_grid(values, 0.25, var.internal_attrs.resampling)
+                    np.testing.assert_allclose(out, expected, rtol=5e-7, atol=1e-4, err_msg=f"{name} {member} {lead}")
+                    if lead == 246 and not var.internal_attrs.kelvin_to_celsius:
+                        # Points on the 0.5 degree grid keep their values (bit for bit: no unit conversion here).
+                        np.testing.assert_array_equal(out[::2, 720::2], values[:, :360].astype(np.float32))
