@@ -312,3 +312,62 @@ def test_reads_at_the_published_resolution(tmp_path: Path) -> None:
                     if lead == 246 and not var.internal_attrs.kelvin_to_celsius:
                         # Points on the 0.5 degree grid keep their values (bit for bit: no unit conversion here).
                         np.testing.assert_array_equal(out[::2, 720::2], values[:, :360].astype(np.float32))
+
+
+@pytest.mark.slow
+def test_update_completes_the_previous_init_from_published_fields(archive: GefsArchiveManifest, tmp_path: Path) -> None:
+    """A backfill ingests what the source has (c00 to 246 h, its 252 h file missing; p30 to 252 h); later the source
+    has 252 h for c00 and 258 h for both. The update re-ingests that init: it fetches only the leads past each
+    member's `ingested_forecast_length`, keeps the published fields (merged, not fetched again) and publishes both."""
+    config = gefs_forecast_35_day_template_config(
+        ensemble_members=MEMBERS,
+        resolution=SMALL_RESOLUTION,
+        chunks=(1, 2, 64, 46, 90),
+        shards=(1, 2, 192, 184, 360),
+        templates_dir=tmp_path / "templates",
+    )
+    config = config.model_copy(update={"data_vars": (config.data_var("temperature_2m"),)})
+    config.update_template()
+    dataset = GefsForecast35DayDataset(template_config=config)
+    store = str(tmp_path / "gefs.zarr")
+    with ArchiveServer(archive.root) as first:
+        dataset.backfill("2020-10-02T00:00", cluster="local", n_workers=2, store_url=store, source_url=first.url,
+                         show_progress=False)
+    later = generate_gefs_archive(
+        [INIT],
+        MEMBERS,
+        [*ARCHIVE_LEADS, 258],
+        variables=("temperature_2m",),
+        fine_grid=GridSpec.global_regular(SMALL_RESOLUTION),
+        coarse_grid=GridSpec.global_regular(2 * SMALL_RESOLUTION),
+        missing=[(INIT, 30, "s", 3)],
+        workers=2,
+    )
+    jobs, template = dataset.region_job_class.operational_update_jobs(
+        store, config.get_template("2020-10-03T00:00"), "init_time", config.data_vars, "http://unused"
+    )
+    assert [(job.region.start, job.merge_published_store is not None) for job in jobs] == [(0, True), (1, False)]
+    fetched = {
+        (c.ensemble_member, c.lead_hours)
+        for c in jobs[0].generate_source_file_coords(template.isel(init_time=slice(0, 1)), config.data_vars)
+    }
+    assert min(h for m, h in fetched if m == 0) == 252 and min(h for m, h in fetched if m == 30) == 258
+    with ArchiveServer(later.root) as second:
+        dataset.update(store_url=store, source_url=second.url, now="2020-10-01T23:00", n_workers=2,
+                       show_progress=False)
+        requested = {rel for rel in second.requests if not rel.endswith(".idx")}
+    assert all(rel.endswith(("f252", "f258")) for rel in requested), sorted(requested)
+    published = xr.open_zarr(store, decode_timedelta=True)
+    assert published.sizes["init_time"] == 1
+    assert published["ingested_forecast_length"].values[0].tolist() == [
+        np.timedelta64(258, "h").astype("timedelta64[ns]")
+    ] * 2
+    actual = published["temperature_2m"].values[0]
+    leads = [int(h) for h in LEAD_HOURS]
+    for m, member in enumerate(MEMBERS):
+        for lead in (0, 246, 252, 258):
+            if (member, lead) == (30, 3):
+                continue
+            expected = on_dataset_grid(later, "temperature_2m", member, lead, SMALL_RESOLUTION)
+            assert expected is not None
+            np.testing.assert_allclose(actual[m, leads.index(lead)], expected, rtol=0.004, atol=1e-4)
