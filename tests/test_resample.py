@@ -85,7 +85,6 @@ def test_bilinear_equals_the_four_corner_form_with_longitude_wrap(source_res: fl
 
 def test_points_on_source_points_keep_their_value_even_beside_nan() -> None:
     src_lat, src_lon = _grid(0.5, west_first=0.0)
-    dst_lat, dst_lon = _grid(0.25, west_first=-180.0)
     rng = np.random.default_rng(7)
     field = rng.normal(0.0, 1.0, (src_lat.size, src_lon.size)).astype(np.float32)
     field[100, 200] = np.nan

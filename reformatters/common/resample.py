@@ -41,7 +41,8 @@ def latitude_positions(source: npt.ArrayLike, target: npt.ArrayLike) -> npt.NDAr
             f"target latitudes {dst[outside][:4]} lie outside the source's {src[0]}..{src[-1]}; "
             "resampling does not extrapolate: choose a target grid inside the source's"
         )
-    return np.clip(positions, 0, src.size - 1)
+    clipped: npt.NDArray[np.float64] = np.clip(positions, 0, src.size - 1)
+    return clipped
 
 
 def longitude_positions(source: npt.ArrayLike, target: npt.ArrayLike) -> npt.NDArray[np.float64]:
@@ -54,7 +55,7 @@ def longitude_positions(source: npt.ArrayLike, target: npt.ArrayLike) -> npt.NDA
             f"source longitudes must run eastward once around the globe ({src.size} points x {step} degrees "
             f"= {step * src.size}, expected {FULL_CIRCLE}) for longitude wrap"
         )
-    positions = ((dst - src[0]) % FULL_CIRCLE) / step
+    positions: npt.NDArray[np.float64] = ((dst - src[0]) % FULL_CIRCLE) / step
     # A target a hair west of the first column wraps to just below src.size: that is column 0.
     positions[positions > src.size - _ON_POINT] = 0.0
     return positions

@@ -124,7 +124,12 @@ def to_target_grid(field: npt.NDArray[np.float64], resolution: float, method: st
         columns = np.where(u > 0.5, east, west)
         return field[np.ix_(rows, columns)]
     t, u = t[:, None], u[None, :]
-    corners = [(north, west, (1 - t) * (1 - u)), (north, east, (1 - t) * u), (south, west, t * (1 - u)), (south, east, t * u)]
+    corners = [
+        (north, west, (1 - t) * (1 - u)),
+        (north, east, (1 - t) * u),
+        (south, west, t * (1 - u)),
+        (south, east, t * u),
+    ]
     total = np.zeros((lat.size, lon.size))
     for rows, columns, weight in corners:
         contribution = weight * field[np.ix_(rows, columns)]
@@ -331,8 +336,9 @@ def test_update_completes_the_previous_init_from_published_fields(archive: GefsA
     dataset = GefsForecast35DayDataset(template_config=config)
     store = str(tmp_path / "gefs.zarr")
     with ArchiveServer(archive.root) as first:
-        dataset.backfill("2020-10-02T00:00", cluster="local", n_workers=2, store_url=store, source_url=first.url,
-                         show_progress=False)
+        dataset.backfill(
+            "2020-10-02T00:00", cluster="local", n_workers=2, store_url=store, source_url=first.url, show_progress=False
+        )
     later = generate_gefs_archive(
         [INIT],
         MEMBERS,
@@ -353,15 +359,15 @@ def test_update_completes_the_previous_init_from_published_fields(archive: GefsA
     }
     assert min(h for m, h in fetched if m == 0) == 252 and min(h for m, h in fetched if m == 30) == 258
     with ArchiveServer(later.root) as second:
-        dataset.update(store_url=store, source_url=second.url, now="2020-10-01T23:00", n_workers=2,
-                       show_progress=False)
+        dataset.update(store_url=store, source_url=second.url, now="2020-10-01T23:00", n_workers=2, show_progress=False)
         requested = {rel for rel in second.requests if not rel.endswith(".idx")}
     assert all(rel.endswith(("f252", "f258")) for rel in requested), sorted(requested)
     published = xr.open_zarr(store, decode_timedelta=True)
     assert published.sizes["init_time"] == 1
-    assert published["ingested_forecast_length"].values[0].tolist() == [
-        np.timedelta64(258, "h").astype("timedelta64[ns]")
-    ] * 2
+    assert (
+        published["ingested_forecast_length"].values[0].tolist()
+        == [np.timedelta64(258, "h").astype("timedelta64[ns]")] * 2
+    )
     actual = published["temperature_2m"].values[0]
     leads = [int(h) for h in LEAD_HOURS]
     for m, member in enumerate(MEMBERS):

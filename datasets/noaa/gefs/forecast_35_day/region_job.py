@@ -188,7 +188,7 @@ class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
         members = [int(m) for m in processing_region_ds["ensemble_member"].values]
         ingested = processing_region_ds["ingested_forecast_length"]
         now = utc_now()
-        coords = []
+        coords: list[GefsSourceFileCoord] = []
         for init_time in processing_region_ds["init_time"].to_index():
             leads = requested_lead_hours(lead_hours, init_time, now)
             for member in members:
@@ -341,9 +341,7 @@ class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
                 ingested_forecast_length=template_ds["ingested_forecast_length"].copy(data=values)
             )
             newest = published_ingested[-1]
-            complete = not np.isnat(newest).any() and bool(
-                (newest >= EXPECTED_FORECAST_LENGTH.to_timedelta64()).all()
-            )
+            complete = not np.isnat(newest).any() and bool((newest >= EXPECTED_FORECAST_LENGTH.to_timedelta64()).all())
             start_index = length if complete else length - 1
             merge_index = None if complete else length - 1
         regions = [slice(p, p + 1) for p in range(start_index, template_ds.sizes[append_dim])]
