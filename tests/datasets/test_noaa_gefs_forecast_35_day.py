@@ -29,7 +29,9 @@ from reformatters_datasets.noaa.gefs.forecast_35_day.template_config import (
     LEAD_HOURS,
     gefs_forecast_35_day_template_config,
 )
+from reformatters_datasets.noaa.gefs.forecast_35_day.validators import RecentNaNsPerMember
 
+from reformatters.common.storage import ObjectStore
 from reformatters.region_job import RegionJobFilters
 from reformatters.sources.grib_decode import GridSpec
 from reformatters.sources.grib_index import find_message, parse_ncep_idx
@@ -38,13 +40,15 @@ from reformatters.template_config import template_differences
 from reformatters.testing.archive_server import ArchiveServer
 from reformatters.testing.dataset_kit import DatasetTestKit
 from reformatters.testing.gefs_archive import GefsArchiveManifest, generate_gefs_archive
+from reformatters.validation import ValidationContext
 
 INIT = datetime(2020, 10, 1, 0)
 MEMBERS = (0, 30)
 ARCHIVE_LEADS = [0, 3, 6, 9, 240, 246, 252]
 VARIABLES = ("temperature_2m", "precipitation_surface", "categorical_rain_surface", "wind_u_100m")
-# p30's 3 h `s` file and c00's 252 h `a` file are missing: NaN there, and p30's 6 h rate (its bucket began at 0).
-MISSING = [(INIT, 30, "s", 3), (INIT, 0, "a", 252)]
+# p30's 3 h `s` file and c00's 252 h `a` and `b` files are missing: NaN there, and p30's 6 h rate (its bucket
+# began at 0); c00 is then ingested to 246 h, p30 to 252 h.
+MISSING = [(INIT, 30, "s", 3), (INIT, 0, "a", 252), (INIT, 0, "b", 252)]
 SMALL_RESOLUTION = 1.0
 SMALL_TEMPLATES = Path(tempfile.mkdtemp(prefix="gefs-small-templates-"))
 SMALL_CONFIG = gefs_forecast_35_day_template_config(
@@ -212,8 +216,7 @@ class TestGefsForecast35Day(DatasetTestKit):
             entry = summary.variables[name]
             assert entry.files_failed == 0, (name, entry)
             missing = (len(LEAD_HOURS) - len(ARCHIVE_LEADS)) * len(MEMBERS)
-            if name != "wind_u_100m":  # the `b` files are all there
-                missing += 2
+            missing += 1 if name == "wind_u_100m" else 2  # c00's 252 h `b` file; p30's 3 h `s` and c00's 252 h `a`
             assert entry.files_not_found == missing, (name, entry.files_not_found, missing)
             assert entry.files_ok == files_per_member * len(MEMBERS) - missing
         assert summary.published_append_dim_end == pd.Timestamp(INIT).isoformat()
@@ -234,23 +237,30 @@ class TestGefsForecast35Day(DatasetTestKit):
         assert template["temperature_2m"].encoding["shards"] == (1, 31, 192, 374, 368)
         assert template["ingested_forecast_length"].dims == ("init_time", "ensemble_member")
 
-    def test_ingested_forecast_length_per_member(self, tmp_path: Path) -> None:
-        store = tmp_path / "gefs.zarr"
-        SMALL_DATASET.backfill(
-            self.backfill_end,
-            cluster="local",
-            n_workers=2,
-            store_url=str(store),
-            source_url=self.server.url,
-            filters=self.kit_filters(("temperature_2m",)),
-            show_progress=False,
-        )
+    def test_backfill_reads_back_as_the_source_says(self, tmp_path: Path) -> None:
+        """The kit's backfill, then what it published per member: `ingested_forecast_length`, and the validators."""
+        super().test_backfill_reads_back_as_the_source_says(tmp_path)
+        store = tmp_path / "store.zarr"
         published = xr.open_zarr(store, decode_timedelta=True)
-        # c00's 252 h `a` file is missing: its temperature was last ingested at 246 h; p30's at 252 h.
         assert published["ingested_forecast_length"].values.tolist() == [
             [np.timedelta64(246, "h").astype("timedelta64[ns]"), np.timedelta64(252, "h").astype("timedelta64[ns]")]
         ]
         assert published["expected_forecast_length"].values[0] == np.timedelta64(840, "h")
+        # The dataset's validators over the variables this backfill wrote (the others are all NaN by design).
+        context = ValidationContext(
+            ds=published[list(VARIABLES)],
+            store=ObjectStore(store),
+            now=pd.Timestamp(INIT) + pd.Timedelta(hours=6),
+            append_dim="init_time",
+            append_dim_start=SMALL_CONFIG.append_dim_start,
+            append_dim_frequency=SMALL_CONFIG.append_dim_frequency,
+        )
+        results = {r.name.split(" (")[0]: r for r in (v.check(context) for v in SMALL_DATASET.validators())}
+        assert set(results) == {"current data", "recent NaNs per member", "expected shards"}
+        assert results["current data"].ok and results["expected shards"].ok, results
+        assert results["expected shards"].message == f"all {len(VARIABLES)} shard objects present"
+        # The archive holds 7 of the 60 leads to 246/252 h: most ingested leads are NaN, for both members.
+        assert not results["recent NaNs per member"].ok, results
 
 
 def test_extension_leads_only_for_inits_old_enough() -> None:
@@ -377,3 +387,38 @@ def test_update_completes_the_previous_init_from_published_fields(archive: GefsA
             expected = on_dataset_grid(later, "temperature_2m", member, lead, SMALL_RESOLUTION)
             assert expected is not None
             np.testing.assert_allclose(actual[m, leads.index(lead)], expected, rtol=0.004, atol=1e-4)
+
+
+def test_recent_nans_are_judged_per_member(tmp_path: Path) -> None:
+    """One member's missing field within its ingested leads fails the check and is named, whatever the others hold;
+    leads past a member's ingested length and windowed variables at lead 0 are not due."""
+    SMALL_CONFIG.update_template(templates_dir=SMALL_TEMPLATES)
+    template = SMALL_CONFIG.get_template("2020-10-02T00:00")[["temperature_2m", "precipitation_surface"]]
+    shape = template["temperature_2m"].shape
+    due = 4  # leads 0, 3, 6, 9 h
+    temperature = np.full(shape, np.nan, dtype=np.float32)
+    temperature[:, :, :due] = 12.5
+    precipitation = np.full(shape, np.nan, dtype=np.float32)
+    precipitation[:, :, 1:due] = 1e-5  # no rate at lead 0
+    ingested = np.full((1, len(MEMBERS)), np.timedelta64(9, "h"), dtype="timedelta64[ns]")
+    ds = template.assign(
+        temperature_2m=template["temperature_2m"].copy(data=temperature),
+        precipitation_surface=template["precipitation_surface"].copy(data=precipitation),
+    ).assign_coords(ingested_forecast_length=(("init_time", "ensemble_member"), ingested))
+
+    def check(dataset: xr.Dataset) -> tuple[bool, str]:
+        context = ValidationContext(
+            ds=dataset,
+            store=ObjectStore(tmp_path),
+            now=pd.Timestamp("2020-10-01T12:00"),
+            append_dim="init_time",
+            append_dim_start=SMALL_CONFIG.append_dim_start,
+            append_dim_frequency=SMALL_CONFIG.append_dim_frequency,
+        )
+        result = RecentNaNsPerMember(threshold=0.05, positions=1).check(context)
+        return result.ok, result.message
+
+    assert check(ds) == (True, "2 variables, worst 0.0% (member 0)")
+    temperature[0, 1, 2] = np.nan  # p30's 6 h field
+    ok, message = check(ds.assign(temperature_2m=ds["temperature_2m"].copy(data=temperature)))
+    assert not ok and "temperature_2m 25.0% (member 30)" in message, message
