@@ -422,3 +422,30 @@ def test_recent_nans_are_judged_per_member(tmp_path: Path) -> None:
     temperature[0, 1, 2] = np.nan  # p30's 6 h field
     ok, message = check(ds.assign(temperature_2m=ds["temperature_2m"].copy(data=temperature)))
     assert not ok and "temperature_2m 25.0% (member 30)" in message, message
+
+
+def test_update_jobs_append_after_a_complete_init_and_reingest_an_incomplete_one(tmp_path: Path) -> None:
+    from reformatters.template_config import write_metadata
+
+    SMALL_CONFIG.update_template(templates_dir=SMALL_TEMPLATES)
+    job_class = SMALL_DATASET.region_job_class
+    for ingested_hours, first_region, merged in ((840, 1, False), (384, 0, True)):
+        store = tmp_path / f"published-{ingested_hours}.zarr"
+        published = SMALL_CONFIG.get_template("2020-10-02T00:00")
+        lengths = np.full((1, len(MEMBERS)), np.timedelta64(840, "h"), dtype="timedelta64[ns]")
+        lengths[0, 1] = np.timedelta64(ingested_hours, "h")
+        published = published.assign_coords(
+            ingested_forecast_length=published["ingested_forecast_length"].copy(data=lengths)
+        )
+        write_metadata(published, store)
+        template = SMALL_CONFIG.get_template("2020-10-04T00:00")
+        jobs, updated = job_class.operational_update_jobs(
+            str(store), template, "init_time", SMALL_CONFIG.data_vars, "http://unused"
+        )
+        starts = sorted({job.region.start for job in jobs})
+        assert starts == list(range(first_region, 3)), (ingested_hours, starts)
+        assert {job.region.start for job in jobs if job.merge_published_store is not None} == ({0} if merged else set())
+        # The published lengths carry into the update's template (its results only ever raise them).
+        assert updated["ingested_forecast_length"].values[0].tolist() == lengths[0].tolist()
+        assert np.isnat(updated["ingested_forecast_length"].values[1:]).all()
+        assert updated["ingested_forecast_length"].encoding == template["ingested_forecast_length"].encoding
