@@ -8,6 +8,8 @@ Expected values come from ecCodes' own decode of the archive's messages, resampl
 from __future__ import annotations
 
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -329,6 +331,66 @@ def test_reads_at_the_published_resolution(tmp_path: Path) -> None:
                         np.testing.assert_array_equal(out[::2, 720::2], values[:, :360].astype(np.float32))
 
 
+class PollingReader:
+    """Opens the store again and again in a thread while an update runs, as a notebook user would, and checks each
+    view: one init, and for each member every lead up to its visible `ingested_forecast_length` that the archive
+    holds has temperature values."""
+
+    def __init__(self, store: str) -> None:
+        self.store = store
+        self.opens = 0
+        self.lengths_seen: list[list[int]] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PollingReader:
+        self.check_once()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        self.check_once()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.check_once()
+            time.sleep(0.05)
+
+    def check_once(self) -> None:
+        for attempt in range(2):
+            try:
+                self._check()
+                return
+            except RuntimeError as error:  # a partial read across a shard replaced in between: read again once
+                if attempt or "blosc" not in str(error):
+                    self.errors.append(f"{type(error).__name__}: {error}")
+                    return
+            except Exception as error:  # noqa: BLE001 - every failure is reported to the test
+                self.errors.append(f"{type(error).__name__}: {error}")
+                return
+
+    def _check(self) -> None:
+        ds = xr.open_zarr(self.store, decode_timedelta=True, chunks=None)  # no dask: the update has a Client
+        assert ds.sizes["init_time"] == 1, ds.sizes
+        lengths = [int(v / np.timedelta64(1, "h")) for v in ds["ingested_forecast_length"].values[0]]
+        values = ds["temperature_2m"].isel(init_time=0).values
+        leads = [int(h) for h in LEAD_HOURS]
+        for m, member in enumerate(MEMBERS):
+            for lead in [*ARCHIVE_LEADS, 258]:
+                absent = (member, lead) in {(30, 3), (0, 252)} and lengths[m] < 258
+                if lead <= lengths[m] and not absent and (member, lead) != (30, 3):
+                    assert not np.isnan(values[m, leads.index(lead)]).any(), (member, lead, lengths)
+        if not self.lengths_seen or self.lengths_seen[-1] != lengths:
+            assert not self.lengths_seen or all(
+                new >= old for new, old in zip(lengths, self.lengths_seen[-1], strict=True)
+            ), (self.lengths_seen, lengths)
+            self.lengths_seen.append(lengths)
+        self.opens += 1
+
+
 @pytest.mark.slow
 def test_update_completes_the_previous_init_from_published_fields(archive: GefsArchiveManifest, tmp_path: Path) -> None:
     """A backfill ingests what the source has (c00 to 246 h, its 252 h file missing; p30 to 252 h); later the source
@@ -368,9 +430,15 @@ def test_update_completes_the_previous_init_from_published_fields(archive: GefsA
         for c in jobs[0].generate_source_file_coords(template.isel(init_time=slice(0, 1)), config.data_vars)
     }
     assert min(h for m, h in fetched if m == 0) == 252 and min(h for m, h in fetched if m == 30) == 258
-    with ArchiveServer(later.root) as second:
+    reader = PollingReader(store)
+    with ArchiveServer(later.root) as second, reader:
         dataset.update(store_url=store, source_url=second.url, now="2020-10-01T23:00", n_workers=2, show_progress=False)
         requested = {rel for rel in second.requests if not rel.endswith(".idx")}
+    # A reader polling throughout saw only whole states: the published fields never went missing, and once the new
+    # lengths were visible, their leads held data.
+    assert not reader.errors, reader.errors[:3]
+    assert reader.opens >= 2 and reader.lengths_seen[-1] == [258, 258], (reader.opens, reader.lengths_seen)
+    assert reader.lengths_seen[0] == [246, 252]
     assert all(rel.endswith(("f252", "f258")) for rel in requested), sorted(requested)
     published = xr.open_zarr(store, decode_timedelta=True)
     assert published.sizes["init_time"] == 1
