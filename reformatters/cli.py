@@ -17,6 +17,7 @@ from reformatters.common.time_utils import parse_utc
 from reformatters.pipeline.worker_setup import LOG_FORMAT, LOG_LEVEL_ENVIRON
 from reformatters.region_job import RegionJobFilters
 from reformatters.registry import UnknownDatasetError, get_dataset
+from reformatters.update.lease import terminate_on_sigterm
 
 app = typer.Typer(
     name="reformatters",
@@ -169,15 +170,16 @@ def backfill(
     except ValueError as error:
         raise _fail(str(error)) from None
     try:
-        result = dataset.backfill(
-            end,
-            cluster=cluster,
-            filters=filters,
-            store_url=store,
-            source_url=source_url,
-            summary_path=summary,
-            n_workers=workers,
-        )
+        with terminate_on_sigterm():  # SIGTERM unwinds: the lease is released, the cluster stopped
+            result = dataset.backfill(
+                end,
+                cluster=cluster,
+                filters=filters,
+                store_url=store,
+                source_url=source_url,
+                summary_path=summary,
+                n_workers=workers,
+            )
     except ClusterUnavailableError as error:
         raise _fail(str(error)) from None
     typer.echo("\n".join(result.render_lines()))
@@ -200,14 +202,15 @@ def update(
     if operational_update is None:
         raise _fail(f"{dataset_id} has no operational update")
     try:
-        result = operational_update(
-            cluster=cluster,
-            store_url=store,
-            source_url=source_url,
-            now=parse_utc(now) if now else None,
-            n_workers=workers,
-            summary_path=summary,
-        )
+        with terminate_on_sigterm():  # SIGTERM unwinds: the lease is released, the cluster stopped
+            result = operational_update(
+                cluster=cluster,
+                store_url=store,
+                source_url=source_url,
+                now=parse_utc(now) if now else None,
+                n_workers=workers,
+                summary_path=summary,
+            )
     except (ClusterUnavailableError, ValueError) as error:
         raise _fail(str(error)) from None
     typer.echo("\n".join(result.render_lines()))

@@ -164,6 +164,9 @@ class ClusterSession:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        if exc_info[0] is KeyboardInterrupt:
+            # Stopping on the user's Ctrl-C: Dask's shutdown chatter (workers slow to close) is no news to them.
+            logging.getLogger("distributed").setLevel(logging.ERROR)
         try:
             self.close_in_background().result()
         finally:
