@@ -30,7 +30,7 @@ from reformatters.common.storage import ObjectStore
 from reformatters.region_job import RegionJob, SourceFileCoord
 from reformatters.template_config import with_template_encodings, write_metadata
 from reformatters.update.drift import check_no_drift
-from reformatters.update.lease import DEFAULT_TTL_SECONDS, LeaseHeldError, UpdateLease, UpdateRefusedError
+from reformatters.update.lease import LeaseHeldError, UpdateLease, UpdateRefusedError
 from reformatters.update.pause import pause_at
 
 log = logging.getLogger("reformatters.publish")
@@ -99,7 +99,7 @@ def publish_from_tmp_store(tmp_store: Path, final_store: ObjectStore) -> list[st
 # ---- the lease ----
 @contextmanager
 def hold_lease(
-    store: ObjectStore, *, wait_seconds: float = 0.0, ttl_seconds: float = DEFAULT_TTL_SECONDS
+    store: ObjectStore, *, wait_seconds: float = 0.0, ttl_seconds: float | None = None
 ) -> Iterator[UpdateLease]:
     """The publisher's lease on `store` for the duration of the block; waits up to `wait_seconds` for another
     publisher to finish. A store that cannot be written fails here, before anything else is written."""
@@ -239,7 +239,10 @@ class Publisher:
         for key in changed:
             if key == ROOT_METADATA_KEY:
                 pause_at("mid_publish")
-            self.final_store.put(key, contents[key])
+                self.lease.commit(self.final_store, key, contents[key])  # fenced, recorded in _internal/
+            else:
+                self.lease.check_fence()
+                self.final_store.put(key, contents[key])
         log.info(
             "published %s: %s %d -> %d positions (to %s), %d metadata objects changed",
             what,

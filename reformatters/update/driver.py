@@ -44,7 +44,7 @@ from reformatters.region_job import RegionJob, SourceFileStatus
 from reformatters.sources.reachability import check_source_reachable
 from reformatters.summary import RunSummary
 from reformatters.update.drift import check_no_drift
-from reformatters.update.lease import DEFAULT_TTL_SECONDS, UpdateRefusedError
+from reformatters.update.lease import UpdateRefusedError
 from reformatters.update.progress_tracker import UpdateProgressTracker, metadata_digest, region_key
 from reformatters.update.upload_gate import RecordedUpload
 
@@ -74,7 +74,7 @@ def run_operational_update(
     n_workers: int | None = None,
     summary_path: Path | None = None,
     show_progress: bool = True,
-    lease_ttl_seconds: float = DEFAULT_TTL_SECONDS,
+    lease_ttl_seconds: float | None = None,  # None: REFORMATTERS_LEASE_TTL, else the lease's default
 ) -> RunSummary:
     started = time.perf_counter()
     now_ts = parse_utc(now) if now is not None else utc_now()
@@ -244,6 +244,7 @@ def _run_and_publish(
             region_key=plan.key,
             var_metadata={v.name: var_metadata[v.name] for v in job.data_vars},
             tracker=tracker,
+            fence=publisher.publisher.lease.fence(),
         )
 
     client = session.client()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 from reformatters.common.storage import ObjectStore
 from reformatters.pipeline.kernels import EncodedVariable, VariableResult, limit_library_threads, upload_kernel
+from reformatters.update.lease import Fence
 from reformatters.update.pause import pause_at
 from reformatters.update.progress_tracker import UpdateProgressTracker, metadata_digest
 
@@ -22,9 +23,12 @@ class RecordedUpload:
     region_key: str
     var_metadata: dict[str, bytes]
     tracker: UpdateProgressTracker
+    fence: Fence | None = None  # the publisher's lease generation, checked before anything is written
 
     def __call__(self, encoded: EncodedVariable, final_store: ObjectStore) -> VariableResult:
         limit_library_threads()
+        if self.fence is not None:
+            self.fence.check()
         result = upload_kernel(encoded, final_store)
         result = replace(result, extra={**result.extra, "uploaded_by_run": self.tracker.run_id})
         self.tracker.record(self.region_key, result, metadata_digest(self.var_metadata[encoded.var_name]))
