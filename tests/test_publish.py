@@ -13,7 +13,7 @@ import xarray as xr
 
 from reformatters.common.storage import ObjectStore
 from reformatters.publish import StoreNotWritableError, hold_lease, merge_with_published
-from reformatters.update.lease import LEASE_KEY, LeaseHeldError, UpdateLease
+from reformatters.update.lease import LEASE_KEY, LeaseHeldError, UpdateLease, read_lease
 
 
 def test_a_backfill_waits_for_the_lease_and_gives_up_after_its_wait(tmp_path: Path) -> None:
@@ -32,12 +32,13 @@ def test_a_backfill_waits_for_the_lease_and_gives_up_after_its_wait(tmp_path: Pa
         lease.verify()
     release.join()
     assert waited >= 0.9, "the lease was held until the other publisher released it"
-    assert not store.exists(LEASE_KEY)
+    released = read_lease(store)
+    assert released is not None and released.released, "the lease is released at the end of the block"
 
 
 def test_an_update_does_not_wait(tmp_path: Path) -> None:
     store = ObjectStore(tmp_path / "store.zarr")
-    with UpdateLease(store), pytest.raises(LeaseHeldError, match="another update is publishing"), hold_lease(store):
+    with UpdateLease(store), pytest.raises(LeaseHeldError, match="another publisher is writing"), hold_lease(store):
         pass
 
 
