@@ -11,5 +11,6 @@ from typing import Any
 def all_datasets() -> list[Any]:
     from .example.dataset import ExampleDataset
     from .noaa.gfs.forecast.dataset import GfsForecastDataset
+    from .noaa.hrrr.forecast_48_hour.dataset import HrrrForecast48HourDataset
 
-    return [GfsForecastDataset(), ExampleDataset()]
+    return [GfsForecastDataset(), HrrrForecast48HourDataset(), ExampleDataset()]
