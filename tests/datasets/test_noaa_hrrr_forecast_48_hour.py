@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -217,9 +214,7 @@ def test_missing_files_are_nan_and_ingested_length_follows_the_files(published: 
 
 def test_latitude_longitude_match_eccodes_and_the_published_hrrr_corners(archive: ArchiveManifest) -> None:
     assert GRID == HRRR_GRID
-    handle = eccodes.codes_new_from_message(
-        message_bytes(archive, INIT, 0, "TMP", "2 m above ground", "anl")
-    )
+    handle = eccodes.codes_new_from_message(message_bytes(archive, INIT, 0, "TMP", "2 m above ground", "anl"))
     try:
         assert eccodes.codes_get(handle, "gridType") == "lambert"
         grib_lat = eccodes.codes_get_array(handle, "latitudes").reshape(NY, NX)[::-1]
