@@ -362,7 +362,8 @@ def lambert_latitudes_longitudes(grid: LambertConformalGridSpec) -> tuple[np.nda
     x0, y0 = projection(grid.longitude_of_first_grid_point, grid.latitude_of_first_grid_point)
     x = x0 + grid.dx_metres * np.arange(grid.ni) * (-1 if grid.i_scans_negatively else 1)
     y = y0 + grid.dy_metres * np.arange(grid.nj) * (1 if grid.j_scans_positively else -1)
-    longitudes, latitudes = projection(*np.meshgrid(x, y), inverse=True)
+    xx, yy = np.meshgrid(x, y)
+    longitudes, latitudes = projection(xx, yy, inverse=True)
     return np.asarray(latitudes), np.asarray(longitudes)
 
 

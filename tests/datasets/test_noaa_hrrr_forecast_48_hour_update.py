@@ -69,10 +69,9 @@ def test_update_completes_the_newest_init_while_a_reader_polls(tmp_path: Path) -
         for pattern in NOT_YET:
             server.publish(pattern)
         stop_reader, reader_result = tmp_path / "stop-reader", tmp_path / "reader.json"
+        reader_script = Path(__file__).with_name("noaa_hrrr_reader.py")
         reader = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("noaa_hrrr_reader.py")), str(store), str(reader_result)]
-            + [str(stop_reader)],
-            cwd=REPO,
+            [sys.executable, str(reader_script), str(store), str(reader_result), str(stop_reader)], cwd=REPO
         )
         try:
             dataset.update(

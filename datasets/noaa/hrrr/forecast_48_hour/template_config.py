@@ -57,9 +57,10 @@ CRS = pyproj.CRS.from_proj4(
 def expected_forecast_length(init_times: npt.ArrayLike) -> npt.NDArray[np.timedelta64]:
     """The last lead each init's run produces: 36 h before HRRR v4, 48 h from it on."""
     inits = pd.DatetimeIndex(np.asarray(init_times))
-    return np.where(
+    lengths: npt.NDArray[np.timedelta64] = np.where(
         inits < HRRR_V4_START, FORECAST_LENGTH_V3.to_timedelta64(), FORECAST_LENGTH_V4.to_timedelta64()
     ).astype("timedelta64[ns]")
+    return lengths
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,7 +76,8 @@ def projection_coordinates() -> tuple[npt.NDArray[np.float64], npt.NDArray[np.fl
 def latitude_longitude() -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """(y, x) latitudes and longitudes (degrees east, -180..180) of the published grid, from pyproj."""
     x, y = projection_coordinates()
-    longitude, latitude = pyproj.Proj(CRS)(*np.meshgrid(x, y), inverse=True)
+    xx, yy = np.meshgrid(x, y)
+    longitude, latitude = pyproj.Proj(CRS)(xx, yy, inverse=True)
     return np.asarray(latitude), np.asarray(longitude)
 
 
