@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
 from reformatters.cluster import ClusterUnavailableError
 from reformatters.common.time_utils import parse_utc
+from reformatters.pipeline.worker_setup import LOG_FORMAT, LOG_LEVEL_ENVIRON
 from reformatters.region_job import RegionJobFilters
 from reformatters.registry import UnknownDatasetError, get_dataset
 
@@ -50,17 +54,40 @@ SourceUrlOption = Annotated[
 NowOption = Annotated[str | None, typer.Option("--now", help="Pretend the wall clock reads this UTC time (ISO 8601).")]
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(verbosity: int) -> None:
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbosity, 2)]
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    # Local worker processes inherit the environment and log at the same level (`worker_setup`).
+    os.environ[LOG_LEVEL_ENVIRON] = logging.getLevelName(level)
 
 
 def _fail(message: str) -> typer.Exit:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=2)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for a command stopped with Ctrl-C
+
+
+def _stops_on_ctrl_c(command: Callable[P, R]) -> Callable[P, R]:
+    """Ctrl-C ends the command with one line and exit 130 once its cluster has stopped, not with tracebacks."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            typer.secho(
+                f"interrupted: {command.__name__} stopped before it finished; run the same command again to finish it",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
+            raise typer.Exit(code=INTERRUPTED_EXIT_CODE) from None
+
+    return run
 
 
 def _dataset(dataset_id: str) -> Any:
@@ -71,7 +98,17 @@ def _dataset(dataset_id: str) -> Any:
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False) -> None:
+def main(
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose",
+            "-v",
+            count=True,
+            help="-v: log each step and one line per variable and region; -vv: also each source file not found.",
+        ),
+    ] = 0,
+) -> None:
     _setup_logging(verbose)
 
 
@@ -93,6 +130,7 @@ def update_template(dataset_id: str) -> None:
 
 
 @app.command()
+@_stops_on_ctrl_c
 def backfill(
     dataset_id: str,
     append_dim_end: Annotated[str, typer.Argument(help="Exclusive end of the append dimension, ISO 8601 UTC.")],
@@ -146,6 +184,7 @@ def backfill(
 
 
 @app.command()
+@_stops_on_ctrl_c
 def update(
     dataset_id: str,
     cluster: ClusterOption = "local",
@@ -175,6 +214,7 @@ def update(
 
 
 @app.command()
+@_stops_on_ctrl_c
 def validate(dataset_id: str, store: StoreOption = None, now: NowOption = None) -> None:
     """Check DATASET_ID's published store: current data, recent NaNs, expected shards. Non-zero exit on failure."""
     dataset = _dataset(dataset_id)
@@ -186,6 +226,7 @@ def validate(dataset_id: str, store: StoreOption = None, now: NowOption = None) 
 
 
 @app.command()
+@_stops_on_ctrl_c
 def demo(
     preset: Annotated[str, typer.Option(help="'default' or 'small' (fast, for CI).")] = "default",
     workdir: Annotated[Path, typer.Option(help="Where the archive and the dataset go.")] = Path("data/demo"),

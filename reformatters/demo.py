@@ -39,9 +39,9 @@ PRESETS = {
     ),
     "default": DemoPreset(
         init_times=3,
-        lead_hours=(*range(0, 25), *range(27, 49, 3)),
+        lead_hours=tuple(range(0, 49)),
         workers=2,
-        description="3 runs, leads 0-24 h hourly and 27-48 h 3-hourly (later leads absent, NaN)",
+        description="3 runs, leads 0-48 h hourly (later leads are absent from the archive and stay NaN)",
     ),
 }
 

@@ -18,6 +18,7 @@ class RunProgress:
     def __init__(self, title: str, regions_total: int, client: Client | None, *, enabled: bool = True) -> None:
         self.enabled = enabled
         self.files_ok = 0
+        self.files_not_found = 0
         self.files_failed = 0
         self.console = Console(stderr=True)
         self.title = title
@@ -33,10 +34,10 @@ class RunProgress:
             transient=False,
             disable=not enabled,
         )
-        self._task = self._progress.add_task(title, total=regions_total, files="0 files ok, 0 failed")
+        self._task = self._progress.add_task(title, total=regions_total, files=self._files())
         if enabled and client is not None:
             link = client.dashboard_link
-            self.console.print(f"{title}: {regions_total} regions; Dask dashboard {link}")
+            self.console.print(f"{title}: {regions_total} regions; Dask dashboard {link}", markup=False)
 
     def __enter__(self) -> RunProgress:
         if self.enabled and sys.stderr.isatty():
@@ -48,13 +49,18 @@ class RunProgress:
     ) -> None:
         self._progress.stop()
 
+    def _files(self) -> str:
+        return f"{self.files_ok} files ok, {self.files_not_found} not found, {self.files_failed} failed"
+
     def region_done(self, outcome: Any) -> None:
         for result in outcome.results:
+            not_found = sum(1 for coord in result.results if coord.not_found)
             self.files_ok += result.count(SourceFileStatus.Succeeded)
-            self.files_failed += result.count(SourceFileStatus.DownloadFailed) + result.count(
-                SourceFileStatus.ReadFailed
+            self.files_not_found += not_found
+            self.files_failed += (
+                result.count(SourceFileStatus.DownloadFailed) + result.count(SourceFileStatus.ReadFailed) - not_found
             )
-        files = f"{self.files_ok} files ok, {self.files_failed} failed"
+        files = self._files()
         self._progress.update(self._task, advance=1, files=files)
         if self.enabled and not sys.stderr.isatty():
             done = int(self._progress.tasks[0].completed)
@@ -63,4 +69,5 @@ class RunProgress:
             self.console.print(
                 f"{self.title}: region {done}/{total} done ({outcome.job.describe()}), {files}, {elapsed:.1f} s",
                 soft_wrap=True,
+                markup=False,  # region descriptions hold [variable, ...] lists
             )

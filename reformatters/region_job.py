@@ -47,6 +47,8 @@ class SourceFileCoord(FrozenModel):
 
     status: SourceFileStatus = SourceFileStatus.Processing
     status_reason: str | None = None
+    # DownloadFailed because the source has no such file (yet): the normal state of leads not published, not an error.
+    not_found: bool = False
 
     def get_url(self) -> str:
         raise NotImplementedError(f"{type(self).__name__} must implement get_url()")
@@ -55,8 +57,8 @@ class SourceFileCoord(FrozenModel):
         """Coordinate labels (dim name -> label) of the position this file fills in the output."""
         raise NotImplementedError(f"{type(self).__name__} must implement out_loc()")
 
-    def with_status(self, status: SourceFileStatus, reason: str | None = None) -> Self:
-        return self.model_copy(update={"status": status, "status_reason": reason})
+    def with_status(self, status: SourceFileStatus, reason: str | None = None, *, not_found: bool = False) -> Self:
+        return self.model_copy(update={"status": status, "status_reason": reason, "not_found": not_found})
 
 
 class ForecastSourceFileCoord(SourceFileCoord):

@@ -14,6 +14,7 @@ from reformatters.region_job import SourceFileStatus
 
 class VariableSummary(BaseModel):
     files_ok: int = 0
+    files_not_found: int = 0  # not at the source (yet): normal for leads not published; NaN, not a failure
     files_download_failed: int = 0
     files_read_failed: int = 0
     bytes_fetched: int = 0
@@ -42,19 +43,25 @@ class RunSummary(BaseModel):
         for result in results:
             entry = self.variables.setdefault(result.var_name, VariableSummary())
             entry.files_ok += result.count(SourceFileStatus.Succeeded)
-            entry.files_download_failed += result.count(SourceFileStatus.DownloadFailed)
+            not_found = sum(1 for coord in result.results if coord.not_found)
+            entry.files_not_found += not_found
+            entry.files_download_failed += result.count(SourceFileStatus.DownloadFailed) - not_found
             entry.files_read_failed += result.count(SourceFileStatus.ReadFailed)
             entry.bytes_fetched += result.bytes_fetched
             entry.bytes_written += result.bytes_written
             entry.objects_written += result.objects_written
             for coord in result.results:
                 failed = coord.status in (SourceFileStatus.DownloadFailed, SourceFileStatus.ReadFailed)
-                if failed and len(entry.failures) < self.MAX_FAILURES_LISTED:
+                if failed and not coord.not_found and len(entry.failures) < self.MAX_FAILURES_LISTED:
                     entry.failures.append(f"{coord.get_url()}: {coord.status_reason}")
 
     @property
     def files_ok(self) -> int:
         return sum(v.files_ok for v in self.variables.values())
+
+    @property
+    def files_not_found(self) -> int:
+        return sum(v.files_not_found for v in self.variables.values())
 
     @property
     def files_failed(self) -> int:
@@ -72,6 +79,7 @@ class RunSummary(BaseModel):
         data = self.model_dump(exclude={"MAX_FAILURES_LISTED"})
         data["totals"] = {
             "files_ok": self.files_ok,
+            "files_not_found": self.files_not_found,
             "files_failed": self.files_failed,
             "bytes_fetched": self.bytes_fetched,
             "bytes_written": self.bytes_written,
@@ -85,7 +93,8 @@ class RunSummary(BaseModel):
     def render_lines(self) -> list[str]:
         lines = [
             f"{self.kind} of {self.dataset_id} into {self.store}: {self.regions_done}/{self.regions_total} regions, "
-            f"{self.files_ok} file-variables ok, {self.files_failed} failed, "
+            f"{self.files_ok} file-variables ok, {self.files_not_found} not found at the source, "
+            f"{self.files_failed} failed, "
             f"{self.bytes_fetched / 1e6:.1f} MB fetched, {self.bytes_written / 1e6:.1f} MB written, "
             f"{self.elapsed_seconds:.1f} s"
             + (f", published to {self.published_append_dim_end}" if self.published_append_dim_end else "")
@@ -93,7 +102,8 @@ class RunSummary(BaseModel):
         width = max((len(n) for n in self.variables), default=8)
         for name, entry in sorted(self.variables.items()):
             lines.append(
-                f"  {name:<{width}}  ok {entry.files_ok:>6}  download failed {entry.files_download_failed:>5}  "
+                f"  {name:<{width}}  ok {entry.files_ok:>6}  not found {entry.files_not_found:>6}  "
+                f"download failed {entry.files_download_failed:>5}  "
                 f"read failed {entry.files_read_failed:>5}  fetched {entry.bytes_fetched / 1e6:>9.1f} MB  "
                 f"written {entry.bytes_written / 1e6:>9.1f} MB"
             )

@@ -83,7 +83,8 @@ class ExampleSource:
         total = len(self.init_times) * len(source.LEAD_HOURS)
         for name in var_names:
             entry = summary.variables[name]
-            assert entry.files_download_failed == len(self.missing), name
+            assert entry.files_not_found == len(self.missing), name
+            assert entry.files_download_failed == 0, name
             assert entry.files_read_failed == len(self.corrupt), name
             assert entry.files_ok == total - len(self.missing) - len(self.corrupt), name
         assert summary.regions_done == summary.regions_total

@@ -24,6 +24,30 @@ def test_other_offsets_are_refused_with_the_utc_instant() -> None:
         parse_utc("yesterday-ish")
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2025-01-31", "2025-01-31T00:00"),
+        ("2025-01-31T06", "2025-01-31T06:00"),
+        ("2025-01-31T06:30:15", "2025-01-31T06:30:15"),
+        ("2025-01-31T06:30:15.25Z", "2025-01-31T06:30:15.25"),
+    ],
+)
+def test_iso_8601_dates_and_times_are_accepted(text: str, expected: str) -> None:
+    assert parse_utc(text) == pd.Timestamp(expected)
+
+
+@pytest.mark.parametrize("text", ["01/02/2025", "Jan 5 2025", "now", "today", "2025-01-31 06:00", "20250131", "2025"])
+def test_anything_but_iso_8601_is_refused_with_the_expected_form(text: str) -> None:
+    with pytest.raises(ValueError, match=r"not an ISO 8601 time; write a date or a date and time, e\.g\. 2025-01-31"):
+        parse_utc(text)
+
+
+def test_an_impossible_date_is_refused() -> None:
+    with pytest.raises(ValueError, match="'2025-02-30' is not a valid time"):
+        parse_utc("2025-02-30")
+
+
 def test_encoding_refuses_shards_that_split_chunks() -> None:
     with pytest.raises(ValidationError, match="whole multiples of chunks"):
         Encoding(dtype="float32", fill_value=float("nan"), chunks=(1, 105), shards=(1, 200))

@@ -53,7 +53,9 @@ def test_backfill_into_s3_reads_back_as_the_source_says(s3: S3Server, example_so
     src.check_summary(summary)
     assert summary.published_append_dim_end == INITS[-1].isoformat()
     machine = json.loads((tmp_path / "summary.json").read_text())
-    assert machine["totals"]["files_failed"] == 2 * 3
+    # Per variable: two files not at the source (not failures), one corrupt file.
+    assert machine["totals"]["files_not_found"] == 2 * 2
+    assert machine["totals"]["files_failed"] == 2 * 1
     assert machine["totals"]["bytes_written"] > 0
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from distributed import Client, Future, as_completed
 
@@ -15,13 +15,21 @@ from reformatters.cluster import workers_have_encode_resource
 from reformatters.common.storage import ObjectStore
 from reformatters.pipeline.graph import build_region_graph
 from reformatters.pipeline.kernels import VariableResult
-from reformatters.region_job import RegionJob
+from reformatters.region_job import RegionJob, SourceFileStatus
 
 log = logging.getLogger("reformatters.driver")
 
 
 class RegionFailedError(RuntimeError):
     pass
+
+
+class CompletionQueue(Protocol):
+    """What the driver needs of `distributed.as_completed`: futures added, then yielded as they finish."""
+
+    def add(self, future: Future[Any]) -> None: ...
+
+    def __iter__(self) -> Iterator[Future[Any]]: ...
 
 
 @dataclass
@@ -62,8 +70,11 @@ def run_region_jobs(
     max_variables_in_flight: int | None = None,
     on_region_done: RegionCallback | None = None,
     upload_for: UploadFactory | None = None,
+    completion_queue: Callable[[], CompletionQueue] = as_completed,
 ) -> list[RegionOutcome]:
-    """Run every job; `on_region_done` is called in completion order, the returned list is in job order.
+    """Run every job and return one outcome per job, in job order, or raise `RegionFailedError`.
+
+    `on_region_done` is called in completion order.
 
     Variable-regions (one variable's shard writes for one region) go to the scheduler in append order, at most
     `max_variables_in_flight` at once (and, if given, from at most `max_regions_in_flight` regions), so a
@@ -79,8 +90,8 @@ def run_region_jobs(
     pending_units: deque[tuple[int, list[Any]]] = deque()  # (region index, delayed uploads submitted together)
     regions: dict[int, _RegionInFlight] = {}
     outcomes: dict[int, RegionOutcome] = {}
-    completed = as_completed()
-    future_region: dict[str, int] = {}
+    completed = completion_queue()
+    future_region: dict[Any, int] = {}  # future key -> region index
     variables_in_flight = 0
     store_ref = client.scatter(final_store, hash=False)
     affinity = WorkerAffinity(client)
@@ -139,19 +150,20 @@ def run_region_jobs(
         for future in completed:
             index = future_region.pop(future.key)
             affinity.release(future.key)
-            if index not in regions:
-                continue
-            region = regions[index]
-            if future.status == "error":
-                error = future.exception()
-                raise RegionFailedError(
-                    f"region {region.job.describe()} failed: {type(error).__name__}: {error}"
-                ) from error
             variables_in_flight -= 1
-            if len(region.futures) == region.variables and all(f.done() for f in region.futures):
+            region = regions[index]
+            if future.status != "finished":
+                error = future.exception() if future.status == "error" else None
+                reason = f"{type(error).__name__}: {error}" if error is not None else f"task {future.status}"
+                raise RegionFailedError(f"region {region.job.describe()} failed: {reason}") from error
+            # A region is done when each of its results has been taken from the queue; a sibling future being
+            # done already is not enough: its result is still queued and must find the region open.
+            region.received += 1
+            if region.received == region.variables:
                 results = [f.result() for f in region.futures]
                 del regions[index]
                 outcome = RegionOutcome(index, region.job, results, time.perf_counter() - region.started)
+                log_region_outcome(outcome)
                 outcomes[index] = outcome
                 if on_region_done is not None:
                     on_region_done(outcome)
@@ -159,7 +171,32 @@ def run_region_jobs(
     finally:
         for region in regions.values():
             client.cancel(region.futures + region.shared)
+    unfinished = [job.describe() for i, job in enumerate(jobs) if i not in outcomes]
+    if unfinished:
+        raise RegionFailedError(
+            f"{len(unfinished)} of {len(jobs)} regions never completed (first: {unfinished[0]}); nothing is "
+            "published for them: re-run the same command to finish them"
+        )
     return [outcomes[i] for i in sorted(outcomes)]
+
+
+def log_region_outcome(outcome: RegionOutcome) -> None:
+    """One line per variable of a finished region; the files behind the counts are logged at debug level."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    for result in outcome.results:
+        not_found = sum(1 for coord in result.results if coord.not_found)
+        ok = result.count(SourceFileStatus.Succeeded)
+        log.info(
+            "region %s %s: %d files ok, %d not found, %d failed, %.2f MB fetched, %d objects written",
+            outcome.job.describe(),
+            result.var_name,
+            ok,
+            not_found,
+            len(result.results) - ok - not_found,
+            result.bytes_fetched / 1e6,
+            result.objects_written,
+        )
 
 
 class WorkerAffinity:
@@ -175,7 +212,7 @@ class WorkerAffinity:
     def __init__(self, client: Client) -> None:
         self._client = client
         self._in_flight: dict[str, int] = {}
-        self._worker_of: dict[str, str] = {}
+        self._worker_of: dict[Any, str] = {}  # future key -> worker address
         self._workers: list[str] = []
         self._refreshed_at = float("-inf")
 
@@ -189,12 +226,12 @@ class WorkerAffinity:
             return None
         return min(workers, key=lambda address: (self._in_flight.get(address, 0), address))
 
-    def assign(self, key: str, worker: str | None) -> None:
+    def assign(self, key: Any, worker: str | None) -> None:
         if worker is not None:
             self._worker_of[key] = worker
             self._in_flight[worker] = self._in_flight.get(worker, 0) + 1
 
-    def release(self, key: str) -> None:
+    def release(self, key: Any) -> None:
         worker = self._worker_of.pop(key, None)
         if worker is not None:
             self._in_flight[worker] -= 1
@@ -208,3 +245,4 @@ class _RegionInFlight:
     job_ref: Future[Any]  # held until the region is done
     shared: list[Future[Any]]  # tasks every variable of the region depends on, held until the region is done
     futures: list[Future[Any]] = field(default_factory=list)
+    received: int = 0  # results taken from the completion queue

@@ -52,6 +52,10 @@ class DownloadOutcome:
     failure: str | None
     nbytes: int
     seconds: float
+    not_found: bool = False  # the source has no such file (yet)
+
+    def failed_coord(self) -> SourceFileCoord:
+        return self.coord.with_status(SourceFileStatus.DownloadFailed, self.failure, not_found=self.not_found)
 
 
 @dataclass(frozen=True)
@@ -123,8 +127,10 @@ def download_one(job: RegionJob[Any, Any], coord: SourceFileCoord, group: Sequen
                 downloaded_path.unlink(missing_ok=True)
     except Exception as error:  # noqa: BLE001 - one bad file never sinks a run
         reason = f"{type(error).__name__}: {error}"
-        log.warning("download failed %s: %s", _url_of(coord), reason)
-        return DownloadOutcome(coord, None, reason, 0, time.perf_counter() - started)
+        # Per file at debug: a backfill meets thousands of files not published (yet); the summary counts them.
+        log.debug("download failed %s: %s", _url_of(coord), reason)
+        not_found = isinstance(error, FileNotFoundError)
+        return DownloadOutcome(coord, None, reason, 0, time.perf_counter() - started, not_found)
     return DownloadOutcome(coord, payload, None, _payload_size(payload), time.perf_counter() - started)
 
 
@@ -151,7 +157,7 @@ def read_one(
 ) -> tuple[SourceFileCoord, npt.NDArray[np.float32] | None]:
     """One variable's field from one download, with the coord's status; None where there is no field."""
     if outcome.payload is None:
-        return outcome.coord.with_status(SourceFileStatus.DownloadFailed, outcome.failure), None
+        return outcome.failed_coord(), None
     try:
         values = np.asarray(job.read_data(outcome.coord, data_var, outcome.payload), dtype=np.float32)
         if not job.transforms_region(data_var):
@@ -168,7 +174,7 @@ def read_one_into(
 ) -> tuple[SourceFileCoord, bool]:
     """`read_one` decoding straight into `out` (NaN-filled); the coord with its status, and whether it read."""
     if outcome.payload is None:
-        return outcome.coord.with_status(SourceFileStatus.DownloadFailed, outcome.failure), False
+        return outcome.failed_coord(), False
     try:
         job.read_data_into(outcome.coord, data_var, outcome.payload, out)
         if not job.transforms_region(data_var):

@@ -6,11 +6,30 @@ before any work starts; imported at start-up, that time overlaps the driver's ow
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import sys
+import threading
 from typing import Any
+
+LOG_LEVEL_ENVIRON = "REFORMATTERS_LOG_LEVEL"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def dask_setup(worker: Any) -> None:
     import eccodes  # noqa: F401 - the decoder's shared library loads on import
+
+    # Ctrl-C in a terminal reaches every process of its group; the driver stops the cluster, so a local worker
+    # process must not die with a traceback of its own first.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if level := os.environ.get(LOG_LEVEL_ENVIRON):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        project_log = logging.getLogger("reformatters")
+        project_log.addHandler(handler)
+        project_log.setLevel(level)
 
     from reformatters.cluster import import_dataset_integrations
     from reformatters.pipeline.kernels import limit_library_threads

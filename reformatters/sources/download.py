@@ -30,7 +30,14 @@ import fsspec
 import urllib3
 from pydantic import BaseModel, ConfigDict, Field
 
-from reformatters.sources.grib_index import IndexEntry, MergedRange, find_message, merge_byte_ranges, parse_index
+from reformatters.sources.grib_index import (
+    GribIndexParseError,
+    IndexEntry,
+    MergedRange,
+    find_message,
+    merge_byte_ranges,
+    parse_index,
+)
 
 log = logging.getLogger("reformatters.sources")
 
@@ -254,7 +261,7 @@ def _get_with_retries(
         except SourceFileNotFoundError:
             not_found += 1
             if not_found >= config.not_found_attempts:
-                log.warning("source file not found: %s", what)
+                log.debug("source file not found: %s", what)
                 raise
             reason = "not found"
         except _Retryable as e:
@@ -361,11 +368,17 @@ def fetch_index(
     entries = cache.get(idx_url)
     if entries is None:
         try:
-            text = fetch_bytes(idx_url, config=config).decode()
+            data = fetch_bytes(idx_url, config=config)
         except SourceFileNotFoundError as error:
             cache.put_missing(idx_url, str(error))
             raise
-        entries = parse_index(text)
+        try:
+            text = data.decode()
+            entries = parse_index(text)
+        except UnicodeDecodeError as error:
+            raise GribIndexParseError(f"{idx_url}: the inventory is not UTF-8 text ({error})") from None
+        except GribIndexParseError as error:
+            raise GribIndexParseError(f"{idx_url}: {error}") from None
         cache.put(idx_url, entries, text)
     return entries
 
@@ -395,8 +408,8 @@ def prefetch_indexes(
             fetch_index(url, config=config, cache=cache)
         except SourceFileNotFoundError as error:
             missing[url] = (str(error), time.time())
-        except SourceDownloadError:
-            return
+        except (SourceDownloadError, GribIndexParseError):
+            return  # each download that needs it tries again and fails its own file
         else:
             if (text := cache.text(url)) is not None:
                 texts[url] = text

@@ -159,7 +159,16 @@ def parse_ecmwf_index(text: str) -> list[IndexEntry]:
 
 
 def parse_index(text: str) -> list[IndexEntry]:
-    """Detect the inventory format (JSON lines start with `{`) and parse it."""
+    """Detect the inventory format (JSON lines start with `{`) and parse it.
+
+    Inventories end with a newline: one that does not was cut short (a transfer that ended early), and its last
+    line, though it may parse, could name a message that is not all there.
+    """
+    if not text.strip():
+        raise GribIndexParseError("the inventory is empty")
+    if not text.endswith("\n"):
+        last = text.rsplit("\n", 1)[-1]
+        raise GribIndexParseError(f"the inventory ends mid-line (no final newline after {last[-80:]!r}): cut short")
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return parse_ecmwf_index(text) if first.startswith("{") else parse_ncep_idx(text)
 

@@ -55,7 +55,8 @@ class TestExampleDataset(DatasetTestKit):
     def check_summary(self, summary: RunSummary) -> None:
         for name in ("temperature_2m", "precipitation_surface"):
             entry = summary.variables[name]
-            assert entry.files_download_failed == 1
+            assert entry.files_not_found == 1
+            assert entry.files_download_failed == 0
             assert entry.files_read_failed == 1
             assert entry.files_ok == len(INITS) * len(source.LEAD_HOURS) - 2
         assert summary.regions_done == summary.regions_total == 2

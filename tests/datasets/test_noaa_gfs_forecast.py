@@ -119,7 +119,8 @@ class TestGfsForecastDataset(DatasetTestKit):
         assert served < 0.4 * archive_bytes, (served, archive_bytes)
         missing_leads = len(LEAD_HOURS) - len(ARCHIVE_LEADS)
         for name in VARIABLES:
-            assert summary.variables[name].files_download_failed == missing_leads
+            assert summary.variables[name].files_not_found == missing_leads
+            assert summary.variables[name].files_failed == 0
         # Each inventory is fetched once for all variables and both workers, published or not.
         inventories = {rel: n for rel, n in self.server.requests.items() if rel.endswith(".idx")}
         assert len(inventories) == len(LEAD_HOURS)

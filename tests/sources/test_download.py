@@ -1,4 +1,6 @@
 import logging
+import re
+import shutil
 import socket
 import threading
 import time
@@ -20,7 +22,7 @@ from reformatters.sources.download import (
     seed_indexes,
     write_atomic,
 )
-from reformatters.sources.grib_index import GribMessageNotFoundError, find_message, parse_ncep_idx
+from reformatters.sources.grib_index import GribIndexParseError, GribMessageNotFoundError, find_message, parse_ncep_idx
 from reformatters.testing.archive_server import ArchiveServer
 from reformatters.testing.noaa_archive import GFS_ARCHIVE_VARIABLES, ArchiveManifest, messages_for_lead
 
@@ -398,3 +400,36 @@ def test_the_archive_server_serves_nothing_outside_its_root(server: ArchiveServe
             assert b"not part of the archive" not in response
     finally:
         outside.unlink()
+
+
+@pytest.mark.parametrize(
+    ("served", "problem"),
+    [
+        (b"<!DOCTYPE html><html><body>Service temporarily unavailable</body></html>\n", "not a wgrib2 inventory line"),
+        (b"1:0:d=2025080100:TMP:2 m above ground:7 hour fcst:\n2:40233:d=20250801", "ends mid-line"),
+        (b"1:0:d=2025080100:TMP:2 m above ground:7 hour fcst:\n\xff\xfe\x00garbage\n", "not UTF-8 text"),
+        (b"", "is empty"),
+    ],
+    ids=["html-with-status-200", "cut-mid-line", "not-utf-8", "empty"],
+)
+def test_a_malformed_inventory_fails_its_file_only(
+    small_archive: ArchiveManifest, tmp_path: Path, served: bytes, problem: str
+) -> None:
+    root = tmp_path / "archive"
+    shutil.copytree(small_archive.root, root)
+    bad, good = _rel(small_archive, 0), _rel(small_archive, LEAD)
+    (root / f"{bad}.idx").write_bytes(served)
+    cache = IndexCache()
+    with ArchiveServer(root) as server:
+        # The region's index task hands on what it could parse and leaves the bad one to its file's download.
+        fetched = prefetch_indexes(
+            [server.url_for(f"{bad}.idx"), server.url_for(f"{good}.idx")], config=FAST, cache=cache
+        )
+        assert list(fetched.texts) == [server.url_for(f"{good}.idx")]
+        assert not fetched.missing
+        with pytest.raises(GribIndexParseError, match=rf"{re.escape(bad)}\.idx: .*{problem}"):
+            fetch_grib_messages(server.url_for(bad), server.url_for(f"{bad}.idx"), _wanted(), config=FAST)
+        assert server.requests[bad] == 0
+        wanted = _wanted()
+        got = fetch_grib_messages(server.url_for(good), server.url_for(f"{good}.idx"), wanted, config=FAST)
+        assert got == _expected_bytes(small_archive, wanted)

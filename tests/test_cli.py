@@ -1,0 +1,71 @@
+"""The command line as a user meets it: wrong input, Ctrl-C, what reaches the terminal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "reformatters.cli"]
+
+
+@pytest.mark.parametrize("end", ["01/02/2025", "Jan 5 2025", "now"])
+def test_a_time_that_is_not_iso_8601_is_refused_in_one_line(end: str, tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [*CLI, "backfill", "example", end, "--store", str(tmp_path / "store.zarr")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines() == [
+        f"error: {end!r} is not an ISO 8601 time; write a date or a date and time, e.g. 2025-01-31, "
+        "2025-01-31T06:00 or 2025-01-31T06:00Z"
+    ]
+    assert not (tmp_path / "store.zarr").exists()
+
+
+def test_ctrl_c_stops_a_backfill_with_one_line_and_exit_130(tmp_path: Path) -> None:
+    (tmp_path / "empty-source").mkdir()
+    # Every source file missing: about a thousand fast regions, still running when the signal comes.
+    process = subprocess.Popen(
+        [
+            *CLI,
+            "backfill",
+            "example",
+            "2025-06-02T00:00",
+            "--store",
+            str(tmp_path / "store.zarr"),
+            "--source-url",
+            str(tmp_path / "empty-source"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    assert process.stderr is not None
+    stderr_lines: list[str] = []
+    reader = threading.Thread(target=lambda: stderr_lines.extend(process.stderr or ()), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not any("region 3/" in line for line in stderr_lines):
+        assert process.poll() is None, "".join(stderr_lines)
+        assert time.monotonic() < deadline, "no region finished within 120 s:\n" + "".join(stderr_lines)
+        time.sleep(0.1)
+    seen = len(stderr_lines)
+    # A terminal's Ctrl-C: SIGINT to every process of the foreground group, the cluster's workers included.
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, _ = process.communicate(timeout=120)
+    reader.join(timeout=10)
+    after = [line for line in stderr_lines[seen:] if "region " not in line or " done (" not in line]
+    assert process.returncode == 130, "".join(stderr_lines[-50:])
+    assert after == ["interrupted: backfill stopped before it finished; run the same command again to finish it\n"]
+    assert "Traceback" not in "".join(stderr_lines)
+    assert stdout == ""
