@@ -123,7 +123,8 @@ class TestHrrrForecast48HourDataset(DatasetTestKit):
         missing_leads = len(LEAD_HOURS) - len(ARCHIVE_LEADS)
         for name in VARIABLES:
             variable = summary.variables[name]
-            assert variable.files_download_failed == missing_leads, (name, variable)
+            assert variable.files_not_found == missing_leads, (name, variable)
+            assert variable.files_failed == 0, (name, variable)
         archive_bytes = sum(f.size for f in self.archive.files)
         served = sum(self.server.bytes_sent.values())
         assert served < 0.6 * archive_bytes, (served, archive_bytes)  # byte ranges, not whole files
