@@ -21,12 +21,15 @@ from reformatters_datasets.noaa.hrrr.forecast_48_hour.template_config import (
     expected_forecast_length,
     latitude_longitude,
 )
+from reformatters_datasets.noaa.hrrr.forecast_48_hour.validators import IngestedLeadsHaveData
 
+from reformatters.common.storage import ObjectStore
 from reformatters.sources.grib_index import find_message, parse_ncep_idx
 from reformatters.summary import RunSummary
 from reformatters.testing.archive_server import ArchiveServer
 from reformatters.testing.dataset_kit import DatasetTestKit
 from reformatters.testing.noaa_archive import HRRR_GRID, ArchiveManifest, generate_hrrr_archive
+from reformatters.validation import ValidationContext
 
 INIT = datetime(2018, 7, 13, 12)  # the dataset's first init (an HRRR v3 run: 36 h)
 ARCHIVE_LEADS = [0, 1, 2, 4]  # 3 absent: NaN there
@@ -138,7 +141,7 @@ class TestHrrrForecast48HourDataset(DatasetTestKit):
 
 
 @pytest.fixture(scope="module")
-def published(server: ArchiveServer, tmp_path_factory: pytest.TempPathFactory) -> xr.Dataset:
+def published_store(server: ArchiveServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("hrrr") / "hrrr.zarr"
     dataset = HrrrForecast48HourDataset()
     dataset.backfill(
@@ -151,7 +154,12 @@ def published(server: ArchiveServer, tmp_path_factory: pytest.TempPathFactory) -
         show_progress=False,
     )
     TestHrrrForecast48HourDataset().check_no_structure_drift(str(store))
-    return xr.open_zarr(store, decode_timedelta=True)
+    return store
+
+
+@pytest.fixture(scope="module")
+def published(published_store: Path) -> xr.Dataset:
+    return xr.open_zarr(published_store, decode_timedelta=True)
 
 
 def test_values_at_corners_centre_unnamed_parameter_and_masked_points(
@@ -254,3 +262,23 @@ def test_latitude_longitude_match_eccodes_and_the_published_hrrr_corners(archive
 def test_expected_forecast_length_follows_each_eras_runs() -> None:
     inits = pd.to_datetime(["2018-07-13T12:00", "2020-12-02T06:00", "2020-12-02T12:00", "2025-01-01T00:00"])
     assert [pd.Timedelta(v) / pd.Timedelta(hours=1) for v in expected_forecast_length(inits)] == [36, 36, 48, 48]
+
+
+def test_ingested_leads_validator_flags_the_missing_file(published: xr.Dataset, published_store: Path) -> None:
+    """Lead 3 is missing within the ingested 0-4 h: a fifth of the due fields, over a 5 % threshold."""
+    context = ValidationContext(
+        ds=published[list(VARIABLES)],
+        store=ObjectStore(published_store),
+        now=pd.Timestamp(INIT) + pd.Timedelta(hours=2),
+        append_dim="init_time",
+        append_dim_start=pd.Timestamp(INIT),
+        append_dim_frequency=pd.Timedelta(hours=6),
+    )
+    result = IngestedLeadsHaveData(threshold=0.05, positions=1).check(context)
+    assert not result.ok
+    assert (
+        "temperature_2m 20.0%" in result.message and "vertically_integrated_liquid_hydrometeor 20.0%" in result.message
+    )
+    assert "precipitation_surface 25.0%" in result.message  # no rate at lead 0: leads 1-4 are due
+    assert "geopotential_height_cloud_ceiling" not in result.message  # NaN is its data where there is no ceiling
+    assert IngestedLeadsHaveData(threshold=0.25, positions=1).check(context).ok
