@@ -1088,17 +1088,14 @@ def config_problem(config: BenchConfig) -> str | None:
         )
     if config.dataset not in (GFS_ID, HRRR_ID):
         return f"unknown dataset {config.dataset!r}; choose {GFS_ID} or {HRRR_ID}"
-    modes = HRRR_MODES if config.dataset == HRRR_ID else MODES
+    modes, label = (HRRR_MODES, "HRRR") if config.dataset == HRRR_ID else (MODES, "GFS")
     unknown = set(config.modes) - set(modes)
     if unknown:
-        return f"modes {sorted(unknown)} are not available for {config.dataset}; choose from {', '.join(modes)}"
+        return f"unknown modes {sorted(unknown)} for {label}; choose from {', '.join(modes)}"
     known_variables = _dataset_vars(config.dataset)
     unknown = set(config.variables) - set(known_variables)
     if unknown or not config.variables:
-        return (
-            f"unknown or no variables {sorted(unknown)}; choose {config.dataset} variables from "
-            f"{', '.join(known_variables)}"
-        )
+        return f"unknown or no variables {sorted(unknown)}; choose {label} variables from {', '.join(known_variables)}"
     if not config.leads:
         return "no lead hours: give some, e.g. --leads 0-48"
     if config.repeat < 1:
@@ -1190,7 +1187,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path | N
     )
     parser.add_argument("--variables", default=",".join(DEFAULT_VARIABLES), help="GFS variables, comma-separated")
     parser.add_argument(
-        "--modes", default=",".join(MODES), help=f"comma-separated, run in this order; of {', '.join(MODES)}"
+        "--modes",
+        default=None,
+        help=f"comma-separated, run in this order; of {', '.join(MODES)} (default: all the dataset has)",
     )
     parser.add_argument("--workers", type=int, default=None, help="default: what open_client('local') picks")
     parser.add_argument(
@@ -1221,7 +1220,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path | N
         sizes=args.sizes,
         leads=args.leads,
         variables=tuple(v.strip() for v in args.variables.split(",") if v.strip()),
-        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+        modes=(
+            tuple(m.strip() for m in args.modes.split(",") if m.strip())
+            if args.modes is not None
+            else (HRRR_MODES if args.dataset == HRRR_ID else MODES)
+        ),
         filler_ratio=args.filler_ratio,
         n_workers=args.workers,
         bound_fields=args.bound_fields,
