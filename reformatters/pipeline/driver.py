@@ -160,7 +160,7 @@ def run_region_jobs(
             # done already is not enough: its result is still queued and must find the region open.
             region.received += 1
             if region.received == region.variables:
-                results = [f.result() for f in region.futures]
+                results = client.gather(region.futures)  # one round trip for all of them
                 del regions[index]
                 outcome = RegionOutcome(index, region.job, results, time.perf_counter() - region.started)
                 log_region_outcome(outcome)
