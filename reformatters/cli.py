@@ -16,7 +16,8 @@ from reformatters.cluster import ClusterUnavailableError
 from reformatters.common.time_utils import parse_utc
 from reformatters.pipeline.worker_setup import LOG_FORMAT, LOG_LEVEL_ENVIRON
 from reformatters.region_job import RegionJobFilters
-from reformatters.registry import UnknownDatasetError, get_dataset
+from reformatters.registry import DatasetRegistrationError, UnknownDatasetError, all_datasets, get_dataset
+from reformatters.update.lease import terminate_on_sigterm
 
 app = typer.Typer(
     name="reformatters",
@@ -93,7 +94,7 @@ def _stops_on_ctrl_c(command: Callable[P, R]) -> Callable[P, R]:
 def _dataset(dataset_id: str) -> Any:
     try:
         return get_dataset(dataset_id)
-    except UnknownDatasetError as error:
+    except (UnknownDatasetError, DatasetRegistrationError) as error:
         raise _fail(str(error)) from None
 
 
@@ -114,18 +115,35 @@ def main(
 
 @app.command("list")
 def list_datasets() -> None:
-    """List the datasets this installation can build."""
-    from reformatters.registry import all_datasets
-
-    for dataset in all_datasets():
+    """List the datasets this installation can build (entry points of the group reformatters.datasets)."""
+    try:
+        datasets = all_datasets()
+    except DatasetRegistrationError as error:
+        raise _fail(str(error)) from None
+    for dataset in datasets:
         attrs = dataset.template_config.dataset_attributes
         typer.echo(f"{dataset.dataset_id:<32} v{attrs.dataset_version:<8} {attrs.name}")
 
 
 @app.command("update-template")
-def update_template(dataset_id: str) -> None:
+def update_template(
+    dataset_id: str,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--output-dir",
+            help="Write DATASET_ID/latest.zarr under this directory instead of the checkout's templates/ "
+            "(needed where reformatters is installed from a wheel rather than an editable checkout).",
+        ),
+    ] = None,
+) -> None:
     """Render DATASET_ID's template (Zarr metadata, coordinate values, no data) into templates/."""
-    path = _dataset(dataset_id).template_config.update_template()
+    from reformatters.common.package_data import PackageDataError
+
+    try:
+        path = _dataset(dataset_id).template_config.update_template(output_dir)
+    except PackageDataError as error:
+        raise _fail(str(error)) from None
     typer.echo(f"wrote {path}")
 
 
@@ -169,15 +187,16 @@ def backfill(
     except ValueError as error:
         raise _fail(str(error)) from None
     try:
-        result = dataset.backfill(
-            end,
-            cluster=cluster,
-            filters=filters,
-            store_url=store,
-            source_url=source_url,
-            summary_path=summary,
-            n_workers=workers,
-        )
+        with terminate_on_sigterm():  # SIGTERM unwinds: the lease is released, the cluster stopped
+            result = dataset.backfill(
+                end,
+                cluster=cluster,
+                filters=filters,
+                store_url=store,
+                source_url=source_url,
+                summary_path=summary,
+                n_workers=workers,
+            )
     except ClusterUnavailableError as error:
         raise _fail(str(error)) from None
     typer.echo("\n".join(result.render_lines()))
@@ -200,14 +219,15 @@ def update(
     if operational_update is None:
         raise _fail(f"{dataset_id} has no operational update")
     try:
-        result = operational_update(
-            cluster=cluster,
-            store_url=store,
-            source_url=source_url,
-            now=parse_utc(now) if now else None,
-            n_workers=workers,
-            summary_path=summary,
-        )
+        with terminate_on_sigterm():  # SIGTERM unwinds: the lease is released, the cluster stopped
+            result = operational_update(
+                cluster=cluster,
+                store_url=store,
+                source_url=source_url,
+                now=parse_utc(now) if now else None,
+                n_workers=workers,
+                summary_path=summary,
+            )
     except (ClusterUnavailableError, ValueError) as error:
         raise _fail(str(error)) from None
     typer.echo("\n".join(result.render_lines()))

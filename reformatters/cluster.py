@@ -18,11 +18,13 @@ import distributed.system
 import yaml
 from distributed import Client, LocalCluster, WorkerPlugin
 
+from reformatters.common.package_data import package_directory
 from reformatters.pipeline.graph import ENCODE_RESOURCE
 
 log = logging.getLogger("reformatters.cluster")
 
-CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster"
+# The repository's cluster/, mapped into the installed package by pyproject.toml.
+CLUSTER_DIR = package_directory("reformatters.cluster_manifests")
 DASK_CLUSTER_SPEC = CLUSTER_DIR / "dask-cluster.yaml"
 WORKER_SETUP_MODULE = "reformatters.pipeline.worker_setup"
 
@@ -164,6 +166,9 @@ class ClusterSession:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        if exc_info[0] is KeyboardInterrupt:
+            # Stopping on the user's Ctrl-C: Dask's shutdown chatter (workers slow to close) is no news to them.
+            logging.getLogger("distributed").setLevel(logging.ERROR)
         try:
             self.close_in_background().result()
         finally:
@@ -171,12 +176,14 @@ class ClusterSession:
 
 
 def import_dataset_integrations() -> int:
-    """Import every dataset integration; returns how many there are.
+    """Import every registered dataset integration (`reformatters.registry`); returns how many there are.
 
     Task graphs carry dataset classes, among them parametrized pydantic models such as
     `DataVar[ExampleInternalAttrs]` that exist (as attributes of `reformatters.common.config_models`) only
     once the dataset's module has been imported. A scheduler or worker process that never imported it
-    cannot unpickle the graph ("Error during deserialization of the task graph").
+    cannot unpickle the graph ("Error during deserialization of the task graph"). The registry reads the
+    entry points and `REFORMATTERS_EXTRA_DATASETS` of the process it runs in: worker processes a LocalCluster
+    or `dask worker` starts inherit the environment of the process starting them.
     """
     from reformatters.registry import all_datasets
 

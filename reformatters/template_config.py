@@ -7,7 +7,7 @@ import warnings
 from abc import abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import dask.array
 import numpy as np
@@ -22,11 +22,13 @@ from reformatters.common.config_models import (
     FrozenModel,
     unique_names,
 )
+from reformatters.common.package_data import PackageDataError, is_editable_checkout, package_directory
 from reformatters.common.time_utils import parse_utc
 
 DataVarT = TypeVar("DataVarT", bound=DataVar[Any])
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+# The repository's templates/, mapped into the installed package by pyproject.toml.
+TEMPLATES_PACKAGE = "reformatters.templates"
 
 # Encoding keys that carry over from a loaded template to the expanded one.
 _KEPT_ENCODING_KEYS = (
@@ -61,6 +63,10 @@ class TemplateConfig(FrozenModel, Generic[DataVarT]):
     template_append_length: int = Field(
         4, ge=1, description="positions of the append dimension kept in the checked-in template"
     )
+
+    # The import package whose folder holds DATASET_ID/latest.zarr; a dataset shipped by another
+    # distribution names a package of its own.
+    templates_package: ClassVar[str] = TEMPLATES_PACKAGE
 
     @field_validator("append_dim_start", mode="before")
     @classmethod
@@ -105,8 +111,26 @@ class TemplateConfig(FrozenModel, Generic[DataVarT]):
         return self.dataset_attributes.dataset_id
 
     @property
+    def templates_dir(self) -> Path:
+        return package_directory(self.templates_package)
+
+    @property
     def template_path(self) -> Path:
-        return TEMPLATES_DIR / self.dataset_id / "latest.zarr"
+        return self.templates_dir / self.dataset_id / "latest.zarr"
+
+    def writable_templates_dir(self) -> Path:
+        """Where `update_template()` writes by default: the checked-in templates of a source checkout.
+
+        An installed copy is refused: a rewrite there would be lost at the next install and never reach git.
+        """
+        directory = self.templates_dir
+        if not is_editable_checkout(self.templates_package):
+            raise PackageDataError(
+                f"{self.dataset_id}: the checked-in templates at {directory} belong to an installed package, "
+                "not a source checkout; pass --output-dir DIR to write the rendered template elsewhere, or run "
+                "it in an editable checkout (pip install -e .) to update the template in git"
+            )
+        return directory
 
     def data_var(self, name: str) -> DataVarT:
         for var in self.data_vars:
@@ -186,7 +210,8 @@ class TemplateConfig(FrozenModel, Generic[DataVarT]):
         return ds
 
     def update_template(self, templates_dir: Path | None = None) -> Path:
-        path = (templates_dir or TEMPLATES_DIR) / self.dataset_id / "latest.zarr"
+        """Render the template into `templates_dir/DATASET_ID/latest.zarr` (default: the checkout's templates)."""
+        path = (templates_dir or self.writable_templates_dir()) / self.dataset_id / "latest.zarr"
         write_metadata(self.build_template_from_code(self.template_append_dim_end()), path)
         return path
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,22 @@ import pytest
 import xarray as xr
 
 from reformatters.common.binary_rounding import max_relative_rounding_error
+from reformatters.registry import EXTRA_DATASETS_ENV
 from reformatters.summary import RunSummary
 from reformatters.testing.object_store_server import S3Server, s3_server
+
+EXAMPLE_DATASET = "reformatters_datasets.example.dataset:ExampleDataset"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the test-only `example` dataset for this process and every process the tests start.
+
+    No entry point declares it, so an installed wheel never lists it; worker processes (LocalCluster,
+    `dask worker`) and CLI subprocesses inherit the variable.
+    """
+    registered = os.environ.get(EXTRA_DATASETS_ENV, "").replace(",", " ").split()
+    if EXAMPLE_DATASET not in registered:
+        os.environ[EXTRA_DATASETS_ENV] = " ".join([*registered, EXAMPLE_DATASET])
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,26 @@
 Every write is atomic per object: a local write goes to a temporary file that is renamed into
 place; an object-store PUT replaces the whole object. Endpoints and credentials come from the usual
 environment variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ..., `STORAGE_EMULATOR_HOST`).
+
+Conditional writes (`put_if_absent`, `put_if_match`, with `get_with_version`) are what the publisher lease
+and the fenced commit are built on. Each backend makes them atomic its own way:
+
+- S3: `PutObject` with `If-None-Match: *` (create) or `If-Match: <ETag>` (replace); the version is the ETag.
+- GCS: uploads with the generation precondition `ifGenerationMatch` (0 for create); the version is the
+  object's generation.
+- Local disk: create is a hard link of a complete temporary file (fails if the name exists); replace checks
+  the version and renames under an `flock` on the object's directory held across both. That lock is only
+  honoured between processes of one host: two hosts sharing a network file system get no guarantee.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import os
 import uuid
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -18,6 +30,16 @@ from typing import Any
 import fsspec
 
 REMOTE_PROTOCOLS = ("s3", "gs", "gcs")
+
+
+class PreconditionFailedError(Exception):
+    """A conditional write found the object absent, present or at another version than required."""
+
+
+def _disable_gcsfs_experimental_features() -> None:
+    # gcsfs's zonal/hierarchical-namespace support probes bucket layouts with calls that emulators do not
+    # answer (gcsfs stalls). It is read once, when gcsfs is imported; an explicit setting is kept.
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 def storage_options_for(url: str) -> dict[str, Any]:
@@ -34,7 +56,16 @@ def storage_options_for(url: str) -> dict[str, Any]:
             options["client_kwargs"] = {"endpoint_url": endpoint}
         if not _aws_credentials_found(os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE")):
             options["anon"] = True
+    else:
+        _disable_gcsfs_experimental_features()
+        if _gcs_emulator_host():
+            options["token"] = "anon"
     return options
+
+
+def _gcs_emulator_host() -> str | None:
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    return host if host not in ("", "default") else None
 
 
 @functools.lru_cache(maxsize=8)
@@ -50,6 +81,12 @@ def _aws_credentials_found(access_key_id: str | None, profile: str | None) -> bo
         return botocore.session.get_session().get_credentials() is not None
     except Exception:  # noqa: BLE001 - a broken config file means no usable credentials
         return False
+
+
+def _local_version(stat: os.stat_result) -> str:
+    # Every write renames a new file into place, so the inode changes with it; the times and size guard
+    # against an inode number reused after the old file was freed.
+    return f"{stat.st_ino}-{stat.st_mtime_ns}-{stat.st_ctime_ns}-{stat.st_size}"
 
 
 class ObjectStore:
@@ -85,6 +122,167 @@ class ObjectStore:
     def _path(self, key: str) -> str:
         return f"{self.url}/{key}" if key else self.url
 
+    @property
+    def bucket_and_prefix(self) -> tuple[str, str]:
+        """For s3:// and gs:// stores: the bucket and the key prefix of the store root ('' at a bucket root)."""
+        path = self.url.split("://", 1)[1]
+        bucket, _, prefix = path.partition("/")
+        return bucket, prefix.strip("/")
+
+    def _object_name(self, key: str) -> str:
+        _, prefix = self.bucket_and_prefix
+        return f"{prefix}/{key}" if prefix else key
+
+    @cached_property
+    def _s3_client(self) -> Any:
+        import boto3
+        import botocore.config
+
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        config = None
+        if not _aws_credentials_found(os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE")):
+            config = botocore.config.Config(signature_version=botocore.UNSIGNED)
+        return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+
+    @cached_property
+    def _gcs_bucket(self) -> Any:
+        from google.cloud import storage as gcs
+
+        bucket, _ = self.bucket_and_prefix
+        if _gcs_emulator_host():
+            from google.auth.credentials import AnonymousCredentials
+
+            client = gcs.Client(project="emulator", credentials=AnonymousCredentials())
+        else:
+            client = gcs.Client()
+        return client.bucket(bucket)
+
+    # ---- conditional writes ----
+    def get_with_version(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and the version token that `put_if_match` compares, or None when absent."""
+        if self.is_local:
+            try:
+                with open(self._path(key), "rb") as file:
+                    return file.read(), _local_version(os.fstat(file.fileno()))
+            except FileNotFoundError:
+                return None
+        if self.protocol == "s3":
+            bucket, _ = self.bucket_and_prefix
+            client = self._s3_client
+            try:
+                response = client.get_object(Bucket=bucket, Key=self._object_name(key))
+            except client.exceptions.NoSuchKey:
+                return None
+            return response["Body"].read(), str(response["ETag"])
+        if self.protocol in ("gs", "gcs"):
+            return self._gcs_get_with_version(key)
+        raise NotImplementedError(f"conditional access is not implemented for {self.protocol}:// stores")
+
+    def _gcs_get_with_version(self, key: str) -> tuple[bytes, str] | None:
+        from google.api_core import exceptions as gexc
+
+        name = self._object_name(key)
+        while True:
+            blob = self._gcs_bucket.get_blob(name)
+            if blob is None:
+                return None
+            try:
+                # Pinned to the generation just listed: bytes and version always belong together.
+                data: bytes = blob.download_as_bytes(if_generation_match=blob.generation)
+            except (gexc.NotFound, gexc.PreconditionFailed):
+                continue  # replaced or deleted in between: look again
+            return data, str(blob.generation)
+
+    def put_if_absent(self, key: str, data: bytes) -> str:
+        """Create the object only if no object has the key; returns its version. Raises
+        `PreconditionFailedError` when the key exists."""
+        if self.is_local:
+            with self._local_lock(key):
+                target = Path(self._path(key))
+                tmp = self._local_tmp(target, data)
+                try:
+                    os.link(tmp, target)
+                except FileExistsError:
+                    raise PreconditionFailedError(f"{self._path(key)} exists") from None
+                finally:
+                    tmp.unlink(missing_ok=True)
+                return _local_version(os.stat(target))
+        return self._remote_conditional_put(key, data, None)
+
+    def put_if_match(self, key: str, data: bytes, version: str) -> str:
+        """Replace the object only if it is still at `version`; returns the new version. Raises
+        `PreconditionFailedError` when it was replaced, deleted or never existed."""
+        if self.is_local:
+            with self._local_lock(key):
+                target = Path(self._path(key))
+                try:
+                    current = _local_version(os.stat(target))
+                except FileNotFoundError:
+                    raise PreconditionFailedError(f"{self._path(key)} is absent, expected version {version}") from None
+                if current != version:
+                    raise PreconditionFailedError(f"{self._path(key)} is at version {current}, expected {version}")
+                tmp = self._local_tmp(target, data)
+                try:
+                    os.replace(tmp, target)
+                finally:
+                    tmp.unlink(missing_ok=True)
+                return _local_version(os.stat(target))
+        return self._remote_conditional_put(key, data, version)
+
+    def _remote_conditional_put(self, key: str, data: bytes, version: str | None) -> str:
+        if self.protocol == "s3":
+            import botocore.exceptions
+
+            bucket, _ = self.bucket_and_prefix
+            condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+            try:
+                response = self._s3_client.put_object(Bucket=bucket, Key=self._object_name(key), Body=data, **condition)
+            except botocore.exceptions.ClientError as error:
+                code = error.response.get("Error", {}).get("Code", "")
+                status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                # 412: the condition failed; 409: a concurrent conditional write to the same key won; 404: a
+                # conditional replace of an object deleted meanwhile.
+                if status in (409, 412, 404) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    raise PreconditionFailedError(
+                        f"{self._path(key)}: {'exists' if version is None else f'not at version {version}'} ({code})"
+                    ) from None
+                raise
+            return str(response["ETag"])
+        if self.protocol in ("gs", "gcs"):
+            from google.api_core import exceptions as gexc
+
+            blob = self._gcs_bucket.blob(self._object_name(key))
+            try:
+                blob.upload_from_string(data, if_generation_match=0 if version is None else int(version))
+            except (gexc.PreconditionFailed, gexc.NotFound) as error:
+                raise PreconditionFailedError(
+                    f"{self._path(key)}: {'exists' if version is None else f'not at generation {version}'} "
+                    f"({type(error).__name__})"
+                ) from None
+            return str(blob.generation)
+        raise NotImplementedError(f"conditional writes are not implemented for {self.protocol}:// stores")
+
+    @contextlib.contextmanager
+    def _local_lock(self, key: str) -> Iterator[None]:
+        directory = Path(self._path(key)).parent
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    @staticmethod
+    def _local_tmp(target: Path, data: bytes) -> Path:
+        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        return tmp
+
+    # ---- plain access ----
     def get(self, key: str) -> bytes | None:
         if self.is_local:
             try:

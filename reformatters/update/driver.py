@@ -36,7 +36,7 @@ from reformatters.region_job import RegionJob, SourceFileCoord, SourceFileStatus
 from reformatters.summary import RunSummary
 from reformatters.template_config import with_template_encodings
 from reformatters.update.drift import check_no_drift
-from reformatters.update.lease import DEFAULT_TTL_SECONDS, UpdateLease, UpdateRefusedError
+from reformatters.update.lease import UpdateLease, UpdateRefusedError
 from reformatters.update.pause import pause_at
 from reformatters.update.progress_tracker import UpdateProgressTracker, metadata_digest, region_key
 from reformatters.update.upload_gate import GatedUpload
@@ -69,7 +69,7 @@ def run_operational_update(
     n_workers: int | None = None,
     summary_path: Path | None = None,
     show_progress: bool = True,
-    lease_ttl_seconds: float = DEFAULT_TTL_SECONDS,
+    lease_ttl_seconds: float | None = None,  # None: REFORMATTERS_LEASE_TTL, else the lease's default
 ) -> RunSummary:
     started = time.perf_counter()
     now_ts = parse_utc(now) if now is not None else utc_now()
@@ -206,6 +206,7 @@ def _run_and_publish(
             published_length=published_length_at_start,
             var_metadata={v.name: var_metadata[v.name] for v in job.data_vars},
             tracker=tracker,
+            fence=publisher.lease.fence(),
         )
 
     client = session.client()
@@ -289,7 +290,10 @@ class _Publisher:
             for key in keys:
                 if key == ROOT_METADATA_KEY:
                     pause_at("mid_publish")
-                self.final_store.put(key, contents[key])
+                    self.lease.commit(self.final_store, key, contents[key])  # fenced, recorded in _internal/
+                else:
+                    self.lease.check_fence()
+                    self.final_store.put(key, contents[key])
             previous = self.published_length
             self.published_length = new_length
             log.info(

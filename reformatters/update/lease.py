@@ -1,36 +1,57 @@
-"""One publisher at a time: a lease object in the final store with an owner id and an expiry.
+"""One publisher at a time, fenced: a lease object in the final store, taken and renewed with conditional writes.
 
-Local stores acquire it with an exclusive create (`O_CREAT | O_EXCL`), which the filesystem makes atomic.
-Object stores (s3://, gs://) offer no exclusive create through fsspec here, so the lease is read, written
-and read back: two updates that start within the same fraction of a second could both believe they hold it.
-The CronJob's `concurrencyPolicy: Forbid` is the first line of defence there; the lease catches the
-overlap of a slow run with the next scheduled one, which is what happens in practice. (S3's conditional
-`If-None-Match: *` PUT would make it atomic; fsspec does not expose it uniformly.)
+The lease object (`_internal/update.lease`) is only ever created with `put_if_absent` and replaced with
+`put_if_match` on the version its writer last saw (S3 `If-None-Match`/`If-Match`, GCS `ifGenerationMatch`, an
+exclusive create and an `flock`-guarded check-and-replace on local disk; see `reformatters.common.storage`).
+So of two contenders exactly one wins, and a holder whose renewal finds another version has lost the lease.
 
-A lease expires after `ttl_seconds` unless renewed; a holder renews it from a heartbeat thread and checks it
-before every publish. A lease whose owner ran on this host and whose process is gone is stale at once, so
-re-running after a crash (or SIGKILL) on the same machine does not wait for the expiry.
+Expiry is judged from the lease's own renewals, never by comparing two hosts' clocks: a contender watches the
+lease object with its own monotonic clock, and one whose version has not changed for the lease's TTL belongs to
+a holder that stopped renewing (crashed, paused, partitioned). An empty or unreadable lease object expires the
+same way. A holder renews every `min(ttl / 3, 30 s)`, so a contender facing a live holder sees a renewal and is
+refused within that time; one facing a dead holder takes over once the TTL has passed. A lease whose holder ran
+on this host (same holder id) is judged at once: its process alive means held, gone means stale.
+
+Fencing: every holder gets a generation one above every generation seen before (the previous lease's, and those
+in the commit records), so generations only grow. `commit(store, key, data)` writes the root `zarr.json` on the
+version this holder last read or wrote, after checking the lease is still its own, and records holder and
+generation under `_internal/commits/`. Uploads of objects readers can already see call `check_fence()` first
+(on workers: the picklable `fence()`). A holder that lost the lease raises `LeaseLostError` and writes nothing.
+
+Release rewrites the lease as released (the object, and with it the generation, stays) on the version the
+holder last wrote. `REFORMATTERS_LEASE_TTL` (seconds) and `REFORMATTERS_HOLDER_ID` (default: the hostname)
+set the TTL and the holder identity.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
 import uuid
-from pathlib import Path
-from types import TracebackType
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import FrameType, TracebackType
 from typing import Any
 
-from reformatters.common.storage import ObjectStore
+from reformatters.common.storage import ObjectStore, PreconditionFailedError
 
 log = logging.getLogger("reformatters.update")
 
 LEASE_KEY = "_internal/update.lease"
+COMMITS_PREFIX = "_internal/commits/"
+ROOT_KEY = "zarr.json"
 DEFAULT_TTL_SECONDS = 900.0
+MAX_RENEW_INTERVAL_SECONDS = 30.0
+TTL_ENV = "REFORMATTERS_LEASE_TTL"
+HOLDER_ENV = "REFORMATTERS_HOLDER_ID"
 
 
 class UpdateRefusedError(ValueError):
@@ -45,160 +66,401 @@ class LeaseLostError(UpdateRefusedError):
     pass
 
 
-def _pid_alive(pid: int) -> bool:
+def ttl_from_env(default: float = DEFAULT_TTL_SECONDS) -> float:
+    text = os.environ.get(TTL_ENV)
+    if not text:
+        return default
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        ttl = float(text)
+    except ValueError:
+        raise UpdateRefusedError(f"{TTL_ENV}={text!r} is not a number of seconds; set it to e.g. 900") from None
+    if ttl <= 0:
+        raise UpdateRefusedError(f"{TTL_ENV}={text!r} must be a positive number of seconds")
+    return ttl
+
+
+def holder_from_env() -> str:
+    return os.environ.get(HOLDER_ENV) or socket.gethostname()
+
+
+def _process_started(pid: int) -> float | None:
+    """The process's start time, or None if no such process runs here."""
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.Error:
+        return 0.0  # exists but not inspectable: treat as alive
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """The parsed lease object; `None` fields when it was empty or unreadable."""
+
+    owner: str | None
+    holder: str | None
+    pid: int | None
+    pid_started: float | None
+    generation: int
+    renewals: int
+    ttl_seconds: float | None
+    released: bool
+    readable: bool
+
+    @classmethod
+    def parse(cls, data: bytes) -> LeaseRecord:
+        try:
+            body = json.loads(data)
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
+            return cls(
+                owner=str(body["owner"]),
+                holder=str(body.get("holder") or body.get("host") or ""),
+                pid=int(body["pid"]),
+                pid_started=float(body["pid_started"]) if body.get("pid_started") is not None else None,
+                generation=int(body.get("generation", 0)),
+                renewals=int(body.get("renewals", 0)),
+                ttl_seconds=float(body["ttl_seconds"]) if body.get("ttl_seconds") else None,
+                released=bool(body.get("released", False)),
+                readable=True,
+            )
+        except (ValueError, KeyError, TypeError):
+            return cls(None, None, None, None, 0, 0, None, False, False)
+
+    def describe(self) -> str:
+        if not self.readable:
+            return "an empty or unreadable lease object"
+        return f"{self.owner} (holder {self.holder}, pid {self.pid}, generation {self.generation})"
+
+
+def read_lease(store: ObjectStore) -> LeaseRecord | None:
+    data = store.get(LEASE_KEY)
+    return None if data is None else LeaseRecord.parse(data)
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    key: str
+    generation: int
+    sequence: int
+    body: dict[str, Any]
+
+
+def commit_records(store: ObjectStore) -> list[CommitRecord]:
+    """Every fenced commit recorded in the store, in (generation, sequence) order."""
+    records = []
+    for key in store.list(COMMITS_PREFIX):
+        name = key.rsplit("/", 1)[-1].removesuffix(".json")
+        try:
+            generation, sequence = (int(part) for part in name.split("-", 1))
+        except ValueError:
+            continue
+        data = store.get(key)
+        body = json.loads(data) if data else {}
+        records.append(CommitRecord(key=key, generation=generation, sequence=sequence, body=body))
+    return sorted(records, key=lambda r: (r.generation, r.sequence))
+
+
+@functools.lru_cache(maxsize=8)
+def _store_for(url: str) -> ObjectStore:
+    return ObjectStore(url)  # one per worker process and URL: its S3/GCS client is reused across checks
+
+
+@dataclass(frozen=True)
+class Fence:
+    """What a worker needs to check, before uploading, that its publisher still holds the lease."""
+
+    store_url: str
+    owner: str
+    generation: int
+
+    def check(self) -> None:
+        store = _store_for(self.store_url)
+        current = read_lease(store)
+        if current is None or current.released or current.owner != self.owner or current.generation != self.generation:
+            raise LeaseLostError(_lost_message(store, self.owner, self.generation, current))
+
+
+def _lost_message(store: ObjectStore, owner: str, generation: int, current: LeaseRecord | None) -> str:
+    now = "nobody" if current is None else current.describe()
+    if current is not None and current.released:
+        now = f"nobody (released by {current.owner}, generation {current.generation})"
+    return (
+        f"publisher lease lost: {owner} (generation {generation}) no longer holds {LEASE_KEY} on {store.url}; it is "
+        f"now held by {now}. Another publisher took over (this one was paused or stopped renewing past its TTL), "
+        "so this run writes nothing more and stops. Re-run it once the other publisher is done."
+    )
 
 
 class UpdateLease:
-    def __init__(self, store: ObjectStore, *, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
+    """The publisher lease of one store. Use as a context manager (acquire, heartbeat, release), or call
+    `acquire()`, `renew()`, `release()` yourself; `verify()`/`check_fence()` before writing, `commit()` to publish."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        ttl_seconds: float | None = None,
+        holder: str | None = None,
+        poll_seconds: float | None = None,
+    ) -> None:
         self.store = store
-        self.ttl_seconds = ttl_seconds
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.ttl_seconds = float(ttl_seconds) if ttl_seconds is not None else ttl_from_env()
+        self.holder = holder or holder_from_env()
+        self.pid = os.getpid()
+        self.owner = f"{self.holder}:{self.pid}:{uuid.uuid4().hex[:12]}"
+        self.poll_seconds = poll_seconds if poll_seconds is not None else min(self.ttl_seconds / 10, 5.0)
+        self.generation: int | None = None
+        self._version: str | None = None
+        self._renewals = 0
         self._held = False
         self._lost: str | None = None
+        self._commit_versions: dict[tuple[str, str], str | None] = {}
+        self._sequence = 0
+        self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @property
+    def renew_interval(self) -> float:
+        return min(self.ttl_seconds / 3, MAX_RENEW_INTERVAL_SECONDS)
+
     # ---- the lease object ----
-    def _body(self) -> bytes:
-        now = time.time()
+    def _body(self, *, released: bool = False) -> bytes:
         return json.dumps(
             {
                 "owner": self.owner,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "renewed_at": now,
-                "expires_at": now + self.ttl_seconds,
+                "holder": self.holder,
+                "pid": self.pid,
+                "pid_started": _process_started(self.pid),
+                "generation": self.generation,
+                "renewals": self._renewals,
+                "ttl_seconds": self.ttl_seconds,
+                "released": released,
+                # For people reading the object; expiry never compares it with another clock.
+                "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
         ).encode()
 
-    def _read(self) -> dict[str, Any] | None:
-        data = self.store.get(LEASE_KEY)
-        if data is None:
+    def _same_host_verdict(self, lease: LeaseRecord) -> str | None:
+        """'alive' or 'gone' for a lease of this holder id (this host), None for another host's."""
+        if not lease.readable or lease.holder != self.holder or lease.pid is None:
             return None
-        try:
-            parsed: dict[str, Any] = json.loads(data)
-        except ValueError:
-            return {"owner": "unreadable", "expires_at": 0.0}
-        return parsed
+        started = _process_started(lease.pid)
+        if started is None:
+            return "gone"
+        if lease.pid_started is not None and started and abs(started - lease.pid_started) > 1.0:
+            return "gone"  # the pid was reused by another process
+        return "alive"
 
-    @staticmethod
-    def _stale(lease: dict[str, Any]) -> str | None:
-        if float(lease.get("expires_at", 0.0)) < time.time():
-            return "expired"
-        if lease.get("host") == socket.gethostname() and not _pid_alive(int(lease.get("pid", -1))):
-            return f"its process {lease.get('pid')} on this host is gone"
-        return None
+    def _generation_floor(self, lease: LeaseRecord | None) -> int:
+        floor = lease.generation if lease is not None else 0
+        records = commit_records(self.store)
+        if records:
+            floor = max(floor, records[-1].generation)
+        return floor
 
-    def _held_error(self, lease: dict[str, Any]) -> LeaseHeldError:
-        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(lease.get("expires_at", 0.0))))
+    def _held_error(self, lease: LeaseRecord, why: str) -> LeaseHeldError:
         return LeaseHeldError(
-            f"another update is publishing to {self.store.url}: lease {LEASE_KEY} is held by "
-            f"{lease.get('owner')} (host {lease.get('host')}, pid {lease.get('pid')}) until {expires}. "
-            "This run stops without changing the store. Let the other run finish; if it died on another "
-            "machine, its lease expires at the time shown (or delete the lease object once you are sure)."
+            f"another publisher is writing to {self.store.url}: lease {LEASE_KEY} is held by {lease.describe()} "
+            f"({why}). This run stops without changing the store. Let the other run finish; a holder that died "
+            f"stops renewing and its lease can be taken over {lease.ttl_seconds or self.ttl_seconds:.0f} s later."
         )
 
     def acquire(self) -> None:
-        if self.store.is_local:
-            self._acquire_local()
-        else:
-            self._acquire_remote()
-        self._held = True
-        log.info("update lease %s acquired by %s (ttl %.0f s)", LEASE_KEY, self.owner, self.ttl_seconds)
+        """Take the lease, waiting while a holder on another host might still be alive (up to its TTL).
 
-    def _acquire_local(self) -> None:
-        path = Path(self.store.url) / LEASE_KEY
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                current = self._read()
-                if current is None:
-                    continue
-                reason = self._stale(current)
-                if reason is None:
-                    raise self._held_error(current) from None
-                # Take a stale lease over: only one contender's rename of the same file succeeds.
-                aside = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex}")
+        Raises `LeaseHeldError` as soon as the holder is seen renewing, or is a live process on this host."""
+        watched: tuple[str, float] | None = None  # (version, monotonic time first seen)
+        while True:
+            current = self.store.get_with_version(LEASE_KEY)
+            if current is None:
+                self.generation = self._generation_floor(None) + 1
+                self._renewals = 0
                 try:
-                    os.rename(path, aside)
-                except FileNotFoundError:
-                    continue
-                moved = json.loads(aside.read_bytes() or b"{}")
-                if moved.get("owner") != current.get("owner"):
-                    # We moved a fresh lease someone else just took: put it back and give way.
-                    try:
-                        os.link(aside, path)
-                    finally:
-                        aside.unlink(missing_ok=True)
-                    raise self._held_error(moved) from None
-                aside.unlink(missing_ok=True)
-                log.warning("taking over stale update lease of %s (%s)", current.get("owner"), reason)
+                    self._version = self.store.put_if_absent(LEASE_KEY, self._body())
+                except PreconditionFailedError:
+                    continue  # another contender created it first: judge theirs
+                break
+            data, version = current
+            lease = LeaseRecord.parse(data)
+            reason: str | None = None
+            if lease.released:
+                reason = "released"
+            else:
+                verdict = self._same_host_verdict(lease)
+                if verdict == "alive":
+                    raise self._held_error(lease, "its process runs on this host")
+                if verdict == "gone":
+                    reason = f"its process {lease.pid} on this host is gone"
+                else:
+                    if watched is not None and watched[0] != version:
+                        raise self._held_error(lease, "renewed while this run watched it")
+                    if watched is None:
+                        watched = (version, time.monotonic())
+                        log.info("lease %s is held by %s: watching it for renewals", LEASE_KEY, lease.describe())
+                    ttl = lease.ttl_seconds or self.ttl_seconds
+                    unchanged = time.monotonic() - watched[1]
+                    if unchanged < ttl:
+                        time.sleep(min(self.poll_seconds, ttl - unchanged))
+                        continue
+                    reason = f"not renewed for {unchanged:.1f} s (ttl {ttl:.0f} s)"
+            self.generation = self._generation_floor(lease) + 1
+            self._renewals = 0
+            try:
+                self._version = self.store.put_if_match(LEASE_KEY, self._body(), version)
+            except PreconditionFailedError:
+                watched = None  # it changed under us: someone renewed or took it; look again
                 continue
-            with os.fdopen(fd, "wb") as file:
-                file.write(self._body())
-                file.flush()
-                os.fsync(file.fileno())
-            return
-        current = self._read() or {}
-        raise self._held_error(current)
-
-    def _acquire_remote(self) -> None:
-        current = self._read()
-        if current is not None and self._stale(current) is None:
-            raise self._held_error(current)
-        self.store.put(LEASE_KEY, self._body())
-        time.sleep(0.5)
-        check = self._read()
-        if check is None or check.get("owner") != self.owner:
-            raise self._held_error(check or {})
+            if not lease.released:
+                log.warning("took over the publisher lease of %s: %s", lease.describe(), reason)
+            break
+        self._held = True
+        self._lost = None
+        root = self.store.get_with_version(ROOT_KEY)
+        self._commit_versions = {(self.store.url, ROOT_KEY): None if root is None else root[1]}
+        self._sequence = 0
+        log.info(
+            "publisher lease %s acquired by %s, generation %d (ttl %.0f s)",
+            LEASE_KEY,
+            self.owner,
+            self.generation,
+            self.ttl_seconds,
+        )
 
     def verify(self) -> None:
-        """Raise unless this process still holds the lease; called before every publish."""
+        """Raise `LeaseLostError` unless this holder still holds the lease (reads the lease object)."""
         if self._lost:
             raise LeaseLostError(self._lost)
-        current = self._read()
-        if current is None or current.get("owner") != self.owner:
-            owner = None if current is None else current.get("owner")
-            raise LeaseLostError(
-                f"the update lease on {self.store.url} is no longer ours (now held by {owner}); "
-                "stopping before publishing anything more. Re-run the update once the other run is done."
-            )
+        if not self._held or self.generation is None:
+            raise LeaseLostError(f"the publisher lease on {self.store.url} is not held by this run (not acquired)")
+        current = read_lease(self.store)
+        if current is None or current.released or current.owner != self.owner or current.generation != self.generation:
+            self._lost = _lost_message(self.store, self.owner, self.generation, current)
+            raise LeaseLostError(self._lost)
+
+    def check_fence(self) -> None:
+        """Call before every upload of an object readers can already see; same as `verify()`."""
+        self.verify()
+
+    def fence(self) -> Fence:
+        """A picklable check of this holder's generation for upload tasks on other processes."""
+        if self.generation is None:
+            raise LeaseLostError(f"the publisher lease on {self.store.url} is not held by this run (not acquired)")
+        return Fence(store_url=self.store.url, owner=self.owner, generation=self.generation)
 
     def renew(self) -> None:
-        self.verify()
-        self.store.put(LEASE_KEY, self._body())
+        """Rewrite the lease on the version this holder last wrote; losing that race means the lease is lost."""
+        with self._lock:
+            if self._lost:
+                raise LeaseLostError(self._lost)
+            if not self._held or self._version is None or self.generation is None:
+                raise LeaseLostError(f"the publisher lease on {self.store.url} is not held by this run")
+            self._renewals += 1
+            try:
+                self._version = self.store.put_if_match(LEASE_KEY, self._body(), self._version)
+            except PreconditionFailedError:
+                current = self.store.get_with_version(LEASE_KEY)
+                record = None if current is None else LeaseRecord.parse(current[0])
+                if (
+                    current is not None
+                    and record is not None
+                    and record.owner == self.owner
+                    and record.generation == self.generation
+                    and not record.released
+                ):
+                    # Our previous renewal landed although its answer was lost (a timeout): still ours.
+                    self._version = current[1]
+                    self._version = self.store.put_if_match(LEASE_KEY, self._body(), self._version)
+                    return
+                self._lost = _lost_message(self.store, self.owner, self.generation, record)
+                raise LeaseLostError(self._lost) from None
+
+    def observe(self, store: ObjectStore, key: str = ROOT_KEY) -> None:
+        """Remember the current version of `key`: the next `commit` of it succeeds only on that version."""
+        current = store.get_with_version(key)
+        self._commit_versions[(store.url, key)] = None if current is None else current[1]
+
+    def commit(self, store: ObjectStore, key: str, data: bytes) -> str:
+        """The fenced commit: check the lease, write `key` only if it is still at the version this holder last
+        read (at `acquire`/`observe`) or wrote, and record holder and generation under `_internal/commits/`."""
+        with self._lock:
+            self.verify()
+            assert self.generation is not None
+            slot = (store.url, key)
+            if slot not in self._commit_versions:
+                self.observe(store, key)
+            expected = self._commit_versions[slot]
+            try:
+                if expected is None:
+                    version = store.put_if_absent(key, data)
+                else:
+                    version = store.put_if_match(key, data, expected)
+            except PreconditionFailedError:
+                self._lost = (
+                    f"fenced commit refused: {store.url}/{key} changed since {self.owner} (generation "
+                    f"{self.generation}) last read it, so another publisher committed in between. Nothing was "
+                    "written; this run stops. Re-run it once the other publisher is done."
+                )
+                raise LeaseLostError(self._lost) from None
+            self._commit_versions[slot] = version
+            self._record_commit(store, key, data, version)
+            return version
+
+    def _record_commit(self, store: ObjectStore, key: str, data: bytes, version: str) -> None:
+        assert self.generation is not None
+        record = json.dumps(
+            {
+                "holder": self.holder,
+                "owner": self.owner,
+                "generation": self.generation,
+                "key": key,
+                "version": version,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        ).encode()
+        while True:
+            self._sequence += 1
+            try:
+                store.put_if_absent(f"{COMMITS_PREFIX}{self.generation:012d}-{self._sequence:06d}.json", record)
+                return
+            except PreconditionFailedError:
+                continue
 
     def release(self) -> None:
-        if not self._held:
-            return
-        self._held = False
-        current = self._read()
-        if current is not None and current.get("owner") == self.owner:
-            self.store.delete(LEASE_KEY)
+        """Mark the lease released (on the version this holder last wrote); a lost lease is left alone."""
+        with self._lock:
+            if not self._held:
+                return
+            self._held = False
+            self._stop.set()
+            if self._lost or self._version is None:
+                return
+            try:
+                self.store.put_if_match(LEASE_KEY, self._body(released=True), self._version)
+            except PreconditionFailedError:
+                log.warning("publisher lease %s was no longer ours at release; left as it is", LEASE_KEY)
+                return
+            log.info("publisher lease %s released by %s (generation %s)", LEASE_KEY, self.owner, self.generation)
 
     # ---- heartbeat ----
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.ttl_seconds / 3):
+        while not self._stop.wait(self.renew_interval):
             try:
                 self.renew()
             except LeaseLostError as error:
-                self._lost = str(error)
+                log.error("%s", error)
                 return
             except Exception as error:  # noqa: BLE001 - a transient store error; the next beat retries
-                log.warning("update lease renewal failed: %s", error)
+                log.warning("publisher lease renewal failed: %s", error)
 
     def __enter__(self) -> UpdateLease:
         self.acquire()
-        self._thread = threading.Thread(target=self._heartbeat, name="update-lease", daemon=True)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._heartbeat, name="publisher-lease", daemon=True)
         self._thread.start()
         return self
 
@@ -209,3 +471,26 @@ class UpdateLease:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.release()
+
+
+class TerminatedError(SystemExit):
+    """SIGTERM arrived (e.g. a Kubernetes eviction): raised in the main thread so that every context manager
+    unwinds (the lease is released, the cluster stopped)."""
+
+
+@contextlib.contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into `TerminatedError` (exit code 143) in the main thread for the duration."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.error("SIGTERM received: releasing the publisher lease and stopping the cluster")
+        raise TerminatedError(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

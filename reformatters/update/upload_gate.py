@@ -17,6 +17,7 @@ import numpy as np
 
 from reformatters.common.storage import ObjectStore
 from reformatters.pipeline.kernels import EncodedVariable, VariableResult, limit_library_threads, upload_kernel
+from reformatters.update.lease import Fence
 from reformatters.update.pause import pause_at
 from reformatters.update.progress_tracker import UpdateProgressTracker, metadata_digest
 
@@ -81,9 +82,12 @@ class GatedUpload:
     published_length: int
     var_metadata: dict[str, bytes]
     tracker: UpdateProgressTracker
+    fence: Fence | None = None  # the publisher's lease generation, checked before anything is written
 
     def __call__(self, encoded: EncodedVariable, final_store: ObjectStore) -> VariableResult:
         limit_library_threads()
+        if self.fence is not None:
+            self.fence.check()
         name = encoded.var_name
         digest = metadata_digest(self.var_metadata[name])
         visible_stop = min(self.region_stop, self.published_length)

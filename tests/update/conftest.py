@@ -54,7 +54,7 @@ def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def update_command(store: Path, source: Path, now: pd.Timestamp = NOW) -> list[str]:
+def update_command(store: Path | str, source: Path, now: pd.Timestamp = NOW) -> list[str]:
     return [
         sys.executable,
         "-m",

@@ -16,7 +16,7 @@ import pytest
 from reformatters_datasets.example.dataset import ExampleDataset
 
 from reformatters.common.storage import ObjectStore
-from reformatters.update.lease import LEASE_KEY
+from reformatters.update.lease import LEASE_KEY, read_lease
 from reformatters.update.progress_tracker import PROGRESS_PREFIX, UpdateProgressTracker
 
 from .conftest import NOW, REPO, UpdateFixture, assert_same_store, cli_env, copy_store, update_command
@@ -98,7 +98,8 @@ def test_kill_then_rerun_equals_uninterrupted(
     assert skipped == recorded, "the re-run skips exactly what the killed run recorded as uploaded"
     assert_same_store(store, update_fixture.reference_store)
     assert not ObjectStore(store).list(PROGRESS_PREFIX)
-    assert not ObjectStore(store).exists(LEASE_KEY)
+    lease = read_lease(ObjectStore(store))
+    assert lease is not None and lease.released, "the re-run releases the lease it took over"
 
     stop_reader.touch()
     reader.wait(timeout=60)

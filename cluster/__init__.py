@@ -1,0 +1,1 @@
+"""Kubernetes manifests; installed as the package `reformatters.cluster_manifests`."""

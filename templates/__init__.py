@@ -1,0 +1,1 @@
+"""Checked-in templates, one `DATASET_ID/latest.zarr` each; installed as the package `reformatters.templates`."""
