@@ -84,6 +84,17 @@ class ForecastSourceFileCoord(SourceFileCoord):
         ]
 
 
+class EnsembleForecastSourceFileCoord(ForecastSourceFileCoord):
+    """One source file per (init_time, ensemble member, lead_time): ensemble forecasts published one file per member.
+
+    The dataset has an `ensemble_member` dimension labelled with the member number; each file fills one field."""
+
+    ensemble_member: int
+
+    def out_loc(self) -> Mapping[str, Any]:
+        return {"init_time": self.init_time, "ensemble_member": self.ensemble_member, "lead_time": self.lead_time}
+
+
 SourceFileCoordT = TypeVar("SourceFileCoordT", bound=SourceFileCoord)
 
 # What download_file hands to read_data: the bytes of the file (or of the messages fetched from it,
