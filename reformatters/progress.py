@@ -35,7 +35,6 @@ class RunProgress:
             disable=not enabled,
         )
         self._task = self._progress.add_task(title, total=regions_total, files=self._files())
-        self._live = False
         if enabled and client is not None:
             link = client.dashboard_link
             self.console.print(f"{title}: {regions_total} regions; Dask dashboard {link}", markup=False)
@@ -43,13 +42,12 @@ class RunProgress:
     def __enter__(self) -> RunProgress:
         if self.enabled and sys.stderr.isatty():
             self._progress.start()
-            self._live = True
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._live:  # stopping a display never started still prints an empty line
+        if self._progress.live.is_started:  # stopping a display never started still prints an empty line
             self._progress.stop()
 
     def _files(self) -> str:
