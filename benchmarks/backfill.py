@@ -39,11 +39,15 @@ import psutil
 
 BENCHMARK_VERSION = 1
 FIRST_INIT = datetime(2021, 5, 1, 0)
+HRRR_FIRST_INIT = datetime(2018, 7, 13, 12)  # the HRRR dataset's first init (runs of that era have no f37-f48)
 INIT_STEP = timedelta(hours=6)
 DEFAULT_SIZES = (1, 3)
 DEFAULT_LEADS = tuple(range(0, 49))
 DEFAULT_VARIABLES = ("temperature_2m", "relative_humidity_2m", "wind_u_10m", "precipitation_surface")
 MODES = ("pipelined", "read-tasks", "staged", "naive")
+GFS_ID, HRRR_ID = "noaa-gfs-forecast", "noaa-hrrr-forecast-48-hour"
+# HRRR is measured in the project's own modes only: the staged and naive baselines are written for GFS.
+HRRR_MODES = ("pipelined", "read-tasks")
 RSS_SAMPLE_SECONDS = 0.05
 MB = 1e6
 
@@ -63,10 +67,15 @@ class BenchConfig:
     bound_fields: int = 105  # fields per variable in the one-core compression measurement (one chunk deep)
     repeat: int = 1  # runs per (mode, size); the fastest is kept, all walls are reported
     workdir: Path | None = None
+    dataset: str = GFS_ID
+
+    @property
+    def first_init(self) -> datetime:
+        return HRRR_FIRST_INIT if self.dataset == HRRR_ID else FIRST_INIT
 
     @property
     def init_times(self) -> list[datetime]:
-        return [FIRST_INIT + i * INIT_STEP for i in range(max(self.sizes))]
+        return [self.first_init + i * INIT_STEP for i in range(max(self.sizes))]
 
 
 @dataclass
@@ -295,12 +304,43 @@ def instrumented_open_client(probe: ClusterProbe) -> Iterator[Callable[..., Any]
 # The workload
 
 
-def present_fields(variables: Sequence[str], leads: Sequence[int], size: int) -> int:
+def present_fields(variables: Sequence[str], leads: Sequence[int], size: int, dataset: str = GFS_ID) -> int:
     """Fields the source actually holds for `size` inits (windowed variables have none at lead 0)."""
+    by_name = _dataset_vars(dataset)
+    step_text = _step_text(dataset)
+    return size * sum(1 for v in variables for lead in leads if step_text(by_name[v], lead) is not None)
+
+
+def _dataset_vars(dataset: str) -> dict[str, Any]:
+    if dataset == HRRR_ID:
+        from reformatters_datasets.noaa.hrrr.forecast_48_hour.template_config import DATA_VARS as HRRR_VARS
+
+        return {v.name: v for v in HRRR_VARS}
+    return _gfs_vars()
+
+
+def _step_text(dataset: str) -> Callable[[Any, int], str | None]:
+    if dataset == HRRR_ID:
+        from reformatters_datasets.noaa.hrrr.forecast_48_hour.region_job import step_text as hrrr_step_text
+
+        hrrr: Callable[[Any, int], str | None] = hrrr_step_text
+        return hrrr
     from reformatters_datasets.noaa.gfs.forecast.region_job import step_text
 
-    by_name = _gfs_vars()
-    return size * sum(1 for v in variables for lead in leads if step_text(by_name[v], lead) is not None)
+    gfs: Callable[[Any, int], str | None] = step_text
+    return gfs
+
+
+def _dataset_and_job_class(dataset: str) -> tuple[Any, Any]:
+    if dataset == HRRR_ID:
+        from reformatters_datasets.noaa.hrrr.forecast_48_hour.dataset import HrrrForecast48HourDataset
+        from reformatters_datasets.noaa.hrrr.forecast_48_hour.region_job import HrrrForecast48HourRegionJob
+
+        return HrrrForecast48HourDataset(), HrrrForecast48HourRegionJob
+    from reformatters_datasets.noaa.gfs.forecast.dataset import GfsForecastDataset
+    from reformatters_datasets.noaa.gfs.forecast.region_job import GfsForecastRegionJob
+
+    return GfsForecastDataset(), GfsForecastRegionJob
 
 
 def _gfs_vars() -> dict[str, Any]:
@@ -309,12 +349,12 @@ def _gfs_vars() -> dict[str, Any]:
     return {v.name: v for v in DATA_VARS}
 
 
-def _end(size: int) -> str:
-    return (FIRST_INIT + size * INIT_STEP).isoformat()
+def _end(size: int, first_init: datetime = FIRST_INIT) -> str:
+    return (first_init + size * INIT_STEP).isoformat()
 
 
-def _archive_bytes(manifest: Any, size: int) -> int:
-    inits = {FIRST_INIT + i * INIT_STEP for i in range(size)}
+def _archive_bytes(manifest: Any, size: int, first_init: datetime = FIRST_INIT) -> int:
+    inits = {first_init + i * INIT_STEP for i in range(size)}
     return sum(f.size for f in manifest.files if f.init_time in inits)
 
 
@@ -347,12 +387,12 @@ def cluster_run_result(
         mode=mode,
         size=size,
         wall_seconds=wall,
-        fields=present_fields(config.variables, config.leads, size),
+        fields=present_fields(config.variables, config.leads, size, config.dataset),
         var_regions=size * len(config.variables),
         bytes_fetched=bytes_fetched,
         bytes_served=served,
         requests_served=requests,
-        archive_bytes=_archive_bytes(manifest, size),
+        archive_bytes=_archive_bytes(manifest, size, config.first_init),
         bytes_written=bytes_written,
         server_cpu_seconds=server.cpu_seconds() - probe.server_cpu_before,
         peak_rss_per_worker=probe.peaks,
@@ -380,11 +420,9 @@ def run_pipelined(
     """The backfill as a user runs it; `read_tasks` switches to the graph shape with separate read tasks."""
     from unittest import mock
 
-    from reformatters_datasets.noaa.gfs.forecast.dataset import GfsForecastDataset
-    from reformatters_datasets.noaa.gfs.forecast.region_job import GfsForecastRegionJob
-
     from reformatters.region_job import RegionJobFilters
 
+    dataset, job_class = _dataset_and_job_class(config.dataset)
     mode = "read-tasks" if read_tasks else "pipelined"
     store = work / f"{mode}-{size}.zarr"
     shutil.rmtree(store, ignore_errors=True)
@@ -392,11 +430,10 @@ def run_pipelined(
     with (
         instrumented_open_client(probe) as open_client,
         mock.patch("reformatters.cluster.open_client", open_client),
-        mock.patch.object(GfsForecastRegionJob, "separate_read_tasks", read_tasks),
+        mock.patch.object(job_class, "separate_read_tasks", read_tasks),
     ):
-        dataset = GfsForecastDataset()
         summary = dataset.backfill(
-            _end(size),
+            _end(size, config.first_init),
             cluster="local",
             n_workers=config.n_workers,
             store_url=str(store),
@@ -700,7 +737,7 @@ def run_naive(config: BenchConfig, size: int, server: ServerProcess, manifest: A
         bytes_fetched=out["bytes_fetched"],
         bytes_served=served,
         requests_served=requests,
-        archive_bytes=_archive_bytes(manifest, size),
+        archive_bytes=_archive_bytes(manifest, size, config.first_init),
         bytes_written=out["bytes_written"],
         server_cpu_seconds=server.cpu_seconds() - cpu_before,
         peak_rss_per_worker={"naive-process": int(out["peak_rss"])},
@@ -720,7 +757,6 @@ def measure_bound(config: BenchConfig, manifest: Any) -> dict[str, Any]:
     import numpy as np
     import zarr
     import zarr.storage
-    from reformatters_datasets.noaa.gfs.forecast.region_job import GRID, step_text
     from zarr.codecs import BloscCodec
 
     from reformatters.common.binary_rounding import round_float32_inplace
@@ -729,7 +765,9 @@ def measure_bound(config: BenchConfig, manifest: Any) -> dict[str, Any]:
     from reformatters.sources.grib_index import find_message, parse_ncep_idx
 
     limit_library_threads()
-    by_name = _gfs_vars()
+    by_name = _dataset_vars(config.dataset)
+    step_text = _step_text(config.dataset)
+    grid = _dataset_grid(config.dataset)
     per_variable: dict[str, dict[str, float]] = {}
     for name in config.variables:
         var = by_name[name]
@@ -738,20 +776,20 @@ def measure_bound(config: BenchConfig, manifest: Any) -> dict[str, Any]:
             step = step_text(var, lead)
             if step is None:
                 continue
-            path = manifest.path(FIRST_INIT, lead)
+            path = manifest.path(config.first_init, lead)
             entries = parse_ncep_idx(Path(f"{path}.idx").read_text())
             entry = find_message(entries, var.internal_attrs.grib_element, var.internal_attrs.grib_level, step)
             with open(path, "rb") as f:
                 f.seek(entry.start)
                 messages.append(f.read() if entry.end is None else f.read(entry.end - entry.start))
-        depth = min(config.bound_fields, 105)
-        cube = np.empty((1, depth, GRID.nj, GRID.ni), dtype=np.float32)
+        depth = min(config.bound_fields, var.encoding.chunks[1])  # one chunk deep along lead time
+        cube = np.empty((1, depth, grid.nj, grid.ni), dtype=np.float32)
         decode_seconds: list[float] = []
         round_seconds: list[float] = []
         for i in range(depth):
             message = messages[i % len(messages)]
             t0 = time.perf_counter()
-            values = decode_message(message, GRID)
+            values = decode_message(message, grid)
             t1 = time.perf_counter()
             keep = var.internal_attrs.keep_mantissa_bits
             if isinstance(keep, int):
@@ -785,7 +823,7 @@ def measure_bound(config: BenchConfig, manifest: Any) -> dict[str, Any]:
             "message_bytes": statistics.median(len(m) for m in messages),
         }
         del cube, store, array
-    fields_per_var = {name: present_fields([name], config.leads, 1) for name in config.variables}
+    fields_per_var = {name: present_fields([name], config.leads, 1, config.dataset) for name in config.variables}
     total_fields = sum(fields_per_var.values())
     per_field = (
         sum(
@@ -801,6 +839,16 @@ def measure_bound(config: BenchConfig, manifest: Any) -> dict[str, Any]:
         "cores": cores,
         "fields_per_second": cores / per_field,
     }
+
+
+def _dataset_grid(dataset: str) -> Any:
+    if dataset == HRRR_ID:
+        from reformatters_datasets.noaa.hrrr.forecast_48_hour.template_config import GRID as HRRR_GRID
+
+        return HRRR_GRID
+    from reformatters_datasets.noaa.gfs.forecast.region_job import GRID
+
+    return GRID
 
 
 def combine_bounds(bounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -1011,9 +1059,10 @@ RUNNERS: dict[str, Callable[[BenchConfig, int, ServerProcess, Any, Path], RunRes
 
 
 def prepare_archive(config: BenchConfig) -> Any:
-    from reformatters.testing.noaa_archive import generate_gfs_archive
+    from reformatters.testing.noaa_archive import generate_gfs_archive, generate_hrrr_archive
 
-    return generate_gfs_archive(
+    generate = generate_hrrr_archive if config.dataset == HRRR_ID else generate_gfs_archive
+    return generate(
         config.init_times,
         config.leads,
         variables=config.variables,
@@ -1037,13 +1086,16 @@ def config_problem(config: BenchConfig) -> str | None:
             f"sizes {list(config.sizes)}: give at least two different ones (e.g. 1,3) so the fixed cost and the "
             "marginal throughput separate"
         )
-    unknown = set(config.modes) - set(MODES)
+    if config.dataset not in (GFS_ID, HRRR_ID):
+        return f"unknown dataset {config.dataset!r}; choose {GFS_ID} or {HRRR_ID}"
+    modes, label = (HRRR_MODES, "HRRR") if config.dataset == HRRR_ID else (MODES, "GFS")
+    unknown = set(config.modes) - set(modes)
     if unknown:
-        return f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}"
-    known_variables = _gfs_vars()
+        return f"unknown modes {sorted(unknown)} for {label}; choose from {', '.join(modes)}"
+    known_variables = _dataset_vars(config.dataset)
     unknown = set(config.variables) - set(known_variables)
     if unknown or not config.variables:
-        return f"unknown or no variables {sorted(unknown)}; choose GFS variables from {', '.join(known_variables)}"
+        return f"unknown or no variables {sorted(unknown)}; choose {label} variables from {', '.join(known_variables)}"
     if not config.leads:
         return "no lead hours: give some, e.g. --leads 0-48"
     if config.repeat < 1:
@@ -1089,6 +1141,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
         "benchmark_version": BENCHMARK_VERSION,
         "machine": machine_description(),
         "config": {
+            "dataset": config.dataset,
             "sizes": list(config.sizes),
             "leads": list(config.leads),
             "variables": list(config.variables),
@@ -1134,7 +1187,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path | N
     )
     parser.add_argument("--variables", default=",".join(DEFAULT_VARIABLES), help="GFS variables, comma-separated")
     parser.add_argument(
-        "--modes", default=",".join(MODES), help=f"comma-separated, run in this order; of {', '.join(MODES)}"
+        "--modes",
+        default=None,
+        help=f"comma-separated, run in this order; of {', '.join(MODES)} (default: all the dataset has)",
     )
     parser.add_argument("--workers", type=int, default=None, help="default: what open_client('local') picks")
     parser.add_argument(
@@ -1153,18 +1208,29 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path | N
         "--repeat", type=int, default=1, help="runs of each mode and size; the fastest counts (default 1)"
     )
     parser.add_argument("--workdir", type=Path, default=None, help="where runs write (default: a temporary directory)")
+    parser.add_argument(
+        "--dataset",
+        default=GFS_ID,
+        choices=(GFS_ID, HRRR_ID),
+        help=f"the dataset whose backfill is measured; {HRRR_ID} runs the modes {', '.join(HRRR_MODES)} only",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     args = parser.parse_args(argv)
     config = BenchConfig(
         sizes=args.sizes,
         leads=args.leads,
         variables=tuple(v.strip() for v in args.variables.split(",") if v.strip()),
-        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+        modes=(
+            tuple(m.strip() for m in args.modes.split(",") if m.strip())
+            if args.modes is not None
+            else (HRRR_MODES if args.dataset == HRRR_ID else MODES)
+        ),
         filler_ratio=args.filler_ratio,
         n_workers=args.workers,
         bound_fields=args.bound_fields,
         repeat=args.repeat,
         workdir=args.workdir,
+        dataset=args.dataset,
     )
     problem = config_problem(config)
     if problem is not None:

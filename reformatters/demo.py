@@ -39,9 +39,9 @@ PRESETS = {
     ),
     "default": DemoPreset(
         init_times=3,
-        lead_hours=tuple(range(0, 49)),
+        lead_hours=tuple(range(0, 25)),
         workers=2,
-        description="3 runs, leads 0-48 h hourly (later leads are absent from the archive and stay NaN)",
+        description="3 runs, leads 0-24 h hourly (later leads are absent from the archive and stay NaN)",
     ),
 }
 

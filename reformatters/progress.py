@@ -47,7 +47,8 @@ class RunProgress:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._progress.stop()
+        if self._progress.live.is_started:  # stopping a display never started still prints an empty line
+            self._progress.stop()
 
     def _files(self) -> str:
         return f"{self.files_ok} files ok, {self.files_not_found} not found, {self.files_failed} failed"

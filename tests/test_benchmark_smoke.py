@@ -129,6 +129,8 @@ def _larger_run_slower(runs: list[dict[str, Any]], mode: str) -> bool:
         (["--leads", "0-x"], "give whole numbers and ranges"),
         (["--variables", "temperature_3m"], "choose GFS variables from"),
         (["--repeat", "0"], "at least once"),
+        (["--dataset", "noaa-hrrr-forecast-48-hour", "--modes", "naive"], "unknown modes ['naive'] for HRRR"),
+        (["--dataset", "noaa-hrrr-forecast-48-hour", "--variables", "wind_u_100m"], "choose HRRR variables from"),
     ],
 )
 def test_unusable_arguments_are_refused_before_any_work(

@@ -62,8 +62,10 @@ def test_ctrl_c_stops_a_backfill_with_one_line_and_exit_130(tmp_path: Path) -> N
     seen = len(stderr_lines)
     # A terminal's Ctrl-C: SIGINT to every process of the foreground group, the cluster's workers included.
     os.killpg(process.pid, signal.SIGINT)
-    stdout, _ = process.communicate(timeout=120)
-    reader.join(timeout=10)
+    process.wait(timeout=120)
+    reader.join(timeout=10)  # the only reader of stderr: communicate() would race it for the last lines
+    assert process.stdout is not None
+    stdout = process.stdout.read()
     after = [line for line in stderr_lines[seen:] if "region " not in line or " done (" not in line]
     assert process.returncode == 130, "".join(stderr_lines[-50:])
     assert after == ["interrupted: backfill stopped before it finished; run the same command again to finish it\n"]

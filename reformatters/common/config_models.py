@@ -106,6 +106,7 @@ class DataVarAttrs(FrozenModel):
     standard_name: str | None = None
     comment: str | None = None
     cell_methods: str | None = None
+    grid_mapping: str | None = None  # CF: the coordinate holding the CRS (projected grids)
 
     def to_attrs(self) -> dict[str, str]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
@@ -153,6 +154,13 @@ class CoordinateAttrs(FrozenModel):
     crs_wkt: str | None = None
     spatial_ref: str | None = None
     grid_mapping_name: str | None = None
+    # CF grid-mapping parameters of projected grids (e.g. lambert_conformal_conic).
+    standard_parallel: float | tuple[float, ...] | None = None
+    longitude_of_central_meridian: float | None = None
+    latitude_of_projection_origin: float | None = None
+    false_easting: float | None = None
+    false_northing: float | None = None
+    earth_radius: float | None = None
 
     def to_attrs(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}

@@ -17,6 +17,12 @@ LOG_LEVEL_ENVIRON = "REFORMATTERS_LOG_LEVEL"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def _is_shutdown_chatter(record: logging.LogRecord) -> bool:
+    # Logged for every task still running when a worker closes (Ctrl-C, the driver's end of a run): no news.
+    message = record.getMessage()
+    return message.startswith("Async instruction for") and message.endswith("ended with CancelledError")
+
+
 def dask_setup(worker: Any) -> None:
     import eccodes  # noqa: F401 - the decoder's shared library loads on import
 
@@ -24,6 +30,7 @@ def dask_setup(worker: Any) -> None:
     # process must not die with a traceback of its own first.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("distributed.worker.state_machine").addFilter(lambda record: not _is_shutdown_chatter(record))
     if level := os.environ.get(LOG_LEVEL_ENVIRON):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 import eccodes
 import numpy as np
@@ -77,6 +77,55 @@ class GridSpec(BaseModel):
         return lons
 
 
+class LambertConformalGridSpec(BaseModel):
+    """A Lambert conformal grid as GRIB2 template 3.30 describes it (degrees, metres, spherical earth).
+
+    Decoded fields keep the message's scanning order (rows south to north when `j_scans_positively`).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    ni: int
+    nj: int
+    latitude_of_first_grid_point: float
+    longitude_of_first_grid_point: float
+    lov: float  # longitude of the meridian parallel to the y axis, degrees east
+    lad: float  # latitude where dx and dy are specified
+    latin1: float
+    latin2: float
+    dx_metres: float
+    dy_metres: float
+    earth_radius_metres: float
+    i_scans_negatively: bool = False
+    j_scans_positively: bool = True
+    tolerance_degrees: float = 1e-4
+
+    roll_columns: ClassVar[int] = 0
+
+    def proj4(self) -> str:
+        lon0 = (self.lov + 180.0) % 360.0 - 180.0
+        return (
+            f"+proj=lcc +lat_0={self.lad:g} +lon_0={lon0:g} +lat_1={self.latin1:g} +lat_2={self.latin2:g} "
+            f"+R={self.earth_radius_metres:g} +units=m +no_defs"
+        )
+
+
+_LAMBERT_KEYS = {
+    "ni": "Nx",
+    "nj": "Ny",
+    "latitude_of_first_grid_point": "latitudeOfFirstGridPointInDegrees",
+    "longitude_of_first_grid_point": "longitudeOfFirstGridPointInDegrees",
+    "lov": "LoVInDegrees",
+    "lad": "LaDInDegrees",
+    "latin1": "Latin1InDegrees",
+    "latin2": "Latin2InDegrees",
+    "dx_metres": "DxInMetres",
+    "dy_metres": "DyInMetres",
+    "earth_radius_metres": "radius",
+    "i_scans_negatively": "iScansNegatively",
+    "j_scans_positively": "jScansPositively",
+}
+
 _GRID_KEYS = {
     "ni": "Ni",
     "nj": "Nj",
@@ -145,13 +194,14 @@ def message_keys(message: bytes) -> dict[str, Any]:
         eccodes.codes_release(handle)
 
 
-def _check_grid(handle: Any, grid: GridSpec) -> None:
+def _check_grid(handle: Any, grid: GridSpec | LambertConformalGridSpec) -> None:
     found: dict[str, Any] = {}
     mismatched: list[str] = []
     grid_type = _get(handle, "gridType")
-    if grid_type != "regular_ll":
-        raise GridMismatchError(f"expected a regular_ll grid {grid.ni}x{grid.nj}, found gridType={grid_type!r}")
-    for field, key in _GRID_KEYS.items():
+    expected_type, keys = ("regular_ll", _GRID_KEYS) if isinstance(grid, GridSpec) else ("lambert", _LAMBERT_KEYS)
+    if grid_type != expected_type:
+        raise GridMismatchError(f"expected a {expected_type} grid {grid.ni}x{grid.nj}, found gridType={grid_type!r}")
+    for field, key in keys.items():
         want = getattr(grid, field)
         got = _get(handle, key)
         found[field] = got
@@ -159,8 +209,10 @@ def _check_grid(handle: Any, grid: GridSpec) -> None:
             ok = bool(got) == want
         elif isinstance(want, int):
             ok = got == want
-        elif field.startswith("longitude"):
+        elif field.startswith("longitude") or field == "lov":
             ok = got is not None and abs(((float(got) - want + 180) % 360) - 180) <= grid.tolerance_degrees
+        elif field.endswith("metres"):
+            ok = got is not None and abs(float(got) - want) <= 1e-3
         else:
             ok = got is not None and abs(float(got) - want) <= grid.tolerance_degrees
         if not ok:
@@ -175,7 +227,10 @@ def _check_grid(handle: Any, grid: GridSpec) -> None:
 
 
 def decode_message(
-    message: bytes, grid: GridSpec | None = None, *, out: npt.NDArray[np.float32] | None = None
+    message: bytes,
+    grid: GridSpec | LambertConformalGridSpec | None = None,
+    *,
+    out: npt.NDArray[np.float32] | None = None,
 ) -> npt.NDArray[np.float32]:
     """Decode one GRIB2 message to a float32 array of shape (nj, ni), NaN where the bitmap marks missing values.
 

@@ -12,6 +12,7 @@ rewriting published shards in place, not hidden: a second failure in a row is an
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -39,8 +40,10 @@ def check_once(store: str) -> int:
 def main() -> None:
     store, result_path, stop_file = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     opens, extents, errors, torn_reads = 0, [], [], 0
+    parent = os.getppid()
     while True:
-        stopping = stop_file.exists()
+        # A test killed before it touches the stop file must not leave this process polling forever.
+        stopping = stop_file.exists() or os.getppid() != parent
         try:
             try:
                 n = check_once(store)

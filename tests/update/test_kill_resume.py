@@ -38,10 +38,27 @@ def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 180) -> 
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("point", ["download", "upload", "before_publish", "mid_publish"])
-def test_kill_then_rerun_equals_uninterrupted(
-    point: str, update_fixture: UpdateFixture, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+class _LineCollector(logging.Handler):
+    # Not caplog: a LocalCluster's `silence_logs` sets the level of the root's capture handlers to WARNING for as
+    # long as the cluster lives, which hides the driver's INFO lines from caplog.
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "download",
+        "upload",
+        "before_publish",
+        "mid_publish",
+    ],
+)
+def test_kill_then_rerun_equals_uninterrupted(point: str, update_fixture: UpdateFixture, tmp_path: Path) -> None:
     store = copy_store(update_fixture.base_store, tmp_path / "store.zarr")
     stop_reader = tmp_path / "stop-reader"
     reader_result = tmp_path / "reader.json"
@@ -80,19 +97,27 @@ def test_kill_then_rerun_equals_uninterrupted(
     else:
         assert not recorded
 
-    caplog.set_level(logging.INFO, logger="reformatters.update")
-    DATASET.update(
-        cluster="local",
-        store_url=str(store),
-        source_url=str(update_fixture.source),
-        now=NOW,
-        n_workers=2,
-        show_progress=False,
-    )
+    update_log = logging.getLogger("reformatters.update")
+    collector = _LineCollector()
+    previous_level = update_log.level
+    update_log.addHandler(collector)
+    update_log.setLevel(logging.INFO)
+    try:
+        DATASET.update(
+            cluster="local",
+            store_url=str(store),
+            source_url=str(update_fixture.source),
+            now=NOW,
+            n_workers=2,
+            show_progress=False,
+        )
+    finally:
+        update_log.removeHandler(collector)
+        update_log.setLevel(previous_level)
     skipped = {
         (key, name)
         for key, name in recorded
-        for line in caplog.text.splitlines()
+        for line in collector.lines
         if f"region {key} {name}: " in line and "skipped, uploaded by run" in line
     }
     assert skipped == recorded, "the re-run skips exactly what the killed run recorded as uploaded"

@@ -1,0 +1,172 @@
+"""How a region of `noaa-hrrr-forecast-48-hour` is produced from HRRR's `wrfsfc` GRIB2 files and `.idx` inventories."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, Self
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import xarray as xr
+
+from reformatters.common.storage import ObjectStore
+from reformatters.common.time_utils import utc_now
+from reformatters.region_job import ForecastSourceFileCoord, ProcessResults, RegionJob, SourceFileStatus
+from reformatters.sources.download import SourceFileNotFoundError, fetch_grib_messages, fetch_index
+from reformatters.sources.grib_decode import decode_message
+from reformatters.sources.grib_index import GribMessageNotFoundError, find_message, instant_step, window_step
+
+from .template_config import APPEND_DIM_FREQUENCY, GRID, HrrrDataVar
+
+NOAA_BUCKET_URL = "https://noaa-hrrr-bdp-pds.s3.amazonaws.com"
+NOMADS_URL = "https://nomads.ncep.noaa.gov/pub/data/nccf/com/hrrr/prod"
+NOMADS_RETENTION = pd.Timedelta(days=9)
+KELVIN_OFFSET = np.float32(273.15)
+SECONDS_PER_HOUR = np.float32(3600.0)
+
+
+def step_text(data_var: HrrrDataVar, lead_hours: int) -> str | None:
+    """The `.idx` step of this variable's message at this lead; None where no message applies (rates at lead 0).
+
+    Precipitation comes from the one-hour accumulation each file holds beside the run total (`7-8 hour acc fcst`
+    beside `0-8 hour acc fcst`), so every lead's rate stands on its own file.
+    """
+    if data_var.internal_attrs.window == "instant":
+        return instant_step(lead_hours)
+    if lead_hours == 0:
+        return None
+    return window_step(lead_hours - 1, lead_hours, "acc")
+
+
+@functools.lru_cache(maxsize=4096)
+def hrrr_file_url(source_url: str, init_time: pd.Timestamp, lead_time: pd.Timedelta) -> str:
+    lead_hours = int(lead_time.total_seconds() // 3600)
+    return f"{source_url.rstrip('/')}/hrrr.{init_time:%Y%m%d}/conus/hrrr.t{init_time:%H}z.wrfsfcf{lead_hours:02d}.grib2"
+
+
+class HrrrSourceFileCoord(ForecastSourceFileCoord):
+    def get_url(self) -> str:
+        return hrrr_file_url(self.source_url, self.init_time, self.lead_time)
+
+    def get_idx_url(self) -> str:
+        return f"{self.get_url()}.idx"
+
+
+def fetch_available_messages(
+    coord: HrrrSourceFileCoord, wanted: Mapping[str, tuple[str, str, str]]
+) -> dict[str, bytes]:
+    """The wanted messages the inventory lists; one missing variable does not cost the others."""
+    if not wanted:
+        # Only rates asked for at lead 0: no message, but the file must be published for the coord to succeed
+        # (ingested_forecast_length and the trim of unpublished inits rely on it).
+        fetch_index(coord.get_idx_url())
+        return {}
+    try:
+        return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), wanted)
+    except GribMessageNotFoundError:
+        entries = fetch_index(coord.get_idx_url())
+        available = {}
+        for name, (element, level, step) in wanted.items():
+            try:
+                find_message(entries, element, level, step, source=coord.get_idx_url())
+            except GribMessageNotFoundError:
+                continue
+            available[name] = (element, level, step)
+        return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), available) if available else {}
+
+
+class HrrrForecast48HourRegionJob(RegionJob[HrrrDataVar, HrrrSourceFileCoord]):
+    max_vars_per_job = 4
+    download_per_variable = True  # byte ranges from the .idx: each variable's messages on their own
+    download_batch_size = 16
+    read_batch_size = 16
+
+    def generate_source_file_coords(
+        self, processing_region_ds: xr.Dataset, data_var_group: Sequence[HrrrDataVar]
+    ) -> Sequence[HrrrSourceFileCoord]:
+        return HrrrSourceFileCoord.for_each_init_and_lead(processing_region_ds, self.source_url or NOAA_BUCKET_URL)
+
+    def source_index_url(self, coord: HrrrSourceFileCoord) -> str:
+        return coord.get_idx_url()
+
+    def download_file(self, coord: HrrrSourceFileCoord, data_var_group: Sequence[HrrrDataVar]) -> Mapping[str, bytes]:
+        wanted = {}
+        for var in data_var_group:
+            step = step_text(var, coord.lead_hours)
+            if step is not None:
+                wanted[var.name] = (var.internal_attrs.grib_element, var.internal_attrs.grib_level, step)
+        try:
+            return fetch_available_messages(coord, wanted)
+        except SourceFileNotFoundError:
+            # NOMADS keeps about ten days and throttles hard: only a fallback for recent runs of the default root.
+            if self.source_url is not None or coord.init_time < utc_now() - NOMADS_RETENTION:
+                raise
+            return fetch_available_messages(coord.model_copy(update={"source_url": NOMADS_URL}), wanted)
+
+    def read_data_into(
+        self,
+        coord: HrrrSourceFileCoord,
+        data_var: HrrrDataVar,
+        payload: bytes | Mapping[str, bytes],
+        out: npt.NDArray[np.float32],
+    ) -> None:
+        assert not isinstance(payload, bytes)
+        if data_var.name not in payload:
+            if step_text(data_var, coord.lead_hours) is None:
+                out[...] = np.nan  # no hour ends at lead 0: the field exists and is empty
+                return
+            element, level = data_var.internal_attrs.grib_element, data_var.internal_attrs.grib_level
+            raise GribMessageNotFoundError(
+                f"{coord.get_idx_url()} lists no {element}:{level}:{step_text(data_var, coord.lead_hours)} message"
+            )
+        # The files scan from the south-west corner northward; the dataset's y runs north to south.
+        decode_message(payload[data_var.name], GRID, out=out[::-1])
+        if data_var.internal_attrs.kelvin_to_celsius:
+            out -= KELVIN_OFFSET
+        elif data_var.internal_attrs.deaccumulate_to_rate:
+            out /= SECONDS_PER_HOUR  # kg m-2 over the last hour -> kg m-2 s-1
+
+    @classmethod
+    def update_template_with_results(
+        cls, template_ds: xr.Dataset, append_dim: str, process_results: ProcessResults
+    ) -> xr.Dataset:
+        ds = super().update_template_with_results(template_ds, append_dim, process_results)
+        ingested: dict[pd.Timestamp, pd.Timedelta] = {}
+        for coords in process_results.values():
+            for coord in coords:
+                if coord.status != SourceFileStatus.Succeeded:
+                    continue
+                location = coord.out_loc()
+                init, lead = location["init_time"], location["lead_time"]
+                if init not in ingested or lead > ingested[init]:
+                    ingested[init] = lead
+        values = ds["ingested_forecast_length"].values.copy()
+        for i, init in enumerate(ds.get_index("init_time")):
+            if init in ingested:
+                values[i] = ingested[init].to_timedelta64()
+        return ds.assign_coords(ingested_forecast_length=ds["ingested_forecast_length"].copy(data=values))
+
+    @classmethod
+    def operational_update_jobs(
+        cls,
+        final_store: Any,
+        template_ds: xr.Dataset,
+        append_dim: str,
+        all_data_vars: Sequence[HrrrDataVar],
+        source_url: str | None = None,
+    ) -> tuple[Sequence[Self], xr.Dataset]:
+        """Reprocess the newest init in the store until its run's every lead is in; append newer ones."""
+        store = final_store if isinstance(final_store, ObjectStore) else ObjectStore(final_store)
+        published = store.open_dataset() if store.exists("zarr.json") else None
+        start_index = 0
+        if published is not None and published.sizes[append_dim] > 0:
+            newest = published.get_index(append_dim)[-1]
+            ingested = published["ingested_forecast_length"].values[-1]
+            expected = published["expected_forecast_length"].values[-1]
+            complete = not np.isnat(ingested) and ingested >= expected
+            start_label = newest + APPEND_DIM_FREQUENCY if complete else newest
+            start_index = int(template_ds.get_index(append_dim).searchsorted(start_label))
+        regions = [slice(p, p + 1) for p in range(start_index, template_ds.sizes[append_dim])]
+        return cls.jobs_for_regions(template_ds, append_dim, all_data_vars, regions, source_url), template_ds
