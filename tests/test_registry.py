@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import xarray as xr
+from reformatters_datasets.example.template_config import example_template_config
 
 from reformatters.cluster import CLUSTER_DIR, dask_cluster_resource
 from reformatters.common.package_data import PackageDataError, is_editable_checkout, package_directory
@@ -236,7 +237,8 @@ def test_a_separate_distribution_adds_a_dataset_and_a_broken_one_only_warns(
     assert listed.returncode == 0, listed.stderr
     ids = [line.split()[0] for line in listed.stdout.splitlines()]
     assert ids == sorted([*PROJECT_DATASET_IDS, "tiny-forecast"]), listed.stdout
-    assert "tiny-forecast                    v0.1.0    Tiny forecast" in listed.stdout
+    version = example_template_config().dataset_attributes.dataset_version  # the tiny one copies it
+    assert f"tiny-forecast                    v{version}    Tiny forecast" in listed.stdout
     warning = listed.stderr.strip()
     assert "WARNING" in warning and len(warning.splitlines()) == 1, warning
     assert "'broken = broken_plugin.dataset:BrokenDataset' of broken-reformatters-plugin 0.3.0" in warning

@@ -85,6 +85,27 @@ def server(archive: GefsArchiveManifest) -> Iterator[ArchiveServer]:
         yield archive_server
 
 
+LIVE_INITS = [INIT, datetime(2020, 10, 2), datetime(2020, 10, 3)]
+LIVE_VARIABLES = ("temperature_2m", "wind_u_100m")  # the `s` and the `b` products
+
+
+@pytest.fixture(scope="module")
+def live_server() -> Iterator[ArchiveServer]:
+    """Three inits, leads 0 and 3, for the kit's live-store checks (one region per init)."""
+    SMALL_CONFIG.update_template(templates_dir=SMALL_TEMPLATES)
+    live = generate_gefs_archive(
+        LIVE_INITS,
+        MEMBERS,
+        [0, 3],
+        variables=LIVE_VARIABLES,
+        fine_grid=GridSpec.global_regular(SMALL_RESOLUTION),
+        coarse_grid=GridSpec.global_regular(2 * SMALL_RESOLUTION),
+        workers=2,
+    )
+    with ArchiveServer(live.root) as archive_server:
+        yield archive_server
+
+
 def decode(archive: GefsArchiveManifest, name: str, member: int, lead: int) -> npt.NDArray[np.float64] | None:
     """ecCodes' decode of the message the dataset reads, on its own grid (longitudes 0..360); None if absent."""
     var = BY_NAME[name]
@@ -190,15 +211,25 @@ class TestGefsForecast35Day(DatasetTestKit):
     backfill_end = "2020-10-02T00:00"
     backfill_variables = VARIABLES
     jobs_cover_end = "2020-11-01T00:00"
+    live_store_end = "2020-10-04T00:00"
+    live_store_variables = LIVE_VARIABLES
 
     @pytest.fixture(autouse=True)
     def _archive(self, archive: GefsArchiveManifest, server: ArchiveServer) -> None:
         self.archive = archive
         self.server = server
 
+    @pytest.fixture(autouse=True)
+    def _live(self, request: pytest.FixtureRequest) -> None:
+        if "live_store" in request.node.name:
+            self._live_server = request.getfixturevalue("live_server")
+
     def make_source(self, root: Path) -> str:
         self.server.reset_counters()
         return self.server.url
+
+    def make_live_store_source(self, root: Path) -> str:
+        return str(self._live_server.url)
 
     def expected_values(self, var_name: str, published: xr.Dataset) -> npt.NDArray[np.float32]:
         assert published[var_name].dims == SMALL_CONFIG.dims

@@ -59,6 +59,18 @@ def server(archive: ArchiveManifest) -> Iterator[ArchiveServer]:
         yield archive_server
 
 
+LIVE_INITS = [INIT, datetime(2018, 7, 13, 18), datetime(2018, 7, 14, 0)]
+LIVE_VARIABLES = ("temperature_2m", "precipitation_surface")
+
+
+@pytest.fixture(scope="module")
+def live_server() -> Iterator[ArchiveServer]:
+    """Three inits, leads 0-1, for the kit's live-store checks (one region per init)."""
+    live = generate_hrrr_archive(LIVE_INITS, [0, 1], variables=LIVE_VARIABLES, filler_ratio=1.0, workers=2)
+    with ArchiveServer(live.root) as archive_server:
+        yield archive_server
+
+
 def message_bytes(archive: ArchiveManifest, init: datetime, lead: int, element: str, level: str, step: str) -> bytes:
     path = archive.path(init, lead)
     entry = find_message(parse_ncep_idx(Path(f"{path}.idx").read_text()), element, level, step)
@@ -106,15 +118,25 @@ class TestHrrrForecast48HourDataset(DatasetTestKit):
     backfill_end = "2018-07-13T18:00"
     backfill_variables = VARIABLES
     jobs_cover_end = "2018-07-20T00:00"
+    live_store_end = "2018-07-14T06:00"
+    live_store_variables = LIVE_VARIABLES
 
     @pytest.fixture(autouse=True)
     def _archive(self, archive: ArchiveManifest, server: ArchiveServer) -> None:
         self.archive = archive
         self.server = server
 
+    @pytest.fixture(autouse=True)
+    def _live(self, request: pytest.FixtureRequest) -> None:
+        if "live_store" in request.node.name:
+            self._live_server = request.getfixturevalue("live_server")
+
     def make_source(self, root: Path) -> str:
         self.server.reset_counters()
         return self.server.url
+
+    def make_live_store_source(self, root: Path) -> str:
+        return str(self._live_server.url)
 
     def expected_values(self, var_name: str, published: xr.Dataset) -> npt.NDArray[np.float32]:
         return expected_hrrr(self.archive, var_name)
