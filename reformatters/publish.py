@@ -257,7 +257,9 @@ class Publisher:
 
 
 def published_dataset(final_store: ObjectStore) -> xr.Dataset | None:
-    return final_store.open_dataset() if final_store.exists(ROOT_METADATA_KEY) else None
+    """The published dataset, read lazily without dask: the run's cluster may be shutting down while the publisher
+    reads it, and dask would send those reads there."""
+    return final_store.open_dataset(chunks=None) if final_store.exists(ROOT_METADATA_KEY) else None
 
 
 def publication_template(config: Any, append_dim_end: pd.Timestamp, published: xr.Dataset | None) -> xr.Dataset:

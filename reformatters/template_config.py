@@ -245,6 +245,13 @@ def write_metadata(ds: xr.Dataset, store: Any, *, mode: str = "w") -> None:
     """Write array metadata and coordinate values, never data-variable chunks."""
     import zarr
 
+    # xarray loads every zero-size dask array before writing (a dataset of a run whose files were all missing has
+    # length 0). It is loaded here instead, in this process: a run publishes while its cluster shuts down, and the
+    # default scheduler would send the load there.
+    ds = ds.copy(deep=False)
+    for variable in ds.variables.values():
+        if variable.size == 0 and variable.chunks is not None:
+            variable.load(scheduler="synchronous")
     with zarr.config.set({"array.write_empty_chunks": False}):
         ds.to_zarr(store, mode=mode, compute=False, zarr_format=3, consolidated=True)  # type: ignore[call-overload]
 

@@ -31,6 +31,22 @@ def test_a_time_that_is_not_iso_8601_is_refused_in_one_line(end: str, tmp_path: 
     assert not (tmp_path / "store.zarr").exists()
 
 
+def test_verbose_shows_the_runs_own_steps_and_not_dasks_housekeeping(tmp_path: Path) -> None:
+    """`-v` shows the lease and the regions at INFO, not the cluster's worker starts and stops (Dask's INFO lines,
+    dozens per run); the run publishes while its workers shut down, with nothing sent to them."""
+    (tmp_path / "empty-source").mkdir()
+    store = tmp_path / "store.zarr"
+    args = ["backfill", "example", "2024-01-01T12:00", "--store", str(store), "--source-url"]
+    verbose = subprocess.run(
+        [*CLI, "-v", *args, str(tmp_path / "empty-source")], capture_output=True, text=True, timeout=300
+    )
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    lines = verbose.stderr.splitlines()
+    assert any(" INFO reformatters.update: publisher lease " in line and "acquired" in line for line in lines)
+    assert any(" INFO reformatters.driver: region init_time 2024-01-01T00:00" in line for line in lines)
+    assert not [line for line in lines if " distributed." in line], verbose.stderr[-3000:]
+
+
 def test_ctrl_c_stops_a_backfill_with_one_line_and_exit_130(tmp_path: Path) -> None:
     (tmp_path / "empty-source").mkdir()
     # Every source file missing: about a thousand fast regions, still running when the signal comes.

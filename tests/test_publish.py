@@ -78,3 +78,25 @@ def test_the_append_dimension_never_gets_shorter() -> None:
     assert merged.sizes["init_time"] == 4
     hours = (merged["ingested_forecast_length"].values / np.timedelta64(1, "h")).tolist()
     assert hours == [1, 1, 5, 5]
+
+
+def test_metadata_is_written_without_the_cluster_a_run_is_closing(tmp_path: Path) -> None:
+    """A run whose every source file was missing publishes a dataset of length 0, and xarray loads zero-size dask
+    arrays when it writes metadata. That happens in this process: the run publishes while its workers shut down,
+    and a task sent to that cluster is cancelled (a `FutureCancelledError` at the end of a good run)."""
+    import dask.array
+    from distributed import Client, LocalCluster
+
+    from reformatters.publish import tmp_metadata_store
+
+    ds = xr.Dataset(
+        {"v": (("init_time", "x"), dask.array.zeros((0, 3), chunks=(1, 3), dtype="float32"))},
+        coords={"init_time": pd.DatetimeIndex([]), "x": np.arange(3)},
+    )
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        transitions_before = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+        with tmp_metadata_store(ds) as tmp_store:
+            written = xr.open_zarr(tmp_store)
+            assert written["v"].shape == (0, 3)
+        transitions_after = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+    assert transitions_after == transitions_before, "the metadata write sent tasks to the cluster"

@@ -37,6 +37,7 @@ from reformatters.publish import (
     Publisher,
     SourceOutageError,
     hold_lease,
+    published_dataset,
     tmp_metadata_store,
     variable_metadata,
 )
@@ -139,7 +140,9 @@ def _update_under_lease(
     config = dataset.template_config
     append_dim: str = config.append_dim
     job_class: type[RegionJob[Any, Any]] = dataset.region_job_class
-    published_ds = final_store.open_dataset()
+    published_ds = published_dataset(final_store)
+    if published_ds is None:
+        raise UpdateRefusedError(f"the published dataset at {final_store.url} disappeared while this update ran")
     published_length = int(published_ds.sizes[append_dim])
     if template_ds.sizes[append_dim] < published_length:
         raise UpdateRefusedError(
