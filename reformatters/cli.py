@@ -275,6 +275,65 @@ def validate(dataset_id: str, store: StoreOption = None, now: NowOption = None) 
 
 
 @app.command()
+def deploy(
+    docker_image: Annotated[
+        str | None,
+        typer.Option(
+            "--docker-image",
+            help="Image the manifests run: REPOSITORY:TAG, or a bare TAG of ghcr.io/dynamical-org/reformatters. "
+            "Default: $REFORMATTERS_IMAGE, else the package version's tag; never :latest.",
+        ),
+    ] = None,
+    dataset_id: Annotated[
+        str | None, typer.Option("--dataset-id", help="Only this dataset's CronJobs (and the namespace's policy).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the YAML instead of applying it.")] = False,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--output-dir", help="Write one file per dataset (and namespace.yaml) here instead of applying them."
+        ),
+    ] = None,
+) -> None:
+    """Render every dataset's update and validate CronJobs and the NetworkPolicy; `kubectl apply -f -` them.
+
+    Example: reformatters deploy --docker-image ghcr.io/me/reformatters:$(git rev-parse HEAD)
+    """
+    import shutil
+    import subprocess
+
+    from reformatters.deploy.render import DeployError, render, resolve_image, to_yaml, write_rendered
+
+    try:
+        datasets = [_dataset(dataset_id)] if dataset_id else all_datasets()
+    except DatasetRegistrationError as error:
+        raise _fail(str(error)) from None
+    try:
+        rendered = render(datasets, resolve_image(docker_image))
+    except DeployError as error:
+        raise _fail(str(error)) from None
+    if dataset_id and dataset_id not in rendered:
+        raise _fail(
+            f"{dataset_id} declares no operational resources; give its DynamicalDataset an "
+            "operational_resources() (see noaa-gfs-forecast) to deploy it"
+        )
+    if output_dir is not None:
+        for path in write_rendered(rendered, output_dir):
+            typer.echo(f"wrote {path}")
+        return
+    text = to_yaml([manifest for manifests in rendered.values() for manifest in manifests])
+    if dry_run:
+        typer.echo(text, nl=False)
+        return
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise _fail("kubectl not found on PATH; install kubectl and point it at the cluster, or use --dry-run")
+    completed = subprocess.run([kubectl, "apply", "-f", "-"], input=text, text=True, check=False)
+    if completed.returncode != 0:
+        raise _fail(f"kubectl apply exited with status {completed.returncode} (its output is above)", 1)
+
+
+@app.command()
 @_stops_on_ctrl_c
 def demo(
     preset: Annotated[str, typer.Option(help="'default' or 'small' (fast, for CI).")] = "default",

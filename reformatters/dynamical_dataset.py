@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, InstanceOf
 from reformatters.cluster import ClusterSession
 from reformatters.common.storage import ObjectStore
 from reformatters.common.time_utils import parse_utc
+from reformatters.deploy.models import OperationalResources
 from reformatters.pipeline.driver import RegionOutcome, run_region_jobs
 from reformatters.progress import RunProgress
 from reformatters.publish import (
@@ -202,6 +203,11 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
     def validators(self) -> Sequence[Any]:
         """The checks `validate` runs; datasets override."""
         return []
+
+    # ---- Kubernetes (reformatters.deploy) ----
+    def operational_resources(self) -> OperationalResources | None:
+        """The CronJobs and backfill sizing `reformatters deploy` renders; None: the dataset is not deployed."""
+        return None
 
     def run_validators(self, **kwargs: Any) -> Any:
         from reformatters.validation import run_validation

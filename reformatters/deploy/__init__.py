@@ -1,0 +1,1 @@
+"""Kubernetes resources from code: each dataset's CronJobs and backfill sizing, rendered and applied by `deploy`."""
