@@ -182,7 +182,13 @@ def backfill(
     ] = None,
     store: StoreOption = None,
     source_url: SourceUrlOption = None,
-    workers: Annotated[int | None, typer.Option(help="Workers for --cluster local.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Workers for --cluster local, or the DaskCluster's worker replicas for --cluster k8s "
+            "(default: the dataset's backfill sizing)."
+        ),
+    ] = None,
     summary: Annotated[Path | None, typer.Option(help="Also write the run summary as JSON here.")] = None,
     lease_wait: Annotated[
         float,

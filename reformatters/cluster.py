@@ -19,6 +19,9 @@ import yaml
 from distributed import Client, LocalCluster, WorkerPlugin
 
 from reformatters.common.package_data import package_directory
+from reformatters.deploy.models import BackfillSizing
+from reformatters.deploy.policy import ensure_least_privilege
+from reformatters.deploy.render import DeployError, check_name, resolve_image
 from reformatters.pipeline.graph import ENCODE_RESOURCE
 
 log = logging.getLogger("reformatters.cluster")
@@ -81,7 +84,9 @@ def local_worker_config() -> dict[str, object]:
 
 
 @contextmanager
-def open_client(spec: str = "local", *, n_workers: int | None = None) -> Iterator[Client]:
+def open_client(
+    spec: str = "local", *, n_workers: int | None = None, kube_sizing: BackfillSizing | None = None
+) -> Iterator[Client]:
     if spec == "local":
         workers, threads, memory = local_cluster_size(n_workers)
         with (
@@ -113,7 +118,7 @@ def open_client(spec: str = "local", *, n_workers: int | None = None) -> Iterato
             yield client
         return
     if spec == "k8s":
-        with _kube_client() as client:
+        with _kube_client(n_workers, kube_sizing) as client:
             prepare_remote_cluster(client)
             yield client
         return
@@ -132,8 +137,10 @@ class ClusterSession:
     and closing both run on the session's own thread: a Client must be left in the context it entered.
     """
 
-    def __init__(self, spec: str = "local", *, n_workers: int | None = None) -> None:
-        self._context = open_client(spec, n_workers=n_workers)
+    def __init__(
+        self, spec: str = "local", *, n_workers: int | None = None, kube_sizing: BackfillSizing | None = None
+    ) -> None:
+        self._context = open_client(spec, n_workers=n_workers, kube_sizing=kube_sizing)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cluster-session")
         self._started: Future[Client] | None = None
         self._closing: Future[None] | None = None
@@ -212,25 +219,41 @@ def workers_have_encode_resource(client: Client) -> bool:
 
 
 def dask_cluster_resource(
-    image: str | None = None, n_workers: int | None = None, name: str | None = None
+    image: str | None = None,
+    n_workers: int | None = None,
+    name: str | None = None,
+    sizing: BackfillSizing | None = None,
 ) -> dict[str, Any]:
     """The DaskCluster custom resource that `--cluster k8s` creates, from `cluster/dask-cluster.yaml`.
 
-    `name` renames the cluster and the scheduler Service's selector with it (they must agree).
+    `image` follows `reformatters deploy`'s rules (`resolve_image`: $REFORMATTERS_IMAGE, else the package
+    version's tag; never `:latest`). `sizing` (a dataset's `operational_resources().backfill`) sizes the
+    workers; `n_workers` overrides its replicas. `name` renames the cluster and the scheduler Service's selector
+    with it (they must agree). The result is checked for name limits and least privilege.
     """
     resource: dict[str, Any] = yaml.safe_load(DASK_CLUSTER_SPEC.read_text())
     spec = resource["spec"]
     if name:
         resource["metadata"]["name"] = name
         spec["scheduler"]["service"]["selector"]["dask.org/cluster-name"] = name
-    if image:
-        for container in (
-            *spec["scheduler"]["spec"]["containers"],
-            *spec["worker"]["spec"]["containers"],
-        ):
-            container["image"] = image
+    check_name("DaskCluster", resource["metadata"]["name"])
+    resolved = resolve_image(image)
+    for container in (*spec["scheduler"]["spec"]["containers"], *spec["worker"]["spec"]["containers"]):
+        container["image"] = resolved
+    if sizing is not None:
+        worker_pod = spec["worker"]["spec"]
+        spec["worker"]["replicas"] = sizing.workers
+        container = worker_pod["containers"][0]
+        container["resources"] = sizing.resources.as_manifest()
+        args = container["args"]
+        args[args.index("--memory-limit") + 1] = sizing.dask_memory_limit
+        args[args.index("--nthreads") + 1] = str(sizing.threads)
+        for volume in worker_pod["volumes"]:
+            if "emptyDir" in volume:
+                volume["emptyDir"]["sizeLimit"] = sizing.scratch_size_limit
     if n_workers is not None:
         spec["worker"]["replicas"] = n_workers
+    ensure_least_privilege([resource])
     return resource
 
 
@@ -247,7 +270,7 @@ def kubernetes_credentials_available() -> tuple[bool, str]:
 
 
 @contextmanager
-def _kube_client() -> Iterator[Client]:
+def _kube_client(n_workers: int | None = None, sizing: BackfillSizing | None = None) -> Iterator[Client]:
     available, detail = kubernetes_credentials_available()
     if not available:
         raise ClusterUnavailableError(
@@ -256,11 +279,13 @@ def _kube_client() -> Iterator[Client]:
         )
     from dask_kubernetes.operator import KubeCluster
 
-    image = os.environ.get("REFORMATTERS_IMAGE")
     # A name of its own per run: KubeCluster connects to an existing DaskCluster of the same name, and
     # closing it (shutdown_on_close) would then delete the cluster of a backfill that is still running.
     base = yaml.safe_load(DASK_CLUSTER_SPEC.read_text())["metadata"]["name"]
-    resource = dask_cluster_resource(image=image, name=f"{base}-{uuid.uuid4().hex[:8]}")
+    try:
+        resource = dask_cluster_resource(name=f"{base}-{uuid.uuid4().hex[:8]}", n_workers=n_workers, sizing=sizing)
+    except DeployError as error:
+        raise ClusterUnavailableError(str(error)) from error
     existing = set(KubeCluster._instances)
     try:
         cluster = KubeCluster(custom_cluster_spec=resource, shutdown_on_close=True)

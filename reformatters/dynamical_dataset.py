@@ -106,7 +106,9 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         final_store = self.store(store_url)
         end = parse_utc(append_dim_end)
         # The cluster starts while the template is expanded and the jobs are planned.
-        with ClusterSession(cluster, n_workers=n_workers) as session:
+        resources = self.operational_resources()
+        kube_sizing = resources.backfill if resources is not None else None
+        with ClusterSession(cluster, n_workers=n_workers, kube_sizing=kube_sizing) as session:
             jobs = self.region_job_class.get_jobs(
                 config.get_template(end), append_dim, config.data_vars, filters, source_url=source_url
             )
