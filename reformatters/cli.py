@@ -53,6 +53,15 @@ SourceUrlOption = Annotated[
     str | None,
     typer.Option("--source-url", help="Replace the dataset's source root (a mirror or a local archive)."),
 ]
+DockerImageOption = Annotated[
+    str | None,
+    typer.Option(
+        "--docker-image",
+        help="Image the manifests run: REPOSITORY:TAG, or a bare TAG of ghcr.io/dynamical-org/reformatters. "
+        "Default: $REFORMATTERS_IMAGE, else the package version's tag; never :latest.",
+    ),
+]
+DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Print the YAML instead of applying it.")]
 NowOption = Annotated[str | None, typer.Option("--now", help="Pretend the wall clock reads this UTC time (ISO 8601).")]
 
 
@@ -197,12 +206,42 @@ def backfill(
             f"exit status {EXIT_LEASE_HELD} if it still does."
         ),
     ] = DEFAULT_LEASE_WAIT_SECONDS,
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach",
+            help="With --cluster k8s: run this backfill's driver as a Kubernetes Job (kubectl apply) and return.",
+        ),
+    ] = False,
+    docker_image: DockerImageOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --detach: print the Job's YAML instead.")] = False,
 ) -> None:
     """Build DATASET_ID's history up to APPEND_DIM_END on a Dask cluster (also into a store readers use).
 
     Example: reformatters backfill noaa-gfs-forecast 2025-01-01T00:00 --cluster local --filter-start 2024-12-01
     """
     dataset = _dataset(dataset_id)
+    if detach or dry_run or docker_image:
+        return _detach_backfill(
+            dataset_id,
+            append_dim_end,
+            cluster=cluster,
+            detach=detach,
+            store=store,
+            summary=summary,
+            docker_image=docker_image,
+            dry_run=dry_run,
+            forwarded=[
+                *(["--filter-start", filter_start] if filter_start else []),
+                *(["--filter-end", filter_end] if filter_end else []),
+                *[arg for time in filter_contains or () for arg in ("--filter-contains", time)],
+                *(["--filter-variable-names", filter_variable_names] if filter_variable_names else []),
+                *(["--source-url", source_url] if source_url else []),
+                *(["--workers", str(workers)] if workers is not None else []),
+                "--lease-wait",
+                str(lease_wait),
+            ],
+        )
     try:
         end = parse_utc(append_dim_end)
         filters = RegionJobFilters.parse(
@@ -233,6 +272,47 @@ def backfill(
     except _run_failures() as error:
         raise _run_failure(error) from None
     typer.echo("\n".join(result.render_lines()))
+
+
+def _detach_backfill(
+    dataset_id: str,
+    append_dim_end: str,
+    *,
+    cluster: str,
+    detach: bool,
+    store: str | None,
+    summary: Path | None,
+    docker_image: str | None,
+    dry_run: bool,
+    forwarded: list[str],
+) -> None:
+    from reformatters.deploy.backfill_job import detached_backfill_manifests
+    from reformatters.deploy.render import DeployError, resolve_image, to_yaml
+
+    if not detach:
+        raise _fail("--docker-image and --dry-run belong to --detach; add --detach --cluster k8s or drop them")
+    if cluster != "k8s":
+        raise _fail(f"--detach runs the driver on Kubernetes and needs --cluster k8s, not --cluster {cluster}")
+    if not store or not store.startswith(("s3://", "gs://")):
+        raise _fail(
+            f"--detach needs --store s3://... or gs://... (the Job's pod has no disk of yours), found {store!r}"
+        )
+    if summary is not None:
+        raise _fail("--summary is written inside the Job's pod; drop it with --detach (the Job's log has the summary)")
+    try:
+        parse_utc(append_dim_end)
+        args = ["backfill", dataset_id, append_dim_end, "--cluster", "k8s", "--store", store, *forwarded]
+        manifests = detached_backfill_manifests(dataset_id, args, resolve_image(docker_image))
+    except (DeployError, ValueError) as error:
+        raise _fail(str(error)) from None
+    text = to_yaml(manifests)
+    if dry_run:
+        typer.echo(text, nl=False)
+        return
+    _kubectl_apply(text)
+    job = manifests[-1]["metadata"]["name"]
+    typer.echo(f"submitted Job {job}; follow it with: kubectl logs -f job/{job}")
+    typer.echo(f"its DaskCluster: kubectl get daskclusters; stop it: kubectl delete job {job}")
 
 
 @app.command()
@@ -282,18 +362,11 @@ def validate(dataset_id: str, store: StoreOption = None, now: NowOption = None) 
 
 @app.command()
 def deploy(
-    docker_image: Annotated[
-        str | None,
-        typer.Option(
-            "--docker-image",
-            help="Image the manifests run: REPOSITORY:TAG, or a bare TAG of ghcr.io/dynamical-org/reformatters. "
-            "Default: $REFORMATTERS_IMAGE, else the package version's tag; never :latest.",
-        ),
-    ] = None,
+    docker_image: DockerImageOption = None,
     dataset_id: Annotated[
         str | None, typer.Option("--dataset-id", help="Only this dataset's CronJobs (and the namespace's policy).")
     ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the YAML instead of applying it.")] = False,
+    dry_run: DryRunOption = False,
     output_dir: Annotated[
         Path | None,
         typer.Option(
@@ -305,9 +378,6 @@ def deploy(
 
     Example: reformatters deploy --docker-image ghcr.io/me/reformatters:$(git rev-parse HEAD)
     """
-    import shutil
-    import subprocess
-
     from reformatters.deploy.render import DeployError, render, resolve_image, to_yaml, write_rendered
 
     try:
@@ -331,6 +401,14 @@ def deploy(
     if dry_run:
         typer.echo(text, nl=False)
         return
+    _kubectl_apply(text)
+
+
+def _kubectl_apply(text: str) -> None:
+    """`kubectl apply -f -` with the rendered YAML on its standard input."""
+    import shutil
+    import subprocess
+
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         raise _fail("kubectl not found on PATH; install kubectl and point it at the cluster, or use --dry-run")

@@ -508,3 +508,91 @@ def test_deploy_failures_are_one_line(
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+# ---- `backfill --cluster k8s --detach`: the driver as a Job ----
+
+
+def test_detached_backfill_renders_a_valid_least_privilege_job_and_a_role_for_dask_clusters_only() -> None:
+    from reformatters.deploy.backfill_job import DRIVER_ACCOUNT, detached_backfill_manifests
+
+    args = ["backfill", "noaa-gfs-forecast", "2025-01-01T00:00", "--cluster", "k8s", "--store", "s3://b/x.zarr"]
+    manifests = detached_backfill_manifests("noaa-gfs-forecast", args, resolve_image("abc123"), suffix="0a1b2c3d")
+    assert [(m["kind"], m["metadata"]["name"]) for m in manifests] == [
+        ("ServiceAccount", DRIVER_ACCOUNT),
+        ("Role", DRIVER_ACCOUNT),
+        ("RoleBinding", DRIVER_ACCOUNT),
+        ("Job", "noaa-gfs-forecast-backfill-0a1b2c3d"),
+    ]
+    assert [k8s_errors(m) for m in manifests] == [None] * 4
+    role = manifests[1]
+    writes = {
+        (group, resource)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        if set(rule["verbs"]) - {"get", "list", "watch"}
+    }
+    assert writes == {("kubernetes.dask.org", r) for r in ("daskclusters", "daskworkergroups", "daskautoscalers")}
+    assert "*" not in str(role["rules"])
+    job = manifests[-1]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == DRIVER_ACCOUNT and pod["automountServiceAccountToken"] is True
+    assert violations(job, token_allowed=True) == []
+    # Only this Job may mount a token: without the allowance the policy refuses it.
+    assert any("automountServiceAccountToken" in v for v in violations(job))
+    box = pod["containers"][0]
+    assert [*box["command"], *box["args"]] == ["reformatters", *args]
+    assert {e["name"]: e.get("value") for e in box["env"]}["REFORMATTERS_IMAGE"] == box["image"]
+
+
+def test_backfill_detach_submits_the_job_through_kubectl_and_says_how_to_follow_it(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_in = bin_dir / "kubectl"
+    stand_in.write_text(KUBECTL_STAND_IN.format(python=sys.executable))
+    stand_in.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "REFORMATTERS_IMAGE"}
+    env |= {"PATH": str(bin_dir), "KUBECTL_RECORD": str(tmp_path / "kubectl.jsonl")}
+    args = ["backfill", "noaa-gfs-forecast", "2025-01-01", "--cluster", "k8s", "--store", "s3://b/x.zarr"]
+    extra = ["--workers", "16", "--filter-start", "2024-12-01", "--filter-contains", "2024-12-05"]
+    result = subprocess.run(
+        [sys.executable, "-m", "reformatters.cli", *args, *extra, "--detach", "--docker-image", "abc123"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    calls = kubectl_calls(tmp_path)
+    assert [c["argv"] for c in calls] == [["apply", "-f", "-"]]
+    job = list(yaml.safe_load_all(calls[0]["stdin"]))[-1]
+    box = job["spec"]["template"]["spec"]["containers"][0]
+    assert box["image"] == f"{DEFAULT_IMAGE_REPOSITORY}:abc123"
+    argv = box["args"]
+    assert argv[: len(args)] == args and "--detach" not in argv and "--docker-image" not in argv
+    assert argv[argv.index("--workers") + 1] == "16" and argv[argv.index("--filter-contains") + 1] == "2024-12-05"
+    name = job["metadata"]["name"]
+    assert f"kubectl logs -f job/{name}" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--cluster", "local", "--store", "s3://b/x.zarr", "--detach"], "needs --cluster k8s"),
+        (["--cluster", "k8s", "--store", "data/x.zarr", "--detach"], "needs --store s3://"),
+        (["--cluster", "k8s", "--store", "s3://b/x.zarr", "--dry-run"], "belong to --detach"),
+    ],
+    ids=["not-k8s", "local-store", "dry-run-alone"],
+)
+def test_backfill_detach_refuses_what_a_pod_cannot_do(tmp_path: Path, args: list[str], needle: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "reformatters.cli", "backfill", "noaa-gfs-forecast", "2025-01-01", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr

@@ -98,7 +98,7 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
-def _metadata(kind: str, name: str, labels: dict[str, str]) -> dict[str, Any]:
+def metadata(kind: str, name: str, labels: dict[str, str]) -> dict[str, Any]:
     return {"name": check_name(kind, name), "labels": labels}
 
 
@@ -195,7 +195,7 @@ def _cron_job(
     return {
         "apiVersion": "batch/v1",
         "kind": "CronJob",
-        "metadata": _metadata("CronJob", name, labels),
+        "metadata": metadata("CronJob", name, labels),
         "spec": {
             "schedule": spec.schedule,
             "timeZone": spec.time_zone,
@@ -257,7 +257,7 @@ def namespace_manifests() -> list[dict[str, Any]]:
     policy = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": _metadata("NetworkPolicy", NETWORK_POLICY_NAME, dict(APP_LABELS)),
+        "metadata": metadata("NetworkPolicy", NETWORK_POLICY_NAME, dict(APP_LABELS)),
         "spec": {
             "podSelector": {"matchLabels": {"app.kubernetes.io/name": APP_LABELS["app.kubernetes.io/name"]}},
             "policyTypes": ["Ingress"],
