@@ -596,3 +596,17 @@ def test_backfill_detach_refuses_what_a_pod_cannot_do(tmp_path: Path, args: list
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_the_image_and_the_manifests_agree_on_user_and_scratch() -> None:
+    """The manifests' runAsUser and scratch paths are the Dockerfile's; its base image is pinned, never :latest."""
+    from reformatters.deploy.render import RUN_AS_USER
+
+    dockerfile = (REPO / "Dockerfile").read_text()
+    bases = re.findall(r"^FROM (\S+)", dockerfile, flags=re.MULTILINE)
+    assert bases and all(re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", b) for b in bases), bases
+    users = re.findall(r"^USER (\S+)", dockerfile, flags=re.MULTILINE)
+    assert users[-1] == f"{RUN_AS_USER}:{RUN_AS_USER}"
+    for variable in ("HOME", "TMPDIR", "DASK_TEMPORARY_DIRECTORY"):
+        assert re.search(rf"\b{variable}={re.escape(SCRATCH_DIR)}\b", dockerfile), variable
+    assert "requirements.lock" in dockerfile
