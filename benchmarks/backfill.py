@@ -279,9 +279,9 @@ def instrumented_open_client(probe: ClusterProbe) -> Iterator[Callable[..., Any]
     real_open_client = cluster_module.open_client
 
     @contextmanager
-    def open_client(spec: str = "local", *, n_workers: int | None = None) -> Iterator[Any]:
+    def open_client(spec: str = "local", *, n_workers: int | None = None, **options: Any) -> Iterator[Any]:
         probe.opened_at = time.perf_counter()
-        with real_open_client(spec, n_workers=n_workers) as client, ExitStack() as stack:
+        with real_open_client(spec, n_workers=n_workers, **options) as client, ExitStack() as stack:
             probe.ready_at = time.perf_counter()
             pids = client.run(os.getpid)
             client.run(quiet_source_warnings)
