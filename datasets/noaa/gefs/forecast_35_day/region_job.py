@@ -28,9 +28,9 @@ from reformatters.region_job import (
     RegionJob,
     SourceFileStatus,
 )
-from reformatters.sources.download import fetch_grib_messages, fetch_index
+from reformatters.sources.download import fetch_available_grib_messages
 from reformatters.sources.grib_decode import GridSpec, decode_message
-from reformatters.sources.grib_index import GribMessageNotFoundError, find_message, instant_step, window_step
+from reformatters.sources.grib_index import GribMessageNotFoundError, instant_step, window_step
 
 from .template_config import (
     EXPECTED_FORECAST_LENGTH,
@@ -134,29 +134,6 @@ def clamp_window_accumulation(values: npt.NDArray[np.float32], window_hours: flo
     return int(np.count_nonzero(clearly))
 
 
-def fetch_available_messages(
-    coord: GefsSourceFileCoord, wanted: Mapping[str, tuple[str, str, str]]
-) -> dict[str, bytes]:
-    """The wanted messages the inventory lists; one missing variable does not cost the others."""
-    if not wanted:
-        # No message of the group at this lead (windows at lead 0): still confirm the file is published, so a
-        # succeeded coord always means the source has this lead.
-        fetch_index(coord.get_idx_url())
-        return {}
-    try:
-        return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), wanted)
-    except GribMessageNotFoundError:
-        entries = fetch_index(coord.get_idx_url())
-        available = {}
-        for name, (element, level, step) in wanted.items():
-            try:
-                find_message(entries, element, level, step, source=coord.get_idx_url())
-            except GribMessageNotFoundError:
-                continue
-            available[name] = (element, level, step)
-        return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), available) if available else {}
-
-
 class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
     max_vars_per_job = 4
     download_per_variable = True  # byte ranges from the .idx: each variable's messages on their own
@@ -218,7 +195,7 @@ class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
             step = step_text(var, coord.lead_hours)
             if step is not None:
                 wanted[var.name] = (var.internal_attrs.grib_element, var.internal_attrs.grib_level, step)
-        return fetch_available_messages(coord, wanted)
+        return fetch_available_grib_messages(coord.get_url(), coord.get_idx_url(), wanted)
 
     def read_data_into(
         self,

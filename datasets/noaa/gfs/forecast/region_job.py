@@ -15,11 +15,10 @@ from reformatters.common.deaccumulation import deaccumulate_along_axis
 from reformatters.common.storage import ObjectStore
 from reformatters.common.time_utils import utc_now
 from reformatters.region_job import ForecastSourceFileCoord, ProcessResults, RegionJob, SourceFileStatus
-from reformatters.sources.download import SourceFileNotFoundError, fetch_grib_messages, fetch_index
+from reformatters.sources.download import SourceFileNotFoundError, fetch_available_grib_messages
 from reformatters.sources.grib_decode import GridSpec, decode_message
 from reformatters.sources.grib_index import (
     GribMessageNotFoundError,
-    find_message,
     instant_step,
     window_step,
 )
@@ -46,28 +45,6 @@ def step_text(data_var: GfsDataVar, lead_hours: int) -> str | None:
     if lead_hours == 0:
         return None
     return window_step(window_start_hours(lead_hours), lead_hours, window)
-
-
-def fetch_available_messages(coord: GfsSourceFileCoord, wanted: Mapping[str, tuple[str, str, str]]) -> dict[str, bytes]:
-    """The wanted messages the inventory lists; one missing variable does not cost the others."""
-    if not wanted:
-        # No variable of the group has a message at this lead (windows at lead 0). Still confirm the file is
-        # published: a succeeded coord must mean the source has this lead, or an unpublished run would count
-        # as ingested (and be published as an empty init) through its lead-0 windowed variables.
-        fetch_index(coord.get_idx_url())
-        return {}
-    try:
-        return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), wanted)
-    except GribMessageNotFoundError:
-        entries = fetch_index(coord.get_idx_url())
-        available = {}
-        for name, (element, level, step) in wanted.items():
-            try:
-                find_message(entries, element, level, step, source=coord.get_idx_url())
-            except GribMessageNotFoundError:
-                continue
-            available[name] = (element, level, step)
-        return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), available) if available else {}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -109,12 +86,13 @@ class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
             if step is not None:
                 wanted[var.name] = (var.internal_attrs.grib_element, var.internal_attrs.grib_level, step)
         try:
-            return fetch_available_messages(coord, wanted)
+            return fetch_available_grib_messages(coord.get_url(), coord.get_idx_url(), wanted)
         except SourceFileNotFoundError:
             # NOMADS keeps about ten days and throttles hard: only a fallback for recent runs of the default root.
             if self.source_url is not None or coord.init_time < utc_now() - NOMADS_RETENTION:
                 raise
-            return fetch_available_messages(coord.model_copy(update={"source_url": NOMADS_URL}), wanted)
+            nomads = coord.model_copy(update={"source_url": NOMADS_URL})
+            return fetch_available_grib_messages(nomads.get_url(), nomads.get_idx_url(), wanted)
 
     def read_data_into(
         self,

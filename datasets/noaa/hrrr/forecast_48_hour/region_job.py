@@ -14,9 +14,9 @@ import xarray as xr
 from reformatters.common.storage import ObjectStore
 from reformatters.common.time_utils import utc_now
 from reformatters.region_job import ForecastSourceFileCoord, ProcessResults, RegionJob, SourceFileStatus
-from reformatters.sources.download import SourceFileNotFoundError, fetch_grib_messages, fetch_index
+from reformatters.sources.download import SourceFileNotFoundError, fetch_available_grib_messages
 from reformatters.sources.grib_decode import decode_message
-from reformatters.sources.grib_index import GribMessageNotFoundError, find_message, instant_step, window_step
+from reformatters.sources.grib_index import GribMessageNotFoundError, instant_step, window_step
 
 from .template_config import APPEND_DIM_FREQUENCY, GRID, HrrrDataVar
 
@@ -54,29 +54,6 @@ class HrrrSourceFileCoord(ForecastSourceFileCoord):
         return f"{self.get_url()}.idx"
 
 
-def fetch_available_messages(
-    coord: HrrrSourceFileCoord, wanted: Mapping[str, tuple[str, str, str]]
-) -> dict[str, bytes]:
-    """The wanted messages the inventory lists; one missing variable does not cost the others."""
-    if not wanted:
-        # Only rates asked for at lead 0: no message, but the file must be published for the coord to succeed
-        # (ingested_forecast_length and the trim of unpublished inits rely on it).
-        fetch_index(coord.get_idx_url())
-        return {}
-    try:
-        return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), wanted)
-    except GribMessageNotFoundError:
-        entries = fetch_index(coord.get_idx_url())
-        available = {}
-        for name, (element, level, step) in wanted.items():
-            try:
-                find_message(entries, element, level, step, source=coord.get_idx_url())
-            except GribMessageNotFoundError:
-                continue
-            available[name] = (element, level, step)
-        return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), available) if available else {}
-
-
 class HrrrForecast48HourRegionJob(RegionJob[HrrrDataVar, HrrrSourceFileCoord]):
     max_vars_per_job = 4
     download_per_variable = True  # byte ranges from the .idx: each variable's messages on their own
@@ -98,12 +75,13 @@ class HrrrForecast48HourRegionJob(RegionJob[HrrrDataVar, HrrrSourceFileCoord]):
             if step is not None:
                 wanted[var.name] = (var.internal_attrs.grib_element, var.internal_attrs.grib_level, step)
         try:
-            return fetch_available_messages(coord, wanted)
+            return fetch_available_grib_messages(coord.get_url(), coord.get_idx_url(), wanted)
         except SourceFileNotFoundError:
             # NOMADS keeps about ten days and throttles hard: only a fallback for recent runs of the default root.
             if self.source_url is not None or coord.init_time < utc_now() - NOMADS_RETENTION:
                 raise
-            return fetch_available_messages(coord.model_copy(update={"source_url": NOMADS_URL}), wanted)
+            nomads = coord.model_copy(update={"source_url": NOMADS_URL})
+            return fetch_available_grib_messages(nomads.get_url(), nomads.get_idx_url(), wanted)
 
     def read_data_into(
         self,
