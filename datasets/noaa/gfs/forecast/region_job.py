@@ -12,9 +12,9 @@ import pandas as pd
 import xarray as xr
 
 from reformatters.common.deaccumulation import deaccumulate_along_axis
-from reformatters.common.storage import ObjectStore
 from reformatters.common.time_utils import utc_now
-from reformatters.region_job import ForecastSourceFileCoord, ProcessResults, RegionJob, SourceFileStatus
+from reformatters.forecasts import first_init_to_update, with_ingested_forecast_length
+from reformatters.region_job import ForecastSourceFileCoord, ProcessResults, RegionJob
 from reformatters.sources.download import SourceFileNotFoundError, fetch_available_grib_messages
 from reformatters.sources.grib_decode import GridSpec, decode_message
 from reformatters.sources.grib_index import (
@@ -23,7 +23,7 @@ from reformatters.sources.grib_index import (
     window_step,
 )
 
-from .template_config import EXPECTED_FORECAST_LENGTH, WINDOW_RESET_HOURS, GfsDataVar
+from .template_config import WINDOW_RESET_HOURS, GfsDataVar
 
 NOAA_BUCKET_URL = "https://noaa-gfs-bdp-pds.s3.amazonaws.com"
 NOMADS_URL = "https://nomads.ncep.noaa.gov/pub/data/nccf/com/gfs/prod"
@@ -135,20 +135,7 @@ class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
         cls, template_ds: xr.Dataset, append_dim: str, process_results: ProcessResults
     ) -> xr.Dataset:
         ds = super().update_template_with_results(template_ds, append_dim, process_results)
-        ingested: dict[pd.Timestamp, pd.Timedelta] = {}
-        for coords in process_results.values():
-            for coord in coords:
-                if coord.status != SourceFileStatus.Succeeded:
-                    continue
-                location = coord.out_loc()
-                init, lead = location["init_time"], location["lead_time"]
-                if init not in ingested or lead > ingested[init]:
-                    ingested[init] = lead
-        values = ds["ingested_forecast_length"].values.copy()
-        for i, init in enumerate(ds.get_index("init_time")):
-            if init in ingested:
-                values[i] = ingested[init].to_timedelta64()
-        return ds.assign_coords(ingested_forecast_length=ds["ingested_forecast_length"].copy(data=values))
+        return with_ingested_forecast_length(ds, process_results)
 
     @classmethod
     def operational_update_jobs(
@@ -160,14 +147,6 @@ class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
         source_url: str | None = None,
     ) -> tuple[Sequence[Self], xr.Dataset]:
         """Reprocess the newest init in the store while its forecast is incomplete; append newer ones."""
-        store = final_store if isinstance(final_store, ObjectStore) else ObjectStore(final_store)
-        published = store.open_dataset() if store.exists("zarr.json") else None
-        start_index = 0
-        if published is not None and published.sizes[append_dim] > 0:
-            newest = published.get_index(append_dim)[-1]
-            ingested = published["ingested_forecast_length"].values[-1]
-            complete = not np.isnat(ingested) and pd.Timedelta(ingested) >= EXPECTED_FORECAST_LENGTH
-            start_label = newest + pd.Timedelta(hours=6) if complete else newest
-            start_index = int(template_ds.get_index(append_dim).searchsorted(start_label))
+        start_index = first_init_to_update(final_store, template_ds, append_dim)
         regions = [slice(p, p + 1) for p in range(start_index, template_ds.sizes[append_dim])]
         return cls.jobs_for_regions(template_ds, append_dim, all_data_vars, regions, source_url), template_ds
