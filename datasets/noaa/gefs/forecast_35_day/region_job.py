@@ -30,8 +30,9 @@ from reformatters.region_job import (
 )
 from reformatters.sources.download import fetch_available_grib_messages
 from reformatters.sources.grib_decode import GridSpec, decode_message
-from reformatters.sources.grib_index import GribMessageNotFoundError, instant_step, window_step
+from reformatters.sources.grib_index import instant_step, window_step
 
+from ...idx_messages import message_or_empty_field, wanted_messages
 from .template_config import (
     EXPECTED_FORECAST_LENGTH,
     S_LAST_LEAD_HOURS,
@@ -190,11 +191,7 @@ class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
         return coord.get_idx_url()
 
     def download_file(self, coord: GefsSourceFileCoord, data_var_group: Sequence[GefsDataVar]) -> Mapping[str, bytes]:
-        wanted = {}
-        for var in data_var_group:
-            step = step_text(var, coord.lead_hours)
-            if step is not None:
-                wanted[var.name] = (var.internal_attrs.grib_element, var.internal_attrs.grib_level, step)
+        wanted = wanted_messages(data_var_group, lambda var: step_text(var, coord.lead_hours))
         return fetch_available_grib_messages(coord.get_url(), coord.get_idx_url(), wanted)
 
     def read_data_into(
@@ -207,14 +204,9 @@ class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
         assert not isinstance(payload, bytes)
         attrs = data_var.internal_attrs
         step = step_text(data_var, coord.lead_hours)
-        if data_var.name not in payload:
-            if step is None:
-                out[...] = np.nan  # no window ends at lead 0: the field exists and is empty
-                return
-            raise GribMessageNotFoundError(
-                f"{coord.get_idx_url()} lists no {attrs.grib_element}:{attrs.grib_level}:{step} message"
-            )
-        message = payload[data_var.name]
+        message = message_or_empty_field(payload, data_var, step, coord.get_idx_url(), out)
+        if message is None:
+            return
         resolution = self.resolution
         if coord.product == "s":
             decode_message(message, fine_grid(resolution), out=out)

@@ -12,22 +12,19 @@ import pandas as pd
 import xarray as xr
 
 from reformatters.common.deaccumulation import deaccumulate_along_axis
-from reformatters.common.time_utils import utc_now
 from reformatters.forecasts import first_init_to_update, with_ingested_forecast_length
 from reformatters.region_job import ForecastSourceFileCoord, ProcessResults, RegionJob
-from reformatters.sources.download import SourceFileNotFoundError, fetch_available_grib_messages
 from reformatters.sources.grib_decode import GridSpec, decode_message
 from reformatters.sources.grib_index import (
-    GribMessageNotFoundError,
     instant_step,
     window_step,
 )
 
+from ...idx_messages import fetch_with_nomads_fallback, message_or_empty_field, wanted_messages
 from .template_config import WINDOW_RESET_HOURS, GfsDataVar
 
 NOAA_BUCKET_URL = "https://noaa-gfs-bdp-pds.s3.amazonaws.com"
 NOMADS_URL = "https://nomads.ncep.noaa.gov/pub/data/nccf/com/gfs/prod"
-NOMADS_RETENTION = pd.Timedelta(days=9)
 GRID = GridSpec.global_regular(0.25, roll_longitude_to_180=True)
 KELVIN_OFFSET = np.float32(273.15)
 
@@ -80,19 +77,10 @@ class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
         return coord.get_idx_url()
 
     def download_file(self, coord: GfsSourceFileCoord, data_var_group: Sequence[GfsDataVar]) -> Mapping[str, bytes]:
-        wanted = {}
-        for var in data_var_group:
-            step = step_text(var, coord.lead_hours)
-            if step is not None:
-                wanted[var.name] = (var.internal_attrs.grib_element, var.internal_attrs.grib_level, step)
-        try:
-            return fetch_available_grib_messages(coord.get_url(), coord.get_idx_url(), wanted)
-        except SourceFileNotFoundError:
-            # NOMADS keeps about ten days and throttles hard: only a fallback for recent runs of the default root.
-            if self.source_url is not None or coord.init_time < utc_now() - NOMADS_RETENTION:
-                raise
-            nomads = coord.model_copy(update={"source_url": NOMADS_URL})
-            return fetch_available_grib_messages(nomads.get_url(), nomads.get_idx_url(), wanted)
+        wanted = wanted_messages(data_var_group, lambda var: step_text(var, coord.lead_hours))
+        return fetch_with_nomads_fallback(
+            coord, wanted, nomads_url=NOMADS_URL, source_url_given=self.source_url is not None
+        )
 
     def read_data_into(
         self,
@@ -102,15 +90,11 @@ class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
         out: npt.NDArray[np.float32],
     ) -> None:
         assert not isinstance(payload, bytes)
-        if data_var.name not in payload:
-            if step_text(data_var, coord.lead_hours) is None:
-                out[...] = np.nan  # no window ends at lead 0: the field exists and is empty
-                return
-            element, level = data_var.internal_attrs.grib_element, data_var.internal_attrs.grib_level
-            raise GribMessageNotFoundError(
-                f"{coord.get_idx_url()} lists no {element}:{level}:{step_text(data_var, coord.lead_hours)} message"
-            )
-        decode_message(payload[data_var.name], GRID, out=out)
+        step = step_text(data_var, coord.lead_hours)
+        message = message_or_empty_field(payload, data_var, step, coord.get_idx_url(), out)
+        if message is None:
+            return
+        decode_message(message, GRID, out=out)
         if data_var.internal_attrs.kelvin_to_celsius:
             out -= KELVIN_OFFSET
 

@@ -11,18 +11,16 @@ import numpy.typing as npt
 import pandas as pd
 import xarray as xr
 
-from reformatters.common.time_utils import utc_now
 from reformatters.forecasts import first_init_to_update, with_ingested_forecast_length
 from reformatters.region_job import ForecastSourceFileCoord, ProcessResults, RegionJob
-from reformatters.sources.download import SourceFileNotFoundError, fetch_available_grib_messages
 from reformatters.sources.grib_decode import decode_message
-from reformatters.sources.grib_index import GribMessageNotFoundError, instant_step, window_step
+from reformatters.sources.grib_index import instant_step, window_step
 
+from ...idx_messages import fetch_with_nomads_fallback, message_or_empty_field, wanted_messages
 from .template_config import GRID, HrrrDataVar
 
 NOAA_BUCKET_URL = "https://noaa-hrrr-bdp-pds.s3.amazonaws.com"
 NOMADS_URL = "https://nomads.ncep.noaa.gov/pub/data/nccf/com/hrrr/prod"
-NOMADS_RETENTION = pd.Timedelta(days=9)
 KELVIN_OFFSET = np.float32(273.15)
 SECONDS_PER_HOUR = np.float32(3600.0)
 
@@ -69,19 +67,10 @@ class HrrrForecast48HourRegionJob(RegionJob[HrrrDataVar, HrrrSourceFileCoord]):
         return coord.get_idx_url()
 
     def download_file(self, coord: HrrrSourceFileCoord, data_var_group: Sequence[HrrrDataVar]) -> Mapping[str, bytes]:
-        wanted = {}
-        for var in data_var_group:
-            step = step_text(var, coord.lead_hours)
-            if step is not None:
-                wanted[var.name] = (var.internal_attrs.grib_element, var.internal_attrs.grib_level, step)
-        try:
-            return fetch_available_grib_messages(coord.get_url(), coord.get_idx_url(), wanted)
-        except SourceFileNotFoundError:
-            # NOMADS keeps about ten days and throttles hard: only a fallback for recent runs of the default root.
-            if self.source_url is not None or coord.init_time < utc_now() - NOMADS_RETENTION:
-                raise
-            nomads = coord.model_copy(update={"source_url": NOMADS_URL})
-            return fetch_available_grib_messages(nomads.get_url(), nomads.get_idx_url(), wanted)
+        wanted = wanted_messages(data_var_group, lambda var: step_text(var, coord.lead_hours))
+        return fetch_with_nomads_fallback(
+            coord, wanted, nomads_url=NOMADS_URL, source_url_given=self.source_url is not None
+        )
 
     def read_data_into(
         self,
@@ -91,16 +80,12 @@ class HrrrForecast48HourRegionJob(RegionJob[HrrrDataVar, HrrrSourceFileCoord]):
         out: npt.NDArray[np.float32],
     ) -> None:
         assert not isinstance(payload, bytes)
-        if data_var.name not in payload:
-            if step_text(data_var, coord.lead_hours) is None:
-                out[...] = np.nan  # no hour ends at lead 0: the field exists and is empty
-                return
-            element, level = data_var.internal_attrs.grib_element, data_var.internal_attrs.grib_level
-            raise GribMessageNotFoundError(
-                f"{coord.get_idx_url()} lists no {element}:{level}:{step_text(data_var, coord.lead_hours)} message"
-            )
+        step = step_text(data_var, coord.lead_hours)
+        message = message_or_empty_field(payload, data_var, step, coord.get_idx_url(), out)
+        if message is None:
+            return
         # The files scan from the south-west corner northward; the dataset's y runs north to south.
-        decode_message(payload[data_var.name], GRID, out=out[::-1])
+        decode_message(message, GRID, out=out[::-1])
         if data_var.internal_attrs.kelvin_to_celsius:
             out -= KELVIN_OFFSET
         elif data_var.internal_attrs.deaccumulate_to_rate:
