@@ -14,6 +14,7 @@ import typer
 
 from reformatters.cluster import ClusterUnavailableError
 from reformatters.common.time_utils import parse_utc
+from reformatters.monitoring import JobKind
 from reformatters.pipeline.worker_setup import LOG_FORMAT, LOG_LEVEL_ENVIRON
 from reformatters.publish import DEFAULT_LEASE_WAIT_SECONDS, RunCannotStartError
 from reformatters.region_job import RegionJobFilters
@@ -315,7 +316,25 @@ def _detach_backfill(
     typer.echo(f"its DaskCluster: kubectl get daskclusters; stop it: kubectl delete job {job}")
 
 
+def _monitored(job: JobKind) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Check the run in and out of its Sentry cron monitor when `SENTRY_DSN` is set (`reformatters.monitoring`)."""
+
+    def decorate(command: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(command)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            from reformatters.monitoring import cron_monitor
+
+            # SIGTERM (an evicted pod) unwinds through the monitor, which reports it.
+            with cron_monitor(str(kwargs["dataset_id"]), job), terminate_on_sigterm():
+                return command(*args, **kwargs)
+
+        return run
+
+    return decorate
+
+
 @app.command()
+@_monitored("update")
 @_stops_on_ctrl_c
 def update(
     dataset_id: str,
@@ -349,6 +368,7 @@ def update(
 
 
 @app.command()
+@_monitored("validate")
 @_stops_on_ctrl_c
 def validate(dataset_id: str, store: StoreOption = None, now: NowOption = None) -> None:
     """Check DATASET_ID's published store: current data, recent NaNs, expected shards. Non-zero exit on failure."""

@@ -180,7 +180,12 @@ def _cron_job(
         "command": ["reformatters"],
         "args": args,
         "env": [
+            # The Sentry cron monitor's slug and, when the ConfigMap has one, its DSN (reformatters.monitoring).
             {"name": "CRON_JOB_NAME", "value": name},
+            {
+                "name": "SENTRY_DSN",
+                "valueFrom": {"configMapKeyRef": {"name": CONFIG_MAP, "key": "sentry-dsn", "optional": True}},
+            },
             *storage_environ(dataset_id),
             *scratch_environ(),
             # zarr/Blosc/BLAS thread pools at one thread: the LocalCluster's threads are the parallelism.

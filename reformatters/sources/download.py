@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from reformatters.sources.grib_index import (
     GribIndexParseError,
+    GribMessageNotFoundError,
     IndexEntry,
     MergedRange,
     find_message,
@@ -478,6 +479,29 @@ def fetch_grib_messages(
     for parts in _in_parallel(fetch, ranges, config.per_host_concurrency):
         out.update(parts)
     return {key: out[key] for key in wanted}
+
+
+def fetch_available_grib_messages(
+    file_url: str,
+    idx_url: str,
+    wanted: Mapping[str, tuple[str, str, str]],
+    *,
+    config: DownloadConfig | None = None,
+) -> dict[str, bytes]:
+    """The `wanted` messages the inventory lists: a message it does not list is left out and costs the others
+    nothing. The inventory is fetched even when nothing is wanted (windowed variables at lead 0): it proves the
+    file is published, so a source file counts as read only where the source has it.
+    Raises SourceFileNotFoundError and SourceDownloadError."""
+    config = config or DownloadConfig()
+    entries = fetch_index(idx_url, config=config)
+    available = {}
+    for key, (element, level, step) in wanted.items():
+        try:
+            find_message(entries, element, level, step, source=idx_url)
+        except GribMessageNotFoundError:
+            continue
+        available[key] = (element, level, step)
+    return fetch_grib_messages(file_url, idx_url, available, config=config) if available else {}
 
 
 def _in_parallel(function: Callable[[T], R], items: Sequence[T], concurrency: int) -> list[R]:

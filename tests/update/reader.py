@@ -1,12 +1,13 @@
 """A reader in another process: polls a store until a stop file appears, checking every open.
 
-Usage: python reader.py STORE RESULT_JSON STOP_FILE. Every open must parse; the extent must be one of
-the published steps (never shrinking); every visible init must hold all of its data.
+Usage: python reader.py STORE RESULT_JSON STOP_FILE. STORE is a path or an s3:// or gs:// URL (credentials and
+endpoints from the environment, as the project's runs read them). Every open must parse; the extent must be one
+of the published steps (never shrinking); every visible init must hold all of its data.
 
 A read of part of a shard (the last, half-published one) takes the shard's index and then its chunks in
 separate requests; when the update replaces that shard in between, the chunks no longer match the index and
-Blosc refuses them. Such a torn read is retried once and counted (`torn_reads`); it is a known limit of
-rewriting published shards in place, not hidden: a second failure in a row is an error.
+their checksum (or Blosc) refuses them. Such a torn read is retried once and counted (`torn_reads`); it is a known
+limit of rewriting published shards in place, not hidden: a second failure in a row is an error.
 """
 
 from __future__ import annotations
@@ -25,8 +26,21 @@ import xarray as xr
 INITS = pd.date_range("2024-01-01T00:00", periods=7, freq="6h")
 
 
+def open_published(store: str) -> xr.Dataset:
+    if "://" in store:
+        from reformatters.common.storage import ObjectStore
+
+        ds: xr.Dataset = ObjectStore(store).open_dataset()
+        return ds
+    return xr.open_zarr(store, decode_timedelta=True)
+
+
+def is_torn_read(error: Exception) -> bool:
+    return "blosc decompression" in str(error) or "checksum do not match" in str(error)
+
+
 def check_once(store: str) -> int:
-    ds = xr.open_zarr(store, decode_timedelta=True)
+    ds = open_published(store)
     n = int(ds.sizes["init_time"])
     np.testing.assert_array_equal(ds.init_time.values, INITS[:n].values)
     temperature = ds.temperature_2m.values
@@ -47,8 +61,8 @@ def main() -> None:
         try:
             try:
                 n = check_once(store)
-            except RuntimeError as error:
-                if "blosc decompression" not in str(error):
+            except (RuntimeError, ValueError) as error:
+                if not is_torn_read(error):
                     raise
                 torn_reads += 1
                 n = check_once(store)

@@ -28,10 +28,11 @@ from reformatters.region_job import (
     RegionJob,
     SourceFileStatus,
 )
-from reformatters.sources.download import fetch_grib_messages, fetch_index
+from reformatters.sources.download import fetch_available_grib_messages
 from reformatters.sources.grib_decode import GridSpec, decode_message
-from reformatters.sources.grib_index import GribMessageNotFoundError, find_message, instant_step, window_step
+from reformatters.sources.grib_index import instant_step, window_step
 
+from ...idx_messages import message_or_empty_field, wanted_messages
 from .template_config import (
     EXPECTED_FORECAST_LENGTH,
     S_LAST_LEAD_HOURS,
@@ -134,29 +135,6 @@ def clamp_window_accumulation(values: npt.NDArray[np.float32], window_hours: flo
     return int(np.count_nonzero(clearly))
 
 
-def fetch_available_messages(
-    coord: GefsSourceFileCoord, wanted: Mapping[str, tuple[str, str, str]]
-) -> dict[str, bytes]:
-    """The wanted messages the inventory lists; one missing variable does not cost the others."""
-    if not wanted:
-        # No message of the group at this lead (windows at lead 0): still confirm the file is published, so a
-        # succeeded coord always means the source has this lead.
-        fetch_index(coord.get_idx_url())
-        return {}
-    try:
-        return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), wanted)
-    except GribMessageNotFoundError:
-        entries = fetch_index(coord.get_idx_url())
-        available = {}
-        for name, (element, level, step) in wanted.items():
-            try:
-                find_message(entries, element, level, step, source=coord.get_idx_url())
-            except GribMessageNotFoundError:
-                continue
-            available[name] = (element, level, step)
-        return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), available) if available else {}
-
-
 class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
     max_vars_per_job = 4
     download_per_variable = True  # byte ranges from the .idx: each variable's messages on their own
@@ -213,12 +191,8 @@ class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
         return coord.get_idx_url()
 
     def download_file(self, coord: GefsSourceFileCoord, data_var_group: Sequence[GefsDataVar]) -> Mapping[str, bytes]:
-        wanted = {}
-        for var in data_var_group:
-            step = step_text(var, coord.lead_hours)
-            if step is not None:
-                wanted[var.name] = (var.internal_attrs.grib_element, var.internal_attrs.grib_level, step)
-        return fetch_available_messages(coord, wanted)
+        wanted = wanted_messages(data_var_group, lambda var: step_text(var, coord.lead_hours))
+        return fetch_available_grib_messages(coord.get_url(), coord.get_idx_url(), wanted)
 
     def read_data_into(
         self,
@@ -230,14 +204,9 @@ class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
         assert not isinstance(payload, bytes)
         attrs = data_var.internal_attrs
         step = step_text(data_var, coord.lead_hours)
-        if data_var.name not in payload:
-            if step is None:
-                out[...] = np.nan  # no window ends at lead 0: the field exists and is empty
-                return
-            raise GribMessageNotFoundError(
-                f"{coord.get_idx_url()} lists no {attrs.grib_element}:{attrs.grib_level}:{step} message"
-            )
-        message = payload[data_var.name]
+        message = message_or_empty_field(payload, data_var, step, coord.get_idx_url(), out)
+        if message is None:
+            return
         resolution = self.resolution
         if coord.product == "s":
             decode_message(message, fine_grid(resolution), out=out)

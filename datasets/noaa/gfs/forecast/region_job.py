@@ -12,23 +12,19 @@ import pandas as pd
 import xarray as xr
 
 from reformatters.common.deaccumulation import deaccumulate_along_axis
-from reformatters.common.storage import ObjectStore
-from reformatters.common.time_utils import utc_now
-from reformatters.region_job import ForecastSourceFileCoord, ProcessResults, RegionJob, SourceFileStatus
-from reformatters.sources.download import SourceFileNotFoundError, fetch_grib_messages, fetch_index
+from reformatters.forecasts import first_init_to_update, with_ingested_forecast_length
+from reformatters.region_job import ForecastSourceFileCoord, ProcessResults, RegionJob
 from reformatters.sources.grib_decode import GridSpec, decode_message
 from reformatters.sources.grib_index import (
-    GribMessageNotFoundError,
-    find_message,
     instant_step,
     window_step,
 )
 
-from .template_config import EXPECTED_FORECAST_LENGTH, WINDOW_RESET_HOURS, GfsDataVar
+from ...idx_messages import fetch_with_nomads_fallback, message_or_empty_field, wanted_messages
+from .template_config import WINDOW_RESET_HOURS, GfsDataVar
 
 NOAA_BUCKET_URL = "https://noaa-gfs-bdp-pds.s3.amazonaws.com"
 NOMADS_URL = "https://nomads.ncep.noaa.gov/pub/data/nccf/com/gfs/prod"
-NOMADS_RETENTION = pd.Timedelta(days=9)
 GRID = GridSpec.global_regular(0.25, roll_longitude_to_180=True)
 KELVIN_OFFSET = np.float32(273.15)
 
@@ -46,28 +42,6 @@ def step_text(data_var: GfsDataVar, lead_hours: int) -> str | None:
     if lead_hours == 0:
         return None
     return window_step(window_start_hours(lead_hours), lead_hours, window)
-
-
-def fetch_available_messages(coord: GfsSourceFileCoord, wanted: Mapping[str, tuple[str, str, str]]) -> dict[str, bytes]:
-    """The wanted messages the inventory lists; one missing variable does not cost the others."""
-    if not wanted:
-        # No variable of the group has a message at this lead (windows at lead 0). Still confirm the file is
-        # published: a succeeded coord must mean the source has this lead, or an unpublished run would count
-        # as ingested (and be published as an empty init) through its lead-0 windowed variables.
-        fetch_index(coord.get_idx_url())
-        return {}
-    try:
-        return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), wanted)
-    except GribMessageNotFoundError:
-        entries = fetch_index(coord.get_idx_url())
-        available = {}
-        for name, (element, level, step) in wanted.items():
-            try:
-                find_message(entries, element, level, step, source=coord.get_idx_url())
-            except GribMessageNotFoundError:
-                continue
-            available[name] = (element, level, step)
-        return fetch_grib_messages(coord.get_url(), coord.get_idx_url(), available) if available else {}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -103,18 +77,10 @@ class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
         return coord.get_idx_url()
 
     def download_file(self, coord: GfsSourceFileCoord, data_var_group: Sequence[GfsDataVar]) -> Mapping[str, bytes]:
-        wanted = {}
-        for var in data_var_group:
-            step = step_text(var, coord.lead_hours)
-            if step is not None:
-                wanted[var.name] = (var.internal_attrs.grib_element, var.internal_attrs.grib_level, step)
-        try:
-            return fetch_available_messages(coord, wanted)
-        except SourceFileNotFoundError:
-            # NOMADS keeps about ten days and throttles hard: only a fallback for recent runs of the default root.
-            if self.source_url is not None or coord.init_time < utc_now() - NOMADS_RETENTION:
-                raise
-            return fetch_available_messages(coord.model_copy(update={"source_url": NOMADS_URL}), wanted)
+        wanted = wanted_messages(data_var_group, lambda var: step_text(var, coord.lead_hours))
+        return fetch_with_nomads_fallback(
+            coord, wanted, nomads_url=NOMADS_URL, source_url_given=self.source_url is not None
+        )
 
     def read_data_into(
         self,
@@ -124,15 +90,11 @@ class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
         out: npt.NDArray[np.float32],
     ) -> None:
         assert not isinstance(payload, bytes)
-        if data_var.name not in payload:
-            if step_text(data_var, coord.lead_hours) is None:
-                out[...] = np.nan  # no window ends at lead 0: the field exists and is empty
-                return
-            element, level = data_var.internal_attrs.grib_element, data_var.internal_attrs.grib_level
-            raise GribMessageNotFoundError(
-                f"{coord.get_idx_url()} lists no {element}:{level}:{step_text(data_var, coord.lead_hours)} message"
-            )
-        decode_message(payload[data_var.name], GRID, out=out)
+        step = step_text(data_var, coord.lead_hours)
+        message = message_or_empty_field(payload, data_var, step, coord.get_idx_url(), out)
+        if message is None:
+            return
+        decode_message(message, GRID, out=out)
         if data_var.internal_attrs.kelvin_to_celsius:
             out -= KELVIN_OFFSET
 
@@ -157,20 +119,7 @@ class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
         cls, template_ds: xr.Dataset, append_dim: str, process_results: ProcessResults
     ) -> xr.Dataset:
         ds = super().update_template_with_results(template_ds, append_dim, process_results)
-        ingested: dict[pd.Timestamp, pd.Timedelta] = {}
-        for coords in process_results.values():
-            for coord in coords:
-                if coord.status != SourceFileStatus.Succeeded:
-                    continue
-                location = coord.out_loc()
-                init, lead = location["init_time"], location["lead_time"]
-                if init not in ingested or lead > ingested[init]:
-                    ingested[init] = lead
-        values = ds["ingested_forecast_length"].values.copy()
-        for i, init in enumerate(ds.get_index("init_time")):
-            if init in ingested:
-                values[i] = ingested[init].to_timedelta64()
-        return ds.assign_coords(ingested_forecast_length=ds["ingested_forecast_length"].copy(data=values))
+        return with_ingested_forecast_length(ds, process_results)
 
     @classmethod
     def operational_update_jobs(
@@ -182,14 +131,6 @@ class GfsForecastRegionJob(RegionJob[GfsDataVar, GfsSourceFileCoord]):
         source_url: str | None = None,
     ) -> tuple[Sequence[Self], xr.Dataset]:
         """Reprocess the newest init in the store while its forecast is incomplete; append newer ones."""
-        store = final_store if isinstance(final_store, ObjectStore) else ObjectStore(final_store)
-        published = store.open_dataset() if store.exists("zarr.json") else None
-        start_index = 0
-        if published is not None and published.sizes[append_dim] > 0:
-            newest = published.get_index(append_dim)[-1]
-            ingested = published["ingested_forecast_length"].values[-1]
-            complete = not np.isnat(ingested) and pd.Timedelta(ingested) >= EXPECTED_FORECAST_LENGTH
-            start_label = newest + pd.Timedelta(hours=6) if complete else newest
-            start_index = int(template_ds.get_index(append_dim).searchsorted(start_label))
+        start_index = first_init_to_update(final_store, template_ds, append_dim)
         regions = [slice(p, p + 1) for p in range(start_index, template_ds.sizes[append_dim])]
         return cls.jobs_for_regions(template_ds, append_dim, all_data_vars, regions, source_url), template_ds
