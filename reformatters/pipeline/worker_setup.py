@@ -17,10 +17,21 @@ LOG_LEVEL_ENVIRON = "REFORMATTERS_LOG_LEVEL"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+# Set once Ctrl-C reached this worker's process group: the driver is stopping the cluster.
+_INTERRUPTED = threading.Event()
+
+
 def _is_shutdown_chatter(record: logging.LogRecord) -> bool:
     # Logged for every task still running when a worker closes (Ctrl-C, the driver's end of a run): no news.
     message = record.getMessage()
-    return message.startswith("Async instruction for") and message.endswith("ended with CancelledError")
+    if message.startswith("Async instruction for") and message.endswith("ended with CancelledError"):
+        return True
+    # After Ctrl-C the scheduler may close before this worker's next heartbeat, which then fails with a traceback.
+    return _INTERRUPTED.is_set() and message.startswith("Failed to communicate with scheduler during heartbeat")
+
+
+def _note_interrupt(signum: int, frame: Any) -> None:
+    _INTERRUPTED.set()
 
 
 def dask_setup(worker: Any) -> None:
@@ -29,8 +40,9 @@ def dask_setup(worker: Any) -> None:
     # Ctrl-C in a terminal reaches every process of its group; the driver stops the cluster, so a local worker
     # process must not die with a traceback of its own first.
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.getLogger("distributed.worker.state_machine").addFilter(lambda record: not _is_shutdown_chatter(record))
+        signal.signal(signal.SIGINT, _note_interrupt)
+    for name in ("distributed.worker.state_machine", "distributed.worker"):
+        logging.getLogger(name).addFilter(lambda record: not _is_shutdown_chatter(record))
     if level := os.environ.get(LOG_LEVEL_ENVIRON):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
