@@ -185,8 +185,14 @@ def test_two_updates_started_together_one_publishes_the_other_stops(
     ]
     outputs = [p.communicate(timeout=240) for p in procs]
     codes = sorted(p.returncode for p in procs)
-    assert codes == [0, 3], [o[1][-2000:] for o in outputs]  # 3: another publisher holds the lease
-    loser = next(o for p, o in zip(procs, outputs, strict=True) if p.returncode != 0)
-    assert "another publisher is writing to" in loser[1]
-    assert "Traceback" not in loser[1]
+    tails = [o[1][-2000:] for o in outputs]
+    # 3: the other held the lease. On a loaded machine one may start only after the other finished: then it
+    # finds nothing new, which is as correct (the lease's own exclusion is tested in test_publish.py).
+    assert codes in ([0, 3], [0, 0]), tails
+    if codes == [0, 3]:
+        loser = next(o for p, o in zip(procs, outputs, strict=True) if p.returncode != 0)
+        assert "another publisher is writing to" in loser[1]
+    else:
+        assert any("nothing new to publish" in o[1] for o in outputs), tails
+    assert all("Traceback" not in o[1] for o in outputs), tails
     assert_same_store(store, update_fixture.reference_store)
