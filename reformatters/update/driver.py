@@ -46,7 +46,7 @@ from reformatters.sources.reachability import check_source_reachable
 from reformatters.summary import RunSummary
 from reformatters.update.drift import check_no_drift
 from reformatters.update.lease import UpdateRefusedError
-from reformatters.update.progress_tracker import UpdateProgressTracker, metadata_digest, region_key
+from reformatters.update.progress_tracker import UpdateProgressTracker, region_key, resume_job
 from reformatters.update.upload_gate import RecordedUpload
 
 log = logging.getLogger("reformatters.update")
@@ -206,22 +206,11 @@ def _plan_regions(
         records = tracker.load(key)
         plan = RegionPlan(index=index, region=slice(start, stop), key=key, jobs=[])
         for job in by_region[(start, stop)]:
-            remaining = []
-            for var in job.data_vars:
-                record = records.get(var.name)
-                # Only real uploads are skipped: a refusal of the gate says what the source lacked back then.
-                reusable = record is not None and not record.gated
-                if (
-                    record is not None
-                    and reusable
-                    and record.metadata_digest == metadata_digest(var_metadata[var.name])
-                ):
-                    plan.results.append(record.result)
-                    plan.resumed.append(f"{var.name} (run {record.run_id})")
-                else:
-                    remaining.append(var)
+            reused, remaining = resume_job(job, records, var_metadata)
+            plan.results.extend(reused)
+            plan.resumed.extend(f"{r.var_name} (run {r.extra['resumed_from_run']})" for r in reused)
             if remaining:
-                plan.jobs.append(job.model_copy(update={"data_vars": tuple(remaining)}))
+                plan.jobs.append(job.model_copy(update={"data_vars": remaining}))
         if plan.resumed:
             log.info("region %s: resuming, already uploaded: %s", key, ", ".join(plan.resumed))
         plan.jobs_left = len(plan.jobs)
