@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Self, TypeVar
@@ -60,6 +60,9 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
     store_base: str = DEFAULT_STORE_BASE
 
     description: ClassVar[str] = ""
+    # A run whose failed source files exceed this fraction of the files due by now publishes what is good and
+    # exits non-zero.
+    max_failed_fraction: ClassVar[float] = 0.05
 
     @property
     def dataset_id(self) -> str:
@@ -115,14 +118,20 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         append_dim = config.append_dim
         final_store = self.store(store_url)
         end = parse_utc(append_dim_end)
-        run_id = f"backfill-{utc_now():%Y%m%dT%H%M}-{uuid.uuid4().hex[:8]}"
+        now = utc_now()
+        run_id = f"backfill-{now:%Y%m%dT%H%M}-{uuid.uuid4().hex[:8]}"
+        due = self.source_file_due(now)
         # The cluster starts while the template is expanded and the jobs are planned.
         with ClusterSession(cluster, n_workers=n_workers) as session:
             jobs = self.region_job_class.get_jobs(
                 config.get_template(end), append_dim, config.data_vars, filters, source_url=source_url
             )
             summary = RunSummary(
-                dataset_id=self.dataset_id, kind="backfill", store=final_store.url, regions_total=len(jobs)
+                dataset_id=self.dataset_id,
+                kind="backfill",
+                store=final_store.url,
+                regions_total=len(jobs),
+                max_failed_fraction=self.max_failed_fraction,
             )
             client = session.client()
             check_source_reachable(source_probe_urls(jobs), what=f"backfill of {self.dataset_id}")
@@ -154,7 +163,9 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
                         published_ds=published,
                     )
                     tracker = ProgressTracker(final_store.url, run_id, prefix=BACKFILL_PROGRESS_PREFIX)
-                    to_run, region_keys = self._resume(jobs, template_ds, var_metadata, tracker, publisher, summary)
+                    to_run, region_keys = self._resume(
+                        jobs, template_ds, var_metadata, tracker, publisher, summary, due
+                    )
 
                     def upload_for(job: RegionJob[Any, Any]) -> RecordedUpload:
                         return RecordedUpload(
@@ -170,7 +181,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
 
                         def region_done(outcome: RegionOutcome) -> None:
                             summary.regions_done += 1
-                            summary.add(outcome.results)
+                            summary.add(outcome.results, due)
                             publisher.add(outcome.job.region, {r.var_name: r.results for r in outcome.results})
                             progress.region_done(outcome)
                             pause_at("backfill_region_done")
@@ -183,6 +194,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
                             max_regions_in_flight=max_regions_in_flight,
                             on_region_done=region_done,
                             upload_for=upload_for,
+                            drain_on_failure=True,
                         )
                 # The workers shut down while the results are published.
                 session.close_in_background()
@@ -195,6 +207,11 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
             summary.write_json(summary_path)
         return summary
 
+    def source_file_due(self, now: pd.Timestamp) -> Callable[[SourceFileCoord], bool]:
+        """Whether a file should be at the source by `now` (`RegionJob.source_file_due`)."""
+        job_class = self.region_job_class
+        return lambda coord: job_class.source_file_due(coord, now)
+
     def _resume(
         self,
         jobs: Sequence[RegionJob[Any, Any]],
@@ -203,6 +220,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         tracker: ProgressTracker,
         publisher: Publisher,
         summary: RunSummary,
+        due: Callable[[SourceFileCoord], bool],
     ) -> tuple[list[RegionJob[Any, Any]], dict[int, str]]:
         """The jobs (or the variables of them) an earlier run of this backfill has not uploaded, each with its
         region's progress key (by `id` of the job); what was uploaded goes to the publisher and the summary."""
@@ -220,7 +238,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
             if reused:
                 skipped += len(reused)
                 publisher.add(job.region, {r.var_name: r.results for r in reused})
-                summary.add(replace(r, bytes_fetched=0, bytes_written=0, objects_written=0) for r in reused)
+                summary.add((replace(r, bytes_fetched=0, bytes_written=0, objects_written=0) for r in reused), due)
             if remaining:
                 job = job.model_copy(update={"data_vars": remaining})
                 to_run.append(job)

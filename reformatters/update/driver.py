@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from reformatters.publish import (
     tmp_metadata_store,
     variable_metadata,
 )
-from reformatters.region_job import RegionJob, SourceFileStatus
+from reformatters.region_job import RegionJob, SourceFileCoord, SourceFileStatus
 from reformatters.sources.reachability import check_source_reachable
 from reformatters.summary import RunSummary
 from reformatters.update.drift import check_no_drift
@@ -83,7 +83,12 @@ def run_operational_update(
     append_dim: str = config.append_dim
     job_class: type[RegionJob[Any, Any]] = dataset.region_job_class
     final_store: ObjectStore = dataset.store(store_url)
-    summary = RunSummary(dataset_id=dataset.dataset_id, kind="update", store=final_store.url)
+    summary = RunSummary(
+        dataset_id=dataset.dataset_id,
+        kind="update",
+        store=final_store.url,
+        max_failed_fraction=dataset.max_failed_fraction,
+    )
 
     if not final_store.exists(ROOT_METADATA_KEY):
         raise UpdateRefusedError(
@@ -173,6 +178,7 @@ def _update_under_lease(
             tracker=tracker,
             summary=summary,
             started=started,
+            due=dataset.source_file_due(now_ts),
         )
         to_run = [(plan, job) for plan in plans for job in plan.jobs]
         if not plans:
@@ -267,6 +273,7 @@ class _RegionPublisher:
     tracker: UpdateProgressTracker
     summary: RunSummary
     started: float
+    due: Callable[[SourceFileCoord], bool]
     next_index: int = 0
 
     @property
@@ -289,7 +296,7 @@ class _RegionPublisher:
             replace(r, bytes_fetched=0, bytes_written=0, objects_written=0) if "resumed_from_run" in r.extra else r
             for r in plan.results
         ]
-        self.summary.add(counted)
+        self.summary.add(counted, self.due)
         self.publisher.add(plan.region, results)
         try:
             self.publisher.publish(f"region {plan.key}")
