@@ -3,6 +3,7 @@ is run again; declared source failures mark their file and the run goes on."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .buggy_dataset import BUGGY_INIT
 from .conftest import (
     BASE_END,
     INITS,
+    NOW,
     UpdateFixture,
     assert_same_store,
     copy_store,
@@ -100,3 +102,39 @@ def test_a_download_failing_once_is_run_again_and_the_run_succeeds(
     assert_same_store(store, update_fixture.base_store)
     published = DATASET.open_published(str(store))
     assert not np.isnan(published.temperature_2m.sel(init_time=INITS[1]).isel(lead_time=2).values).any()
+
+
+def test_failures_over_the_threshold_publish_the_good_part_and_exit_non_zero(tmp_path: Path) -> None:
+    """2 unreadable files of 18, for both variables (11.1 % > 5 %): published, then exit 4 naming the count and
+    the threshold."""
+    inits = INITS[:3]
+    corrupt = [(inits[0], 1), (inits[1], 2)]
+    src = source.generate_source(tmp_path / "source", inits, corrupt=corrupt)
+    store = tmp_path / "store.zarr"
+    done = run_cli([*_backfill_command(store, str(src)), "--summary", str(tmp_path / "summary.json")])
+    assert done.returncode == 4, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "4 of the 36 source files due failed (11.1%" in error_lines[0], error_lines
+    assert "threshold of 5%" in error_lines[0]
+    published = DATASET.open_published(str(store))
+    assert published.sizes["init_time"] == 3  # BASE_END: what is good is published
+    assert int(published.temperature_2m.notnull().sum()) == (3 * 6 - len(corrupt)) * 16 * 32
+
+
+def test_summary_tells_leads_not_due_from_failures(update_fixture: UpdateFixture, tmp_path: Path) -> None:
+    """The newest init's leads 3-5 are absent and not due at `now` (their valid time is later): "not published
+    yet", not failed nor missing."""
+    src = tmp_path / "source"
+    shutil.copytree(update_fixture.source, src)
+    for hour in (3, 4, 5):
+        (src / source.relative_path(NOW, hour)).unlink()
+    store = copy_store(update_fixture.base_store, tmp_path / "store.zarr")
+    summary = DATASET.update(
+        cluster="local", store_url=str(store), source_url=str(src), now=NOW, n_workers=2, show_progress=False
+    )
+    for entry in summary.variables.values():
+        assert (entry.files_not_published_yet, entry.files_not_found, entry.files_failed) == (3, 0, 0), entry
+    assert summary.failed_fraction == 0.0 and not summary.too_many_failures
+    assert "3 not published yet" not in summary.render_lines()[0]  # per variable 3, two variables
+    assert "6 not published yet" in summary.render_lines()[0]
