@@ -19,6 +19,7 @@ from reformatters.pipeline.worker_setup import LOG_FORMAT, LOG_LEVEL_ENVIRON
 from reformatters.publish import DEFAULT_LEASE_WAIT_SECONDS, RunCannotStartError
 from reformatters.region_job import RegionJobFilters
 from reformatters.registry import DatasetRegistrationError, UnknownDatasetError, all_datasets, get_dataset
+from reformatters.summary import RunSummary
 from reformatters.update.lease import terminate_on_sigterm
 
 app = typer.Typer(
@@ -118,6 +119,25 @@ def _stops_on_ctrl_c(command: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(code=INTERRUPTED_EXIT_CODE) from None
 
     return run
+
+
+# More source files failed than the dataset's threshold allows: what was good is published.
+EXIT_TOO_MANY_FAILURES = 4
+
+
+def _report(summary: RunSummary) -> None:
+    """Print the run's summary; exit non-zero if its failed files pass the dataset's threshold."""
+    typer.echo("\n".join(summary.render_lines()))
+    if summary.too_many_failures:
+        for line in summary.failures():
+            typer.echo(f"  failed: {line}", err=True)
+        raise _fail(
+            f"{summary.files_failed} of the {summary.files_due} source files due failed "
+            f"({summary.failed_fraction:.1%}, more than {summary.dataset_id}'s threshold of "
+            f"{summary.max_failed_fraction:.0%}); what was good is published. Look at the failures above (all of them "
+            "with --summary FILE), fix the source or the dataset's code, and run the same command again.",
+            EXIT_TOO_MANY_FAILURES,
+        )
 
 
 def _dataset(dataset_id: str) -> Any:
@@ -272,7 +292,7 @@ def backfill(
             )
     except _run_failures() as error:
         raise _run_failure(error) from None
-    typer.echo("\n".join(result.render_lines()))
+    _report(result)
 
 
 def _detach_backfill(
@@ -364,7 +384,7 @@ def update(
             )
     except _run_failures() as error:
         raise _run_failure(error) from None
-    typer.echo("\n".join(result.render_lines()))
+    _report(result)
 
 
 @app.command()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
@@ -14,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, InstanceOf
 
 from reformatters.cluster import ClusterSession
 from reformatters.common.storage import ObjectStore
-from reformatters.common.time_utils import parse_utc
+from reformatters.common.time_utils import parse_utc, utc_now
 from reformatters.deploy.models import OperationalResources
 from reformatters.pipeline.driver import RegionOutcome, run_region_jobs
 from reformatters.progress import RunProgress
@@ -32,6 +34,15 @@ from reformatters.region_job import RegionJob, RegionJobFilters, SourceFileCoord
 from reformatters.sources.reachability import check_source_reachable
 from reformatters.summary import RunSummary
 from reformatters.template_config import TemplateConfig
+from reformatters.update.pause import pause_at
+from reformatters.update.progress_tracker import (
+    BACKFILL_PROGRESS_PREFIX,
+    ProgressRecord,
+    ProgressTracker,
+    region_key,
+    resume_job,
+)
+from reformatters.update.upload_gate import RecordedUpload
 
 log = logging.getLogger("reformatters")
 
@@ -50,6 +61,9 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
     store_base: str = DEFAULT_STORE_BASE
 
     description: ClassVar[str] = ""
+    # A run whose failed source files exceed this fraction of the files due by now publishes what is good and
+    # exits non-zero.
+    max_failed_fraction: ClassVar[float] = 0.05
 
     @property
     def dataset_id(self) -> str:
@@ -105,6 +119,9 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         append_dim = config.append_dim
         final_store = self.store(store_url)
         end = parse_utc(append_dim_end)
+        now = utc_now()
+        run_id = f"backfill-{now:%Y%m%dT%H%M}-{uuid.uuid4().hex[:8]}"
+        due = self.source_file_due(now)
         # The cluster starts while the template is expanded and the jobs are planned.
         resources = self.operational_resources()
         kube_sizing = resources.backfill if resources is not None else None
@@ -113,7 +130,11 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
                 config.get_template(end), append_dim, config.data_vars, filters, source_url=source_url
             )
             summary = RunSummary(
-                dataset_id=self.dataset_id, kind="backfill", store=final_store.url, regions_total=len(jobs)
+                dataset_id=self.dataset_id,
+                kind="backfill",
+                store=final_store.url,
+                regions_total=len(jobs),
+                max_failed_fraction=self.max_failed_fraction,
             )
             client = session.client()
             check_source_reachable(source_probe_urls(jobs), what=f"backfill of {self.dataset_id}")
@@ -144,32 +165,96 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
                         data_var_names=[v.name for v in config.data_vars],
                         published_ds=published,
                     )
+                    tracker = ProgressTracker(final_store.url, run_id, prefix=BACKFILL_PROGRESS_PREFIX)
+                    to_run, region_keys = self._resume(
+                        jobs, template_ds, var_metadata, tracker, publisher, summary, due
+                    )
+
+                    def upload_for(job: RegionJob[Any, Any]) -> RecordedUpload:
+                        return RecordedUpload(
+                            region_key=region_keys[id(job)],
+                            var_metadata={v.name: var_metadata[v.name] for v in job.data_vars},
+                            tracker=tracker,
+                            fence=lease.fence(),
+                        )
+
                     with RunProgress(
-                        f"backfill {self.dataset_id}", len(jobs), client, enabled=show_progress
+                        f"backfill {self.dataset_id}", len(to_run), client, enabled=show_progress
                     ) as progress:
 
                         def region_done(outcome: RegionOutcome) -> None:
                             summary.regions_done += 1
-                            summary.add(outcome.results)
+                            summary.add(outcome.results, due)
                             publisher.add(outcome.job.region, {r.var_name: r.results for r in outcome.results})
                             progress.region_done(outcome)
+                            pause_at("backfill_region_done")
 
                         run_region_jobs(
                             client,
-                            jobs,
+                            to_run,
                             var_metadata,
                             final_store,
                             max_regions_in_flight=max_regions_in_flight,
                             on_region_done=region_done,
+                            upload_for=upload_for,
+                            drain_on_failure=True,
                         )
                 # The workers shut down while the results are published.
                 session.close_in_background()
                 published = publisher.publish(f"backfill of {self.dataset_id}")
+                for key in sorted(set(region_keys.values())):
+                    tracker.clear(key)
         summary.published_append_dim_end = _last_label(published, append_dim)
         summary.elapsed_seconds = time.perf_counter() - started
         if summary_path is not None:
             summary.write_json(summary_path)
         return summary
+
+    def source_file_due(self, now: pd.Timestamp) -> Callable[[SourceFileCoord], bool]:
+        """Whether a file should be at the source by `now` (`RegionJob.source_file_due`)."""
+        job_class = self.region_job_class
+        return lambda coord: job_class.source_file_due(coord, now)
+
+    def _resume(
+        self,
+        jobs: Sequence[RegionJob[Any, Any]],
+        template_ds: xr.Dataset,
+        var_metadata: Mapping[str, bytes],
+        tracker: ProgressTracker,
+        publisher: Publisher,
+        summary: RunSummary,
+        due: Callable[[SourceFileCoord], bool],
+    ) -> tuple[list[RegionJob[Any, Any]], dict[int, str]]:
+        """The jobs (or the variables of them) an earlier run of this backfill has not uploaded, each with its
+        region's progress key (by `id` of the job); what was uploaded goes to the publisher and the summary."""
+        append_dim = self.template_config.append_dim
+        labels = template_ds.get_index(append_dim)
+        records: dict[str, dict[str, ProgressRecord]] = {}
+        to_run: list[RegionJob[Any, Any]] = []
+        region_keys: dict[int, str] = {}
+        skipped = 0
+        for job in jobs:
+            key = region_key(append_dim, labels[job.region])
+            if key not in records:
+                records[key] = tracker.load(key)
+            reused, remaining = resume_job(job, records[key], var_metadata)
+            if reused:
+                skipped += len(reused)
+                publisher.add(job.region, {r.var_name: r.results for r in reused})
+                summary.add((replace(r, bytes_fetched=0, bytes_written=0, objects_written=0) for r in reused), due)
+            if remaining:
+                job = job.model_copy(update={"data_vars": remaining})
+                to_run.append(job)
+            else:
+                summary.regions_done += 1
+            region_keys[id(job)] = key
+        if skipped:
+            log.info(
+                "backfill %s: resuming, %d variable-regions already uploaded by an earlier run of it are skipped",
+                self.dataset_id,
+                skipped,
+            )
+        return to_run, region_keys
 
     def finalize(
         self, template_ds: xr.Dataset, results: dict[str, list[SourceFileCoord]], final_store: ObjectStore

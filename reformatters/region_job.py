@@ -154,6 +154,9 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
     # True: separate read tasks decode about `read_batch_size` files each and hand the fields on.
     separate_read_tasks: ClassVar[bool] = False
     read_batch_size: ClassVar[int] = 8
+    # Dask runs a failed index, download or upload task again this many times (a worker lost, a connection
+    # reset, an error a hook did not declare as a source failure) before the run fails with its traceback.
+    task_retries: ClassVar[int] = 2
 
     # ---- hooks ----
     def get_processing_region(self) -> slice:
@@ -236,6 +239,17 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
     def apply_data_transformations(self, data_array: xr.DataArray, data_var: DataVarT) -> None:
         """Transform one variable over the processing region in place (deaccumulation, gap filling...).
         Default: nothing. Binary rounding is the framework's, after this hook (see `transforms_region`)."""
+
+    @classmethod
+    def source_file_due(cls, coord: SourceFileCoordT, now: pd.Timestamp) -> bool:
+        """Whether the source should hold `coord`'s file by `now`: a file not found that is not due counts as
+        "not published yet", one that is due as missing at the source. Default: a forecast file is due from its
+        valid time (`init_time + lead_time`), any other file always."""
+        init_time = getattr(coord, "init_time", None)
+        lead_time = getattr(coord, "lead_time", None)
+        if init_time is None or lead_time is None:
+            return True
+        return bool(pd.Timestamp(init_time) + pd.Timedelta(lead_time) <= now)
 
     @classmethod
     def update_template_with_results(

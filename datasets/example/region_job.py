@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
@@ -12,6 +13,7 @@ import xarray as xr
 from reformatters.common.deaccumulation import deaccumulate_along_axis
 from reformatters.common.storage import ObjectStore
 from reformatters.region_job import ForecastSourceFileCoord, RegionJob, append_dim_shard_length
+from reformatters.sources.errors import SourceUnreadableError
 from reformatters.update.pause import pause_at
 
 from . import source
@@ -46,8 +48,13 @@ class ExampleRegionJob(RegionJob[ExampleDataVar, ExampleSourceFileCoord]):
         self, coord: ExampleSourceFileCoord, data_var: ExampleDataVar, payload: bytes | Mapping[str, bytes]
     ) -> npt.NDArray[np.float32]:
         assert isinstance(payload, bytes)
-        with np.load(io.BytesIO(payload)) as arrays:
-            return np.asarray(arrays[data_var.internal_attrs.source_name], dtype=np.float32)
+        try:
+            with np.load(io.BytesIO(payload)) as arrays:
+                return np.asarray(arrays[data_var.internal_attrs.source_name], dtype=np.float32)
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as error:
+            raise SourceUnreadableError(
+                f"{coord.get_url()} is not an npz file holding {data_var.name}: {error}"
+            ) from error
 
     def transforms_region(self, data_var: ExampleDataVar) -> bool:
         return data_var.internal_attrs.deaccumulate_to_rate

@@ -71,10 +71,13 @@ def run_region_jobs(
     on_region_done: RegionCallback | None = None,
     upload_for: UploadFactory | None = None,
     completion_queue: Callable[[], CompletionQueue] = as_completed,
+    drain_on_failure: bool = False,
 ) -> list[RegionOutcome]:
     """Run every job and return one outcome per job, in job order, or raise `RegionFailedError`.
 
-    `on_region_done` is called in completion order.
+    `on_region_done` is called in completion order. A task that fails (after its retries) raises at once,
+    cancelling the rest; with `drain_on_failure` nothing more is submitted, the variable-regions in flight
+    finish (their uploads recorded, their regions' callbacks called) and then it raises.
 
     Variable-regions (one variable's shard writes for one region) go to the scheduler in append order, at most
     `max_variables_in_flight` at once (and, if given, from at most `max_regions_in_flight` regions), so a
@@ -146,6 +149,7 @@ def run_region_jobs(
                 completed.add(future)
 
     submit_next()
+    failure: RegionFailedError | None = None
     try:
         for future in completed:
             index = future_region.pop(future.key)
@@ -155,11 +159,19 @@ def run_region_jobs(
             if future.status != "finished":
                 error = future.exception() if future.status == "error" else None
                 reason = f"{type(error).__name__}: {error}" if error is not None else f"task {future.status}"
-                raise RegionFailedError(f"region {region.job.describe()} failed: {reason}") from error
+                region_failure = RegionFailedError(f"region {region.job.describe()} failed: {reason}")
+                region_failure.__cause__ = error
+                if not drain_on_failure:
+                    raise region_failure
+                if failure is None:
+                    failure = region_failure
+                    log.error("%s; letting the %d variable-regions in flight finish", failure, variables_in_flight)
+                region.failed = True
+                continue
             # A region is done when each of its results has been taken from the queue; a sibling future being
             # done already is not enough: its result is still queued and must find the region open.
             region.received += 1
-            if region.received == region.variables:
+            if region.received == region.variables and not region.failed:
                 results = client.gather(region.futures)  # one round trip for all of them
                 del regions[index]
                 outcome = RegionOutcome(index, region.job, results, time.perf_counter() - region.started)
@@ -167,10 +179,13 @@ def run_region_jobs(
                 outcomes[index] = outcome
                 if on_region_done is not None:
                     on_region_done(outcome)
-            submit_next()
+            if failure is None:
+                submit_next()
     finally:
         for region in regions.values():
             client.cancel(region.futures + region.shared)
+    if failure is not None:
+        raise failure
     unfinished = [job.describe() for i, job in enumerate(jobs) if i not in outcomes]
     if unfinished:
         raise RegionFailedError(
@@ -246,3 +261,4 @@ class _RegionInFlight:
     shared: list[Future[Any]]  # tasks every variable of the region depends on, held until the region is done
     futures: list[Future[Any]] = field(default_factory=list)
     received: int = 0  # results taken from the completion queue
+    failed: bool = False  # a variable of it failed: never done

@@ -70,7 +70,7 @@ def build_region_graph(
         # Per-variable downloads of a file all need its inventory: one task per batch fetches them for all.
         indexes: list[Any] = [None] * len(batches)
         if shares_inventories(job, group, coords):
-            with annotate(priority=priority - position / len(job.data_vars)):
+            with annotate(priority=priority - position / len(job.data_vars), retries=job.task_retries):
                 indexes = [
                     delayed(index_kernel, pure=False)(job_key, batch, dask_key_name=f"index-{group_index}-{token}-{i}")
                     for i, batch in enumerate(batches)
@@ -91,14 +91,15 @@ def build_region_graph(
                 for index, batch in enumerate(batches)
             ]
 
-        with annotate(priority=priority - position / len(job.data_vars)):
+        with annotate(priority=priority - position / len(job.data_vars), retries=job.task_retries):
             shared = [] if job.download_per_variable else download_tasks(group, f"group{group_index}")
         for var_index, data_var in enumerate(group):
             # Within the region, variables in turn: the first one's downloads all come before the second's, so
             # its shard write starts while the others download (Dask would otherwise interleave them).
             with annotate(priority=priority - position / len(job.data_vars)):
                 position += 1
-                downloads = download_tasks([data_var], data_var.name) if job.download_per_variable else shared
+                with annotate(retries=job.task_retries):
+                    downloads = download_tasks([data_var], data_var.name) if job.download_per_variable else shared
                 # Bytes fetched are counted once: by each variable's task when downloads are its own.
                 count_bytes = job.download_per_variable or var_index == 0
                 inputs: list[Delayed] = downloads
@@ -124,9 +125,10 @@ def build_region_graph(
                         count_bytes,
                         dask_key_name=f"encode-{data_var.name}-{token}",
                     )
-                uploads.append(
-                    delayed(upload, pure=False)(encoded, store_key, dask_key_name=f"upload-{data_var.name}-{token}")
-                )
+                with annotate(retries=job.task_retries):
+                    uploads.append(
+                        delayed(upload, pure=False)(encoded, store_key, dask_key_name=f"upload-{data_var.name}-{token}")
+                    )
     return uploads
 
 

@@ -26,6 +26,7 @@ from reformatters.pipeline.region_layout import RegionLayout
 from reformatters.pipeline.shard_encoding import ShardEncoder, padded_shape
 from reformatters.region_job import FieldShapeError, RegionJob, SourceFileCoord, SourceFileStatus
 from reformatters.sources.download import FetchedIndexes, prefetch_indexes, seed_indexes
+from reformatters.sources.errors import SOURCE_FILE_FAILURES
 
 log = logging.getLogger("reformatters.pipeline")
 
@@ -127,7 +128,7 @@ def download_one(job: RegionJob[Any, Any], coord: SourceFileCoord, group: Sequen
                 payload = downloaded_path.read_bytes()
             finally:
                 downloaded_path.unlink(missing_ok=True)
-    except Exception as error:  # noqa: BLE001 - one bad file never sinks a run
+    except SOURCE_FILE_FAILURES as error:  # one bad file never sinks a run; any other error is a bug
         reason = f"{type(error).__name__}: {error}"
         # Per file at debug: a backfill meets thousands of files not published (yet); the summary counts them.
         log.debug("download failed %s: %s", _url_of(coord), reason)
@@ -150,10 +151,6 @@ def round_to_keep_bits(values: npt.NDArray[np.float32], data_var: Any) -> None:
         round_float32_inplace(values, keep)
 
 
-# A bug in the dataset's code fails the task at once instead of passing as one unreadable file per field.
-_DATASET_CODE_ERRORS = (FieldShapeError, NotImplementedError)
-
-
 def read_one(
     job: RegionJob[Any, Any], data_var: Any, outcome: DownloadOutcome
 ) -> tuple[SourceFileCoord, npt.NDArray[np.float32] | None]:
@@ -164,9 +161,7 @@ def read_one(
         values = np.asarray(job.read_data(outcome.coord, data_var, outcome.payload), dtype=np.float32)
         if not job.transforms_region(data_var):
             round_to_keep_bits(values, data_var)
-    except _DATASET_CODE_ERRORS:
-        raise
-    except Exception as error:  # noqa: BLE001 - one bad file never sinks a run
+    except SOURCE_FILE_FAILURES as error:  # a bug in the dataset's code (anything else) fails the task
         return _read_failed(outcome, data_var, error), None
     return outcome.coord.with_status(SourceFileStatus.Succeeded), values
 
@@ -181,9 +176,7 @@ def read_one_into(
         job.read_data_into(outcome.coord, data_var, outcome.payload, out)
         if not job.transforms_region(data_var):
             round_to_keep_bits(out, data_var)
-    except _DATASET_CODE_ERRORS:
-        raise
-    except Exception as error:  # noqa: BLE001 - one bad file never sinks a run
+    except SOURCE_FILE_FAILURES as error:  # a bug in the dataset's code (anything else) fails the task
         out[...] = np.nan  # whatever a failed decode left there is not data
         return _read_failed(outcome, data_var, error), False
     return outcome.coord.with_status(SourceFileStatus.Succeeded), True

@@ -30,6 +30,7 @@ import fsspec
 import urllib3
 from pydantic import BaseModel, ConfigDict, Field
 
+from reformatters.sources.errors import SourceNotFoundError, SourceUnreadableError
 from reformatters.sources.grib_index import (
     GribIndexParseError,
     GribMessageNotFoundError,
@@ -46,11 +47,11 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-class SourceFileNotFoundError(FileNotFoundError):
+class SourceFileNotFoundError(SourceNotFoundError):
     """The source file does not exist (yet): 404, or 403 from a bucket without list permission."""
 
 
-class SourceDownloadError(OSError):
+class SourceDownloadError(SourceUnreadableError, OSError):
     """A download failed after all retries (or with a non-retryable answer)."""
 
 

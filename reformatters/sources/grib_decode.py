@@ -11,12 +11,14 @@ import numpy.typing as npt
 from gribapi import gribapi as _gribapi  # ecCodes' own cffi binding: the C call that fills a caller's buffer
 from pydantic import BaseModel, ConfigDict
 
+from reformatters.sources.errors import SourceGridError, SourceUnreadableError
 
-class GribDecodeError(ValueError):
+
+class GribDecodeError(SourceUnreadableError, ValueError):
     """The bytes are not a decodable GRIB message."""
 
 
-class GridMismatchError(ValueError):
+class GridMismatchError(SourceGridError, ValueError):
     """A message is not on the grid the dataset expects."""
 
 

@@ -8,15 +8,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from reformatters.sources.errors import SourceUnreadableError
+
 WindowKind = Literal["acc", "ave", "max", "min"]
 WINDOW_KINDS: tuple[WindowKind, ...] = ("acc", "ave", "max", "min")
 
 
-class GribIndexParseError(ValueError):
+class GribIndexParseError(SourceUnreadableError, ValueError):
     """An inventory line could not be parsed."""
 
 
-class GribMessageNotFoundError(LookupError):
+class GribMessageNotFoundError(SourceUnreadableError, LookupError):
     """The inventory holds no message (or more than one) matching what was asked for."""
 
 

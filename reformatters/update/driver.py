@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,12 +41,12 @@ from reformatters.publish import (
     tmp_metadata_store,
     variable_metadata,
 )
-from reformatters.region_job import RegionJob, SourceFileStatus
+from reformatters.region_job import RegionJob, SourceFileCoord, SourceFileStatus
 from reformatters.sources.reachability import check_source_reachable
 from reformatters.summary import RunSummary
 from reformatters.update.drift import check_no_drift
 from reformatters.update.lease import UpdateRefusedError
-from reformatters.update.progress_tracker import UpdateProgressTracker, metadata_digest, region_key
+from reformatters.update.progress_tracker import UpdateProgressTracker, region_key, resume_job
 from reformatters.update.upload_gate import RecordedUpload
 
 log = logging.getLogger("reformatters.update")
@@ -83,7 +83,12 @@ def run_operational_update(
     append_dim: str = config.append_dim
     job_class: type[RegionJob[Any, Any]] = dataset.region_job_class
     final_store: ObjectStore = dataset.store(store_url)
-    summary = RunSummary(dataset_id=dataset.dataset_id, kind="update", store=final_store.url)
+    summary = RunSummary(
+        dataset_id=dataset.dataset_id,
+        kind="update",
+        store=final_store.url,
+        max_failed_fraction=dataset.max_failed_fraction,
+    )
 
     if not final_store.exists(ROOT_METADATA_KEY):
         raise UpdateRefusedError(
@@ -173,6 +178,7 @@ def _update_under_lease(
             tracker=tracker,
             summary=summary,
             started=started,
+            due=dataset.source_file_due(now_ts),
         )
         to_run = [(plan, job) for plan in plans for job in plan.jobs]
         if not plans:
@@ -206,22 +212,11 @@ def _plan_regions(
         records = tracker.load(key)
         plan = RegionPlan(index=index, region=slice(start, stop), key=key, jobs=[])
         for job in by_region[(start, stop)]:
-            remaining = []
-            for var in job.data_vars:
-                record = records.get(var.name)
-                # Only real uploads are skipped: a refusal of the gate says what the source lacked back then.
-                reusable = record is not None and not record.gated
-                if (
-                    record is not None
-                    and reusable
-                    and record.metadata_digest == metadata_digest(var_metadata[var.name])
-                ):
-                    plan.results.append(record.result)
-                    plan.resumed.append(f"{var.name} (run {record.run_id})")
-                else:
-                    remaining.append(var)
+            reused, remaining = resume_job(job, records, var_metadata)
+            plan.results.extend(reused)
+            plan.resumed.extend(f"{r.var_name} (run {r.extra['resumed_from_run']})" for r in reused)
             if remaining:
-                plan.jobs.append(job.model_copy(update={"data_vars": tuple(remaining)}))
+                plan.jobs.append(job.model_copy(update={"data_vars": remaining}))
         if plan.resumed:
             log.info("region %s: resuming, already uploaded: %s", key, ", ".join(plan.resumed))
         plan.jobs_left = len(plan.jobs)
@@ -278,6 +273,7 @@ class _RegionPublisher:
     tracker: UpdateProgressTracker
     summary: RunSummary
     started: float
+    due: Callable[[SourceFileCoord], bool]
     next_index: int = 0
 
     @property
@@ -300,7 +296,7 @@ class _RegionPublisher:
             replace(r, bytes_fetched=0, bytes_written=0, objects_written=0) if "resumed_from_run" in r.extra else r
             for r in plan.results
         ]
-        self.summary.add(counted)
+        self.summary.add(counted, self.due)
         self.publisher.add(plan.region, results)
         try:
             self.publisher.publish(f"region {plan.key}")

@@ -254,3 +254,52 @@ def test_variables_submitted_one_at_a_time_share_the_inventories(server: Archive
     inventories = {rel: n for rel, n in server.requests.items() if rel.endswith(".idx")}
     assert len(inventories) == len(LEAD_HOURS)
     assert set(inventories.values()) == {1}, sorted(inventories.items(), key=lambda item: -item[1])[:3]
+
+
+def test_malformed_inventories_fail_their_file_and_the_run_completes(archive: ArchiveManifest, tmp_path: Path) -> None:
+    """Three leads' `.idx` answered 200 with an HTML page, cut mid-line, and not UTF-8: those files fail for every
+    variable (the shared index task and each download both read them), the other leads are published."""
+    mirror = tmp_path / "archive"
+    for path in archive.root.rglob("*"):
+        if path.is_file():
+            target = mirror / path.relative_to(archive.root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path)
+    bad = {1: "html", 2: "cut", 3: "not utf-8"}
+    for lead, kind in bad.items():
+        idx = next(mirror.rglob(f"gfs.t00z.pgrb2.0p25.f{lead:03d}.idx"))
+        text = idx.read_text()
+        idx.unlink()
+        if kind == "html":
+            data = b"<html><body><h1>Service temporarily unavailable</h1></body></html>\n"
+        elif kind == "cut":
+            line = next(line for line in text.splitlines(keepends=True) if ":TMP:2 m above ground:" in line)
+            data = text[: text.index(line) + len(line) // 2].encode()
+        else:
+            data = text.encode().replace(b":TMP:", b":T\xffP:", 1)
+        idx.write_bytes(data)
+    store = tmp_path / "gfs.zarr"
+    names = ("temperature_2m", "precipitation_surface")  # two variables: the inventories go through index tasks
+    with ArchiveServer(mirror) as server:
+        summary = GfsForecastDataset().backfill(
+            "2021-05-01T06:00",
+            cluster="local",
+            n_workers=2,
+            store_url=str(store),
+            source_url=server.url,
+            filters=RegionJobFilters(variable_names=names),
+            show_progress=False,
+        )
+        assert all(server.statuses[(rel, 200)] for rel in server.requests if rel.endswith(("f001.idx", "f003.idx")))
+    for name in names:
+        entry = summary.variables[name]
+        assert entry.files_download_failed == len(bad), entry
+        assert entry.files_ok == len(ARCHIVE_LEADS) - len(bad)
+        assert sum("GribIndexParseError" in line for line in entry.failures) == len(bad), entry.failures
+    assert any("not UTF-8" in line for line in summary.variables[names[0]].failures)
+    published = xr.open_zarr(store, decode_timedelta=True)
+    temperature = published.temperature_2m.isel(init_time=0)
+    for lead in bad:
+        assert np.isnan(temperature.sel(lead_time=pd.Timedelta(hours=lead)).values).all()
+    assert not np.isnan(temperature.sel(lead_time=pd.Timedelta(hours=6)).values).any()
+    assert summary.published_append_dim_end == pd.Timestamp(INIT).isoformat()
