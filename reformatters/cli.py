@@ -53,6 +53,14 @@ SourceUrlOption = Annotated[
     str | None,
     typer.Option("--source-url", help="Replace the dataset's source root (a mirror or a local archive)."),
 ]
+ScratchDirOption = Annotated[
+    str | None,
+    typer.Option(
+        "--scratch-dir",
+        help="Where workers keep variable-regions too large for memory (datasets that opt in); "
+        "default: each worker's temporary directory.",
+    ),
+]
 NowOption = Annotated[str | None, typer.Option("--now", help="Pretend the wall clock reads this UTC time (ISO 8601).")]
 
 
@@ -191,6 +199,7 @@ def backfill(
             f"exit status {EXIT_LEASE_HELD} if it still does."
         ),
     ] = DEFAULT_LEASE_WAIT_SECONDS,
+    scratch_dir: ScratchDirOption = None,
 ) -> None:
     """Build DATASET_ID's history up to APPEND_DIM_END on a Dask cluster (also into a store readers use).
 
@@ -223,6 +232,7 @@ def backfill(
                 summary_path=summary,
                 n_workers=workers,
                 lease_wait_seconds=lease_wait,
+                scratch_dir=scratch_dir,
             )
     except _run_failures() as error:
         raise _run_failure(error) from None
@@ -239,6 +249,7 @@ def update(
     now: NowOption = None,
     workers: Annotated[int | None, typer.Option(help="Workers for --cluster local.")] = None,
     summary: Annotated[Path | None, typer.Option(help="Also write the run summary as JSON here.")] = None,
+    scratch_dir: ScratchDirOption = None,
 ) -> None:
     """Append the newest runs to DATASET_ID and publish each region as it completes (the operational CronJob).
 
@@ -256,6 +267,7 @@ def update(
                 now=parse_utc(now) if now else None,
                 n_workers=workers,
                 summary_path=summary,
+                scratch_dir=scratch_dir,
             )
     except _run_failures() as error:
         raise _run_failure(error) from None

@@ -8,7 +8,7 @@ import logging
 import mmap
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +65,7 @@ class ReadOutcome:
     coords: list[SourceFileCoord]
     fields: list[npt.NDArray[np.float32] | None]
     bytes_fetched: int
+    decodes: int = 0  # messages handed to the decoder
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ class EncodedVariable:
     results: list[SourceFileCoord]
     bytes_fetched: int
     kept_published_fields: int = 0  # fields the run had no values for, kept from the published shards
+    decodes: int = 0  # messages handed to the decoder for this variable
+    extra: dict[str, Any] = field(default_factory=dict)  # reported in `VariableResult.extra`
+    upload_threads: int = 8  # objects uploaded at once to a remote store (each held in memory while it goes)
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class VariableResult:
     objects_written: int
     skipped: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    decodes: int = 0  # messages handed to the decoder: one per field read, whatever the graph's shape
 
     def count(self, status: SourceFileStatus) -> int:
         return sum(1 for c in self.results if c.status == status)
@@ -206,7 +211,8 @@ def read_kernel(
         coord, values = read_one(job, data_var, outcome)
         coords.append(coord)
         fields.append(values)
-    return ReadOutcome(data_var.name, coords, fields, _fetched(downloads) if count_bytes else 0)
+    decodes = sum(1 for outcome in downloads if outcome.payload is not None)
+    return ReadOutcome(data_var.name, coords, fields, _fetched(downloads) if count_bytes else 0, decodes)
 
 
 def _fetched(downloads: Sequence[DownloadOutcome]) -> int:
@@ -367,6 +373,7 @@ class AssembledVariable:
     results: list[SourceFileCoord]
     delivered: npt.NDArray[np.bool_]  # over the layout's leading dims: slabs that received a whole field
     written: npt.NDArray[np.bool_]  # over the layout's leading dims: slabs a read wrote any value into
+    decodes: int = 0  # messages this assembly handed to the decoder
 
     def region_values(self) -> npt.NDArray[np.float32]:
         """The processing region's values, a view of the buffer (row-major only: `choose_layout` picks row-major
@@ -445,6 +452,7 @@ def assemble_variable(
     results: list[SourceFileCoord] = []
     delivered = np.zeros(layout.slab_grid, dtype=bool)
     written = np.zeros(layout.slab_grid, dtype=bool)
+    decodes = 0
 
     def locate(coord: SourceFileCoord) -> tuple[Any, ...]:
         location = coord.out_loc()
@@ -477,6 +485,7 @@ def assemble_variable(
             else:
                 for outcome in item:
                     position = locate(outcome.coord)
+                    decodes += outcome.payload is not None
                     if rows_view is None:
                         scratch = _scratch_field(field_shape)
                         coord, read = read_one_into(job, data_var, outcome, scratch)
@@ -491,7 +500,7 @@ def assemble_variable(
     except BaseException:
         REGION_BUFFERS.give_back(buffer, layout=layout)
         raise
-    return AssembledVariable(job, data_var, layout, buffer, results, delivered, written)
+    return AssembledVariable(job, data_var, layout, buffer, results, delivered, written, decodes)
 
 
 def encode_variable_kernel(
@@ -517,6 +526,7 @@ def encode_variable_kernel(
     reads = [r for r in inputs if isinstance(r, ReadOutcome)]
     downloads = [d for batch in inputs if not isinstance(batch, ReadOutcome) for d in batch]
     fetched = sum(r.bytes_fetched for r in reads) + (_fetched(downloads) if count_download_bytes else 0)
+    decodes = sum(r.decodes for r in reads) + assembled.decodes
     # Encoded chunks are copies: the buffer is free once the shards are encoded (or the encode failed).
     try:
         if job.transforms_region(data_var):
@@ -529,14 +539,15 @@ def encode_variable_kernel(
                 round_to_keep_bits(region[slab], data_var)
         else:
             holding_data = assembled.written.copy()  # only the reads wrote into the buffer
-        encoded, kept = _encode_assembled(
-            job, data_var, assembled, holding_data, encoder, plan, var_metadata, final_store
+        encoded: dict[str, bytes] = {}
+        kept = encode_assembled(
+            job, data_var, assembled, holding_data, encoder, plan, var_metadata, final_store, encoded.__setitem__
         )
     except BaseException:
         REGION_BUFFERS.give_back(assembled.buffer, layout=layout)
         raise
     REGION_BUFFERS.give_back(assembled.buffer, float(np.nan), dirty_slabs=holding_data, layout=layout)
-    return EncodedVariable(data_var.name, encoded, _in_region(job, assembled.results), fetched, kept)
+    return EncodedVariable(data_var.name, encoded, in_region(job, assembled.results), fetched, kept, decodes)
 
 
 def slabs_holding_data(padded: npt.NDArray[np.float32], delivered: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
@@ -578,7 +589,7 @@ class ShardPlan:
         return cls(array_shape, axis, whole, partial)
 
 
-def _in_region(job: RegionJob[Any, Any], results: Sequence[SourceFileCoord]) -> list[SourceFileCoord]:
+def in_region(job: RegionJob[Any, Any], results: Sequence[SourceFileCoord]) -> list[SourceFileCoord]:
     """The results of the region itself, not of the processing region's extra positions."""
     processing = job.get_processing_region()
     region = job.region
@@ -587,7 +598,7 @@ def _in_region(job: RegionJob[Any, Any], results: Sequence[SourceFileCoord]) -> 
     return [c for c in results if c.out_loc().get(job.append_dim) in in_region]
 
 
-def _encode_assembled(
+def encode_assembled(
     job: RegionJob[Any, Any],
     data_var: Any,
     assembled: AssembledVariable,
@@ -596,15 +607,15 @@ def _encode_assembled(
     plan: ShardPlan,
     var_metadata: bytes,
     final_store: ObjectStore,
-) -> tuple[dict[str, bytes], int]:
-    """The shard objects of one variable-region, and how many fields they keep from the published shards
-    (`holding_data` is updated where they do)."""
+    sink: Callable[[str, bytes], None],
+) -> int:
+    """Encode the shard objects of one variable-region, handing each to `sink(key, bytes)` as it is done;
+    returns how many fields they keep from the published shards (`holding_data` is updated where they do)."""
     processing = job.get_processing_region()
     region = job.region
     axis = plan.axis
     shard_grid = [range(-(-n // s)) for n, s in zip(plan.array_shape, encoder.shard_shape, strict=True)]
     layout = assembled.layout
-    objects: dict[str, bytes] = {}
     kept = 0
     for index in plan.whole:
         grid = list(shard_grid)
@@ -624,7 +635,7 @@ def _encode_assembled(
                     return layout.chunk(assembled.buffer, [f + w for f, w in zip(first, within, strict=True)])
 
                 kept += keep_published_fields(encoder, published, chunk_at, slab_map)
-                objects[key] = encoder.encode_chunks(chunk_at, slab_map)
+                sink(key, encoder.encode_chunks(chunk_at, slab_map))
             else:
                 block = tuple(slice(o, o + s) for o, s in zip(origin, encoder.shard_shape, strict=True))
                 shard = assembled.buffer[block]
@@ -635,7 +646,7 @@ def _encode_assembled(
                     ]
 
                 kept += keep_published_fields(encoder, published, shard_chunk, slab_map)
-                objects[key] = encoder.encode(shard, slab_map, others_hold_fill=True)
+                sink(key, encoder.encode(shard, slab_map, others_hold_fill=True))
     if plan.partial:
         offset = region.start - processing.start
         values = assembled.region_values()
@@ -652,9 +663,10 @@ def _encode_assembled(
             var_metadata,
             final_store,
         )
-        objects.update(merged)
+        for key, data in merged.items():
+            sink(key, data)
         kept += merged_kept
-    return objects, kept
+    return kept
 
 
 def _merge_partial_shards(
@@ -720,27 +732,30 @@ def upload_kernel(encoded: EncodedVariable, final_store: ObjectStore) -> Variabl
     published bytes are the same (judged by digest, never downloaded) is left alone: fewer replaced objects,
     fewer readers caught between two versions of a shard."""
 
-    def put_if_changed(item: tuple[str, bytes]) -> bool:
-        key, data = item
+    def put_if_changed(key: str) -> int | None:
+        """The bytes written, None if the published object is the same. The object's bytes are fetched here:
+        `encoded.objects` may hold them in files (the scratch path), so only those in flight are in memory."""
+        data = encoded.objects[key]
         if final_store.holds(key, data):
-            return False
+            return None
         final_store.put(key, data)
-        return True
+        return len(data)
 
-    items = sorted(encoded.objects.items())
+    keys = sorted(encoded.objects)
     if final_store.is_local:
-        written = [put_if_changed(item) for item in items]
+        written = [put_if_changed(key) for key in keys]
     else:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            written = list(pool.map(put_if_changed, items))
-    extra: dict[str, Any] = {"objects_unchanged": written.count(False)}
+        with ThreadPoolExecutor(max_workers=max(1, encoded.upload_threads)) as pool:
+            written = list(pool.map(put_if_changed, keys))
+    extra: dict[str, Any] = {**encoded.extra, "objects_unchanged": written.count(None)}
     if encoded.kept_published_fields:
         extra["kept_published_fields"] = encoded.kept_published_fields
     return VariableResult(
         var_name=encoded.var_name,
         results=encoded.results,
         bytes_fetched=encoded.bytes_fetched,
-        bytes_written=sum(len(data) for (_, data), put in zip(items, written, strict=True) if put),
-        objects_written=written.count(True),
+        bytes_written=sum(n for n in written if n is not None),
+        objects_written=sum(1 for n in written if n is not None),
         extra=extra,
+        decodes=encoded.decodes,
     )

@@ -209,8 +209,9 @@ class ShardEncoder:
                 continue
             chunk_map[chunk_coords] = self._encode_chunk(contiguous, fill_from_byte)
         if not chunk_map:
+            # Every chunk holds only fill here (unread where no slab has data: a scratch file leaves them holes).
             first = (0,) * len(self.chunk_shape)
-            chunk_map[first] = self._encode_chunk(self._copy_to_scratch(self._checked(chunk_at(first))))
+            chunk_map[first] = self._encode_chunk(np.full(self.chunk_shape, self.fill_value, dtype=self.dtype))
         return self._join_shard(chunk_map)
 
     def _join_shard(self, chunk_map: dict[tuple[int, ...], Any]) -> bytes:

@@ -1,0 +1,119 @@
+"""The scratch path (`reformatters.pipeline.scratch`): variable-regions assembled in a worker-local file.
+
+The example dataset's archive is served on loopback and backfilled twice on one LocalCluster of two worker
+processes, in memory and through the scratch, into two stores that must hold the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from reformatters_datasets.example import source
+from reformatters_datasets.example.dataset import ExampleDataset
+from reformatters_datasets.example.region_job import ExampleRegionJob
+
+from reformatters.cluster import open_client
+from reformatters.pipeline.scratch import SCRATCH_DIR_ENVIRON, SCRATCH_PREFIX, remove_dead_scratch
+from reformatters.summary import RunSummary
+from reformatters.testing.archive_server import ArchiveServer
+
+INITS = pd.date_range("2024-01-01", periods=4, freq="6h")
+MISSING = [(INITS[1], 3)]
+CORRUPT = [(INITS[2], 0)]
+
+
+@pytest.fixture(scope="module")
+def cluster_address() -> Iterator[str]:
+    with open_client("local", n_workers=2) as client:
+        yield str(client.scheduler_info()["address"])
+
+
+def store_objects(store: Path) -> dict[str, bytes]:
+    """Every object of a store but the run's own records under `_internal/`."""
+    return {
+        str(path.relative_to(store)): path.read_bytes()
+        for path in sorted(store.rglob("*"))
+        if path.is_file() and not str(path.relative_to(store)).startswith("_internal")
+    }
+
+
+def assert_decoded_once(summary: RunSummary) -> None:
+    for name, entry in summary.variables.items():
+        assert entry.decodes == entry.files_ok + entry.files_read_failed, (name, entry)
+        assert entry.decodes > 0, name
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_example_scratch_store_is_the_in_memory_store(
+    tmp_path: Path, cluster_address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source.generate_source(tmp_path / "source", INITS, missing=MISSING, corrupt=CORRUPT)
+    dataset = ExampleDataset()
+    scratch = tmp_path / "scratch"
+    with ArchiveServer(tmp_path / "source") as server:
+
+        def backfill(store: Path, scratch_dir: Path | None) -> RunSummary:
+            return dataset.backfill(
+                "2024-01-02T00:00",
+                cluster=cluster_address,
+                store_url=str(store),
+                source_url=server.url,
+                show_progress=False,
+                scratch_dir=None if scratch_dir is None else str(scratch_dir),
+            )
+
+        in_memory = backfill(tmp_path / "memory.zarr", None)
+        monkeypatch.setattr(ExampleRegionJob, "scratch_region_bytes", 0)
+        through_scratch = backfill(tmp_path / "scratch.zarr", scratch)
+
+    memory_objects = store_objects(tmp_path / "memory.zarr")
+    scratch_objects = store_objects(tmp_path / "scratch.zarr")
+    assert sorted(scratch_objects) == sorted(memory_objects)
+    assert any("/c/" in key for key in memory_objects)
+    for key, data in memory_objects.items():
+        assert scratch_objects[key] == data, key
+    # Both variables went through the scratch (temperature chunk by chunk, precipitation row-major for its
+    # transform), and nothing is left of it.
+    for name in ("temperature_2m", "precipitation_surface"):
+        assert through_scratch.variables[name].scratch_bytes > 0, name
+        assert in_memory.variables[name].scratch_bytes == 0, name
+        assert through_scratch.variables[name].files_read_failed == 1
+    assert scratch.is_dir() and list(scratch.iterdir()) == []
+    assert_decoded_once(in_memory)
+    assert_decoded_once(through_scratch)
+    assert through_scratch.decodes == in_memory.decodes == 2 * (len(INITS) * len(source.LEAD_HOURS) - 1)
+
+
+def test_scratch_of_dead_processes_is_removed_at_worker_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dead = tmp_path / f"{SCRATCH_PREFIX}{dead_pid()}"
+    (dead / "temperature_2m-x").mkdir(parents=True)
+    (dead / "temperature_2m-x" / "region.f32").write_bytes(b"\0" * 4096)
+    alive = tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}"
+    alive.mkdir()
+    unrelated = tmp_path / f"{SCRATCH_PREFIX}notapid"
+    unrelated.mkdir()
+    monkeypatch.setenv(SCRATCH_DIR_ENVIRON, str(tmp_path))
+    with open_client("local", n_workers=2) as client:
+        assert len(client.scheduler_info()["workers"]) == 2
+        assert not dead.exists()
+    assert alive.is_dir() and unrelated.is_dir()
+
+
+def test_remove_dead_scratch_keeps_running_processes(tmp_path: Path) -> None:
+    dead = tmp_path / f"{SCRATCH_PREFIX}{dead_pid()}"
+    dead.mkdir()
+    alive = tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}"
+    alive.mkdir()
+    assert remove_dead_scratch(tmp_path) == [dead]
+    assert alive.is_dir() and not dead.exists()
