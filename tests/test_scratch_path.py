@@ -7,18 +7,22 @@ processes, in memory and through the scratch, into two stores that must hold the
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import xarray as xr
 from reformatters_datasets.example import source
 from reformatters_datasets.example.dataset import ExampleDataset
 from reformatters_datasets.example.region_job import ExampleRegionJob
 
 from reformatters.cluster import open_client
 from reformatters.pipeline.scratch import SCRATCH_DIR_ENVIRON, SCRATCH_PREFIX, remove_dead_scratch
+from reformatters.region_job import RegionJobFilters
 from reformatters.summary import RunSummary
 from reformatters.testing.archive_server import ArchiveServer
 
@@ -117,3 +121,47 @@ def test_remove_dead_scratch_keeps_running_processes(tmp_path: Path) -> None:
     alive.mkdir()
     assert remove_dead_scratch(tmp_path) == [dead]
     assert alive.is_dir() and not dead.exists()
+
+
+def test_update_and_backfill_over_a_published_store_through_the_scratch_equal_the_in_memory_runs(
+    tmp_path: Path, cluster_address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An update whose first region covers half a shard (merged into the published shard chunk by chunk) and a
+    backfill of a published shard with a file gone (the gate keeps the published field): the same bytes both ways,
+    and the published fields are kept."""
+    inits = pd.date_range("2024-01-01", periods=7, freq="6h")
+    root = source.generate_source(tmp_path / "source", inits)
+    dataset = ExampleDataset()
+    base = tmp_path / "base.zarr"
+    dataset.backfill(inits[4], cluster=cluster_address, store_url=str(base), source_url=str(root), show_progress=False)
+    # Gone after the base backfill: the re-ingested init 3 (a partial shard) and init 0 (a whole shard) lack a lead.
+    for init, hour in [(inits[3], 2), (inits[0], 1)]:
+        (root / source.relative_path(init, hour)).unlink()
+    summaries: dict[str, list[RunSummary]] = {}
+    for mode in ("memory", "scratch"):
+        if mode == "scratch":
+            monkeypatch.setattr(ExampleRegionJob, "scratch_region_bytes", 0)
+        store = tmp_path / f"{mode}.zarr"
+        shutil.copytree(base, store)
+        scratch_dir = str(tmp_path / "scratch") if mode == "scratch" else None
+        common = {"cluster": cluster_address, "store_url": str(store), "source_url": str(root), "show_progress": False}
+        update = dataset.update(now=inits[-1], scratch_dir=scratch_dir, **common)
+        backfill = dataset.backfill(
+            inits[2], filters=RegionJobFilters.parse(end=inits[1]), scratch_dir=scratch_dir, **common
+        )
+        summaries[mode] = [update, backfill]
+    memory_objects = store_objects(tmp_path / "memory.zarr")
+    scratch_objects = store_objects(tmp_path / "scratch.zarr")
+    assert sorted(scratch_objects) == sorted(memory_objects)
+    for key, data in memory_objects.items():
+        assert scratch_objects[key] == data, key
+    assert list((tmp_path / "scratch").iterdir()) == []
+    for summary in summaries["scratch"]:
+        assert summary.variables["temperature_2m"].scratch_bytes > 0
+        assert summary.variables["temperature_2m"].files_not_found == 1
+        assert_decoded_once(summary)
+    published = xr.open_zarr(tmp_path / "scratch.zarr", decode_timedelta=True)["temperature_2m"]
+    for init, hour in [(inits[3], 2), (inits[0], 1)]:
+        np.testing.assert_allclose(
+            published.sel(init_time=init).isel(lead_time=hour).values, source.temperature(init, hour), rtol=1e-3
+        )

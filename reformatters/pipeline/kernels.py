@@ -608,9 +608,13 @@ def encode_assembled(
     var_metadata: bytes,
     final_store: ObjectStore,
     sink: Callable[[str, bytes], None],
+    *,
+    partial_by_chunk: bool = False,
 ) -> int:
     """Encode the shard objects of one variable-region, handing each to `sink(key, bytes)` as it is done;
-    returns how many fields they keep from the published shards (`holding_data` is updated where they do)."""
+    returns how many fields they keep from the published shards (`holding_data` is updated where they do).
+    `partial_by_chunk`: partial shards are merged one inner chunk at a time (`merge_partial_shards_by_chunk`), not
+    through zarr with the shard in memory."""
     processing = job.get_processing_region()
     region = job.region
     axis = plan.axis
@@ -653,6 +657,17 @@ def encode_assembled(
         cut = [slice(None)] * values.ndim
         cut[axis] = slice(offset, offset + (region.stop - region.start))
         in_template = tuple(slice(0, n) for n in values.shape[:-2])
+        if partial_by_chunk:
+            return kept + merge_partial_shards_by_chunk(
+                encoder,
+                data_var.name,
+                values[tuple(cut)],
+                holding_data[in_template][tuple(cut[:-2])],
+                plan,
+                region,
+                final_store,
+                sink,
+            )
         merged, merged_kept = _merge_partial_shards(
             data_var.name,
             values[tuple(cut)],
@@ -725,6 +740,73 @@ def _merge_partial_shards(
                         kept += 1
             array[tuple(selection)] = new
     return {key: value.to_bytes() for key, value in store_dict.items() if key.startswith(prefix)}, kept
+
+
+def merge_partial_shards_by_chunk(
+    encoder: ShardEncoder,
+    var_name: str,
+    region_values: npt.NDArray[np.float32],
+    region_has_values: npt.NDArray[np.bool_],
+    plan: ShardPlan,
+    region: slice,
+    final_store: ObjectStore,
+    sink: Callable[[str, bytes], None],
+) -> int:
+    """`_merge_partial_shards`, one inner chunk at a time, handing each shard to `sink` as it is done: the same
+    bytes zarr writes (inner chunks the region touches re-encoded from the published chunk with the region's
+    fields over it, the others kept as stored), with only one shard's encoded chunks and one decoded chunk in
+    memory. Returns how many published fields were kept (slabs of the region without values)."""
+    axis = plan.axis
+    array_shape = plan.array_shape
+    shard_shape, chunk_shape = encoder.shard_shape, encoder.chunk_shape
+    unit = shard_shape[axis]
+    shard_grid = [range(-(-n // s)) for n, s in zip(array_shape, shard_shape, strict=True)]
+    kept: set[tuple[int, ...]] = set()
+    for index in plan.partial:
+        start = max(region.start, index * unit)
+        stop = min(region.stop, (index + 1) * unit)
+        grid = list(shard_grid)
+        grid[axis] = range(index, index + 1)
+        for shard_index in itertools.product(*grid):
+            key = f"{var_name}/c/" + "/".join(map(str, shard_index))
+            published = PublishedShard(final_store, key, encoder)
+            chunk_map: dict[tuple[int, ...], Any] = {}
+            for chunk_coords in itertools.product(*(range(n) for n in encoder.chunks_per_shard)):
+                low = [
+                    s * i + c * k
+                    for s, i, c, k in zip(shard_shape, shard_index, chunk_shape, chunk_coords, strict=True)
+                ]
+                high = [lo + c for lo, c in zip(low, chunk_shape, strict=True)]
+                touched = all(lo < n for lo, n in zip(low, array_shape, strict=True)) and (
+                    low[axis] < stop and high[axis] > start
+                )
+                if not touched:
+                    stored = published.chunk_bytes(chunk_coords)
+                    if stored is not None:
+                        chunk_map[chunk_coords] = encoder.stored_chunk(stored)
+                    continue
+                current = published.chunk(chunk_coords)
+                values = (
+                    np.full(chunk_shape, encoder.fill_value, dtype=encoder.dtype)
+                    if current is None
+                    else np.array(current, dtype=encoder.dtype, copy=True)
+                )
+                bounds = [(lo, min(hi, n)) for lo, hi, n in zip(low, high, array_shape, strict=True)]
+                bounds[axis] = (max(low[axis], start), min(high[axis], stop))
+                in_chunk = tuple(slice(b - lo, e - lo) for (b, e), lo in zip(bounds, low, strict=True))
+                in_region = [slice(b, e) for b, e in bounds]
+                in_region[axis] = slice(bounds[axis][0] - region.start, bounds[axis][1] - region.start)
+                has_values = region_has_values[tuple(in_region[:-2])]
+                target = values[in_chunk]
+                target[has_values] = region_values[tuple(in_region)][has_values]
+                if current is not None:
+                    leading_origin = [b for b, _ in bounds[:-2]]
+                    for slab in zip(*np.nonzero(~has_values), strict=True):
+                        if not holds_only_nan(target[slab]):
+                            kept.add(tuple(o + int(i) for o, i in zip(leading_origin, slab, strict=True)))
+                chunk_map[chunk_coords] = encoder.encode_chunk(values)
+            sink(key, encoder.join_shard(chunk_map))
+    return len(kept)
 
 
 def upload_kernel(encoded: EncodedVariable, final_store: ObjectStore) -> VariableResult:

@@ -43,6 +43,11 @@ class PublishedShard:
 
     def chunk(self, chunk_coords: tuple[int, ...]) -> npt.NDArray[Any] | None:
         """The decoded published chunk at `chunk_coords` (within the shard); None if the shard or chunk is absent."""
+        data = self.chunk_bytes(chunk_coords)
+        return None if data is None else self._encoder.decode_chunk(data)
+
+    def chunk_bytes(self, chunk_coords: tuple[int, ...]) -> bytes | None:
+        """The stored bytes of the published chunk at `chunk_coords`; None if the shard or chunk is absent."""
         index = self._load_index()
         if index is None:
             return None
@@ -55,7 +60,7 @@ class PublishedShard:
                 f"{self._store.url}/{self._key}: the published shard changed while it was read (its index lists "
                 f"bytes {byte_range[0]}..{byte_range[1]}); another writer is at work? Re-run once it is done."
             )
-        return self._encoder.decode_chunk(data)
+        return bytes(data)
 
 
 def keep_published_fields(

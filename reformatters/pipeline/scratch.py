@@ -13,14 +13,14 @@ upload tasks:
   one array);
 - applies the transform hook to the memory-mapped region (a hook that allocates region-sized temporaries still
   costs that memory), then encodes one shard at a time from inner chunks read out of the file, the upload gate
-  filling slabs from the published shard chunk by chunk; each encoded shard goes to a file beside the region;
+  filling slabs from the published shard chunk by chunk, and a shard the region covers only in part (an update
+  of a long-sharded dataset) merged into its published content one inner chunk at a time
+  (`kernels.merge_partial_shards_by_chunk`); each encoded shard goes to a file beside the region;
 - uploads the shard files with the run's upload step, and removes its files.
 
-The values written are the in-memory path's, byte for byte. The region's pages are file-backed: the kernel may
-evict them, so the worker's anonymous memory holds the download window, one field, one shard being encoded and
-the shard being uploaded, whatever the member count. Exceptions: a partial shard (a region covering part of a
-shard along the append dim, as updates of long-sharded datasets do) is merged through zarr from the region's
-values, so that shard is materialised.
+The objects written are the in-memory path's, byte for byte. The region's pages are file-backed: the kernel may
+evict them, so the worker's anonymous memory holds the download window, one field, one shard's encoded chunks
+(and the shard's bytes while they are written out or uploaded), whatever the member count.
 
 The scratch is local to the worker: a retried task, on this worker or another, redoes its whole variable-region
 from the downloads. A worker that dies leaves its scratch behind; the next worker to start on the machine
@@ -295,9 +295,7 @@ def _encode_in_scratch(
     layout = choose_layout(job, data_var, encoder, coords, bool(plan.partial))
     region_path = directory / "region.f32"
     # A sparse file: only pages written (fields, and the fill the encoder reads) take disk.
-    buffer: npt.NDArray[np.float32] = np.memmap(
-        region_path, dtype=np.float32, mode="w+", shape=layout.memory_shape
-    )
+    buffer: npt.NDArray[np.float32] = np.memmap(region_path, dtype=np.float32, mode="w+", shape=layout.memory_shape)
     try:
         template = job.template_ds[data_var.name]
         field_shape = (template.shape[-2], template.shape[-1])
@@ -352,7 +350,16 @@ def _encode_in_scratch(
             holding_data = written.copy()
         objects = ScratchObjects(directory)
         kept = encode_assembled(
-            job, data_var, assembled, holding_data, encoder, plan, var_metadata, final_store, objects.put
+            job,
+            data_var,
+            assembled,
+            holding_data,
+            encoder,
+            plan,
+            var_metadata,
+            final_store,
+            objects.put,
+            partial_by_chunk=True,
         )
     finally:
         del buffer
