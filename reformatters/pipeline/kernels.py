@@ -610,11 +610,13 @@ def encode_assembled(
     sink: Callable[[str, bytes], None],
     *,
     partial_by_chunk: bool = False,
+    unwritten_unread: bool = False,
 ) -> int:
     """Encode the shard objects of one variable-region, handing each to `sink(key, bytes)` as it is done;
     returns how many fields they keep from the published shards (`holding_data` is updated where they do).
     `partial_by_chunk`: partial shards are merged one inner chunk at a time (`merge_partial_shards_by_chunk`), not
-    through zarr with the shard in memory."""
+    through zarr with the shard in memory. `unwritten_unread`: a chunk-major buffer's slabs without values are
+    never read, only written as fill into the copy of their chunk (the scratch path leaves them holes)."""
     processing = job.get_processing_region()
     region = job.region
     axis = plan.axis
@@ -639,7 +641,7 @@ def encode_assembled(
                     return layout.chunk(assembled.buffer, [f + w for f, w in zip(first, within, strict=True)])
 
                 kept += keep_published_fields(encoder, published, chunk_at, slab_map)
-                sink(key, encoder.encode_chunks(chunk_at, slab_map))
+                sink(key, encoder.encode_chunks(chunk_at, slab_map, others_unread=unwritten_unread))
             else:
                 block = tuple(slice(o, o + s) for o, s in zip(origin, encoder.shard_shape, strict=True))
                 shard = assembled.buffer[block]

@@ -88,10 +88,12 @@ def keep_published_fields(
             continue
         # A field spans the chunks along its own two dims: each of them may hold part of the published field.
         restored: set[tuple[Any, ...]] = set()
+        absent: list[tuple[int, ...]] = []
         for field_chunk in itertools.product(*(range(n) for n in field_grid)):
             chunk_coords = (*leading, *field_chunk)
             published_chunk = published.chunk(chunk_coords)
             if published_chunk is None:
+                absent.append(chunk_coords)
                 continue
             target = chunk_at(chunk_coords)
             for slab in missing:
@@ -102,5 +104,9 @@ def keep_published_fields(
                 restored.add(slab)
         for slab in restored:
             has_values[slab] = True
+            # The published shard leaves out chunks holding only fill: a restored field is fill there (written, as
+            # a buffer that was never filled, such as the scratch path's file, holds nothing there yet).
+            for chunk_coords in absent:
+                chunk_at(chunk_coords)[slab] = encoder.fill_value
         kept += len(restored)
     return kept

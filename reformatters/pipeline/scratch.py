@@ -360,6 +360,7 @@ def _encode_in_scratch(
             final_store,
             objects.put,
             partial_by_chunk=True,
+            unwritten_unread=True,
         )
     finally:
         del buffer
@@ -387,8 +388,9 @@ def _fill_what_is_read(
     everything: bool,
 ) -> None:
     """NaN into the parts of the scratch file the encoder (or the transform hook, or the partial merge, if
-    `everything`) reads that no field wrote: slabs without a field that share an inner chunk with one that has
-    one, and the padding of row-major fields. The rest of the file stays a hole."""
+    `everything`) reads that no field wrote: every slab without a field if `everything`; else, row-major, the
+    slabs without a field that share an inner chunk with one that has one, and the padding of the fields.
+    Chunk-major, the encoder never reads a slab without a field (`unwritten_unread`). The rest stays a hole."""
     nan = float(np.nan)
     if not layout.chunk_major:
         rows, columns = field_shape
@@ -398,6 +400,8 @@ def _fill_what_is_read(
     if everything:
         for slab in zip(*np.nonzero(~written), strict=True):
             layout.fill_slab(buffer, slab, nan)
+        return
+    if layout.chunk_major:
         return
     blocks_with_data = {
         tuple(i // c for i, c in zip(slab, chunks[:-2], strict=True)) for slab in zip(*np.nonzero(written), strict=True)

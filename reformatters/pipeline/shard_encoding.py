@@ -157,11 +157,17 @@ class ShardEncoder:
         return self._encode_shard(chunk_at, slab_has_data)
 
     def encode_chunks(
-        self, chunk_at: Callable[[tuple[int, ...]], npt.NDArray[Any]], slabs_with_data: npt.NDArray[np.bool_]
+        self,
+        chunk_at: Callable[[tuple[int, ...]], npt.NDArray[Any]],
+        slabs_with_data: npt.NDArray[np.bool_],
+        *,
+        others_unread: bool = False,
     ) -> bytes:
         """The shard's object bytes from its chunks: `chunk_at(coords within the shard)` gives one (a chunk-major
         buffer's chunk, C-contiguous, is compressed where it lies). `slabs_with_data` (over the shard's leading
-        dims) marks the 2-D slabs that may hold anything but fill; every other slab must hold only fill."""
+        dims) marks the 2-D slabs that may hold anything but fill; every other slab must hold only fill, or, with
+        `others_unread`, is never read (written as fill into a copy of the chunk: a scratch file leaves them
+        holes)."""
         if slabs_with_data.shape != self.shard_shape[:-2]:
             raise ValueError(
                 f"slabs_with_data has shape {slabs_with_data.shape}, the shard's leading dims are "
@@ -170,7 +176,7 @@ class ShardEncoder:
         if self._sharding is None:
             chunk = self._checked(chunk_at((0,) * len(self.chunk_shape)))
             return bytes(self._encode_chunk(self._copy_to_scratch(chunk)).to_bytes())
-        return self._encode_shard(chunk_at, slabs_with_data)
+        return self._encode_shard(chunk_at, slabs_with_data, others_unread)
 
     def _checked(self, chunk: npt.NDArray[Any]) -> npt.NDArray[Any]:
         if chunk.shape != self.chunk_shape or chunk.dtype != self.dtype:
@@ -180,7 +186,10 @@ class ShardEncoder:
         return chunk
 
     def _encode_shard(
-        self, chunk_at: Callable[[tuple[int, ...]], npt.NDArray[Any]], slab_has_data: npt.NDArray[np.bool_]
+        self,
+        chunk_at: Callable[[tuple[int, ...]], npt.NDArray[Any]],
+        slab_has_data: npt.NDArray[np.bool_],
+        others_unread: bool = False,
     ) -> bytes:
         assert self._sharding is not None
         chunk_map: dict[tuple[int, ...], Any] = {}
@@ -197,7 +206,9 @@ class ShardEncoder:
                 # Slabs without data hold fill (contiguous chunks as they lie, copies as written) and those after
                 # the last slab with data need not be compressed.
                 contiguous = (
-                    chunk if chunk.flags.c_contiguous else self._copy_data_slabs_to_scratch(chunk, chunk_has_data)
+                    chunk
+                    if chunk.flags.c_contiguous and not others_unread
+                    else self._copy_data_slabs_to_scratch(chunk, chunk_has_data)
                 )
                 fill_from_byte = (int(np.flatnonzero(chunk_has_data)[-1]) + 1) * self._slab_nbytes
             # A slab with data nearly always shows it at its first point: no scan of the chunk then.
