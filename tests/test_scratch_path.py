@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+import zarr
 from reformatters_datasets.example import source
 from reformatters_datasets.example.dataset import ExampleDataset
 from reformatters_datasets.example.region_job import ExampleRegionJob
@@ -165,3 +166,54 @@ def test_update_and_backfill_over_a_published_store_through_the_scratch_equal_th
         np.testing.assert_allclose(
             published.sel(init_time=init).isel(lead_time=hour).values, source.temperature(init, hour), rtol=1e-3
         )
+
+
+@pytest.mark.parametrize(("index_location", "start"), [("end", 5), ("start", 5), ("end", 6)])
+def test_partial_shard_merged_chunk_by_chunk_is_zarrs_merge(tmp_path: Path, index_location: str, start: int) -> None:
+    """Edge chunks, absent published chunks, chunks the region does not touch (kept as stored), a slab of the
+    region without values over a published field and one over nothing: `merge_partial_shards_by_chunk` writes
+    zarr's bytes and keeps the same published fields."""
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+
+    from reformatters.common.storage import ObjectStore
+    from reformatters.pipeline.kernels import ShardPlan, _merge_partial_shards, merge_partial_shards_by_chunk
+    from reformatters.pipeline.shard_encoding import ShardEncoder
+
+    shape, shards, chunks = (7, 3, 10, 13), (4, 3, 8, 8), (2, 3, 4, 4)
+    rng = np.random.default_rng(4)
+    published_values = rng.normal(280, 10, shape).astype(np.float32)
+    published_values[:, :, 4:8, 8:] = np.nan  # whole chunks of only fill: left out of the published shards
+    published_values[6, 2] = np.nan  # a published field that is all NaN
+    array = zarr.open_group(str(tmp_path), mode="w").create_array(
+        "var",
+        shape=shape,
+        chunks=shards,
+        dtype="float32",
+        fill_value=float("nan"),
+        serializer=ShardingCodec(
+            chunk_shape=chunks,
+            codecs=[BytesCodec(), BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec()],
+            index_location=index_location,
+        ),
+        compressors=None,
+    )
+    array[...] = published_values
+    var_metadata = (tmp_path / "var" / "zarr.json").read_bytes()
+    store = ObjectStore(str(tmp_path))
+    region = slice(start, 7)
+    values = rng.normal(250, 5, (7 - start, *shape[1:])).astype(np.float32)
+    has_values = np.ones((7 - start, 3), dtype=bool)
+    for slab in [(5 - start, 1), (6 - start, 2)]:  # over a published field, and over the published all-NaN one
+        if slab[0] < 0:
+            continue
+        has_values[slab] = False
+        values[slab] = np.nan
+    encoder = ShardEncoder(var_metadata)
+    plan = ShardPlan(shape, 0, [], [1])
+    expected, expected_kept = _merge_partial_shards("var", values, has_values, [1], region, 0, var_metadata, store)
+    merged: dict[str, bytes] = {}
+    kept = merge_partial_shards_by_chunk(encoder, "var", values, has_values, plan, region, store, merged.__setitem__)
+    assert kept == expected_kept == (1 if start == 5 else 0)
+    assert sorted(merged) == sorted(expected) and len(merged) == 4
+    for key, data in expected.items():
+        assert merged[key] == data, key
