@@ -6,11 +6,14 @@ processes, in memory and through the scratch, into two stores that must hold the
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -217,3 +220,16 @@ def test_partial_shard_merged_chunk_by_chunk_is_zarrs_merge(tmp_path: Path, inde
     assert sorted(merged) == sorted(expected) and len(merged) == 4
     for key, data in expected.items():
         assert merged[key] == data, key
+    # Written chunk by chunk into files (the scratch path's way, the index reserved first when it leads): the same.
+    files: dict[str, io.BytesIO] = {}
+
+    @contextmanager
+    def stream(key: str) -> Iterator[BinaryIO]:
+        files[key] = io.BytesIO()
+        yield files[key]
+
+    streamed_kept = merge_partial_shards_by_chunk(
+        encoder, "var", values, has_values, plan, region, store, merged.__setitem__, stream
+    )
+    assert streamed_kept == kept
+    assert {key: out.getvalue() for key, out in files.items()} == expected

@@ -8,11 +8,12 @@ import logging
 import mmap
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -611,12 +612,14 @@ def encode_assembled(
     *,
     partial_by_chunk: bool = False,
     unwritten_unread: bool = False,
+    stream: ShardStream | None = None,
 ) -> int:
     """Encode the shard objects of one variable-region, handing each to `sink(key, bytes)` as it is done;
     returns how many fields they keep from the published shards (`holding_data` is updated where they do).
     `partial_by_chunk`: partial shards are merged one inner chunk at a time (`merge_partial_shards_by_chunk`), not
     through zarr with the shard in memory. `unwritten_unread`: a chunk-major buffer's slabs without values are
-    never read, only written as fill into the copy of their chunk (the scratch path leaves them holes)."""
+    never read, only written as fill into the copy of their chunk (the scratch path leaves them holes).
+    `stream(key)`: a file each shard is written into chunk by chunk instead of going to `sink` whole."""
     processing = job.get_processing_region()
     region = job.region
     axis = plan.axis
@@ -641,7 +644,11 @@ def encode_assembled(
                     return layout.chunk(assembled.buffer, [f + w for f, w in zip(first, within, strict=True)])
 
                 kept += keep_published_fields(encoder, published, chunk_at, slab_map)
-                sink(key, encoder.encode_chunks(chunk_at, slab_map, others_unread=unwritten_unread))
+                if stream is not None:
+                    with stream(key) as out:
+                        encoder.write_chunks(out, chunk_at, slab_map, others_unread=unwritten_unread)
+                else:
+                    sink(key, encoder.encode_chunks(chunk_at, slab_map, others_unread=unwritten_unread))
             else:
                 block = tuple(slice(o, o + s) for o, s in zip(origin, encoder.shard_shape, strict=True))
                 shard = assembled.buffer[block]
@@ -652,7 +659,11 @@ def encode_assembled(
                     ]
 
                 kept += keep_published_fields(encoder, published, shard_chunk, slab_map)
-                sink(key, encoder.encode(shard, slab_map, others_hold_fill=True))
+                if stream is not None:
+                    with stream(key) as out:
+                        encoder.write_chunks(out, shard_chunk, slab_map)
+                else:
+                    sink(key, encoder.encode(shard, slab_map, others_hold_fill=True))
     if plan.partial:
         offset = region.start - processing.start
         values = assembled.region_values()
@@ -669,6 +680,7 @@ def encode_assembled(
                 region,
                 final_store,
                 sink,
+                stream,
             )
         merged, merged_kept = _merge_partial_shards(
             data_var.name,
@@ -753,11 +765,15 @@ def merge_partial_shards_by_chunk(
     region: slice,
     final_store: ObjectStore,
     sink: Callable[[str, bytes], None],
+    stream: ShardStream | None = None,
 ) -> int:
-    """`_merge_partial_shards`, one inner chunk at a time, handing each shard to `sink` as it is done: the same
+    """`_merge_partial_shards`, one inner chunk at a time, handing each shard to `sink` as it is done (or writing
+    it chunk by chunk into `stream(key)`): the same
     bytes zarr writes (inner chunks the region touches re-encoded from the published chunk with the region's
     fields over it, the others kept as stored), with only one shard's encoded chunks and one decoded chunk in
     memory. Returns how many published fields were kept (slabs of the region without values)."""
+    from zarr.core.indexing import morton_order_iter
+
     axis = plan.axis
     array_shape = plan.array_shape
     shard_shape, chunk_shape = encoder.shard_shape, encoder.chunk_shape
@@ -772,8 +788,23 @@ def merge_partial_shards_by_chunk(
         for shard_index in itertools.product(*grid):
             key = f"{var_name}/c/" + "/".join(map(str, shard_index))
             published = PublishedShard(final_store, key, encoder)
-            chunk_map: dict[tuple[int, ...], Any] = {}
-            for chunk_coords in itertools.product(*(range(n) for n in encoder.chunks_per_shard)):
+
+            def shard_chunks(
+                shard_index: tuple[int, ...] = shard_index,
+                published: PublishedShard = published,
+                window: tuple[int, int] = (start, stop),
+            ) -> Iterator[tuple[tuple[int, ...], Any]]:
+                """The shard's encoded chunks in zarr's (Morton) order, None where absent."""
+                for chunk_coords in morton_order_iter(encoder.chunks_per_shard):
+                    yield chunk_coords, merged_chunk(shard_index, published, window, chunk_coords)
+
+            def merged_chunk(
+                shard_index: tuple[int, ...],
+                published: PublishedShard,
+                window: tuple[int, int],
+                chunk_coords: tuple[int, ...],
+            ) -> Any:
+                start, stop = window
                 low = [
                     s * i + c * k
                     for s, i, c, k in zip(shard_shape, shard_index, chunk_shape, chunk_coords, strict=True)
@@ -784,9 +815,7 @@ def merge_partial_shards_by_chunk(
                 )
                 if not touched:
                     stored = published.chunk_bytes(chunk_coords)
-                    if stored is not None:
-                        chunk_map[chunk_coords] = encoder.stored_chunk(stored)
-                    continue
+                    return None if stored is None else encoder.stored_chunk(stored)
                 current = published.chunk(chunk_coords)
                 values = (
                     np.full(chunk_shape, encoder.fill_value, dtype=encoder.dtype)
@@ -806,9 +835,17 @@ def merge_partial_shards_by_chunk(
                     for slab in zip(*np.nonzero(~has_values), strict=True):
                         if not holds_only_nan(target[slab]):
                             kept.add(tuple(o + int(i) for o, i in zip(leading_origin, slab, strict=True)))
-                chunk_map[chunk_coords] = encoder.encode_chunk(values)
-            sink(key, encoder.join_shard(chunk_map))
+                return encoder.encode_chunk(values)
+
+            if stream is not None:
+                with stream(key) as out:
+                    encoder.write_shard(out, shard_chunks())
+            else:
+                sink(key, encoder.join_shard({c: e for c, e in shard_chunks() if e is not None}))
     return len(kept)
+
+
+ShardStream = Callable[[str], AbstractContextManager[BinaryIO]]
 
 
 def upload_kernel(encoded: EncodedVariable, final_store: ObjectStore) -> VariableResult:

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -200,10 +200,17 @@ class ScratchObjects(Mapping[str, bytes]):
         self.nbytes = 0
 
     def put(self, key: str, data: bytes) -> None:
+        with self.writer(key) as out:
+            out.write(data)
+
+    @contextmanager
+    def writer(self, key: str) -> Iterator[BinaryIO]:
+        """A new file for the object `key`, written as the encoder goes."""
         path = self._directory / f"object-{len(self._paths)}"
-        path.write_bytes(data)
+        with path.open("w+b") as out:
+            yield out
+            self.nbytes += out.tell() if out.seek(0, os.SEEK_END) is not None else 0
         self._paths[key] = path
-        self.nbytes += len(data)
 
     def __getitem__(self, key: str) -> bytes:
         return self._paths[key].read_bytes()
@@ -361,6 +368,7 @@ def _encode_in_scratch(
             objects.put,
             partial_by_chunk=True,
             unwritten_unread=True,
+            stream=objects.writer,
         )
     finally:
         del buffer
@@ -373,7 +381,7 @@ def _encode_in_scratch(
         fetched,
         kept,
         decodes,
-        upload_threads=2,
+        upload_threads=1,  # each object is read whole from its file to be put
     )
     return encoded, region_bytes
 
