@@ -15,12 +15,19 @@ upload tasks:
   costs that memory), then encodes one shard at a time from inner chunks read out of the file, the upload gate
   filling slabs from the published shard chunk by chunk, and a shard the region covers only in part (an update
   of a long-sharded dataset) merged into its published content one inner chunk at a time
-  (`kernels.merge_partial_shards_by_chunk`); each encoded shard goes to a file beside the region;
+  (`kernels.merge_partial_shards_by_chunk`); each shard is written chunk by chunk to a file beside the region;
 - uploads the shard files with the run's upload step, and removes its files.
 
 The objects written are the in-memory path's, byte for byte. The region's pages are file-backed: the kernel may
-evict them, so the worker's anonymous memory holds the download window, one field, one shard's encoded chunks
-(and the shard's bytes while they are written out or uploaded), whatever the member count.
+evict them, so the worker's anonymous memory holds the download window, one field and one encoded chunk while
+the region is decoded and encoded (each shard is written to its file chunk by chunk), then one shard's compressed
+bytes while it is uploaded (`ObjectStore.put` takes bytes): whatever the member count, but not whatever the
+shard size.
+
+Disk: the file is sparse. Fields read take their slabs; a slab no file delivered stays a hole (the encoder writes
+fill for it without reading it), except for a variable with a transform or a partial shard, whose whole region
+is filled with NaN first (the hook and the merge read every value). Each variable's task downloads its own
+messages: a source without per-variable downloads (`download_per_variable = False`) is fetched once per variable.
 
 The scratch is local to the worker: a retried task, on this worker or another, redoes its whole variable-region
 from the downloads. A worker that dies leaves its scratch behind; the next worker to start on the machine
