@@ -38,6 +38,7 @@ that no longer runs.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import shutil
 import tempfile
@@ -47,7 +48,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -220,7 +221,14 @@ class ScratchObjects(Mapping[str, bytes]):
         self._paths[key] = path
 
     def __getitem__(self, key: str) -> bytes:
-        return self._paths[key].read_bytes()
+        """The object's bytes, memory-mapped from its file (page cache, not anonymous memory, for a local store's
+        digest and copy; a remote store's client copies them)."""
+        path = self._paths[key]
+        with path.open("rb") as file:
+            if path.stat().st_size == 0:
+                return b""
+            mapped: Any = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            return cast(bytes, mapped)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._paths)
