@@ -64,6 +64,14 @@ DockerImageOption = Annotated[
     ),
 ]
 DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Print the YAML instead of applying it.")]
+ScratchDirOption = Annotated[
+    str | None,
+    typer.Option(
+        "--scratch-dir",
+        help="Where workers keep variable-regions too large for memory (datasets that opt in); "
+        "default: each worker's temporary directory.",
+    ),
+]
 NowOption = Annotated[str | None, typer.Option("--now", help="Pretend the wall clock reads this UTC time (ISO 8601).")]
 
 
@@ -236,6 +244,7 @@ def backfill(
     ] = False,
     docker_image: DockerImageOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="With --detach: print the Job's YAML instead.")] = False,
+    scratch_dir: ScratchDirOption = None,
 ) -> None:
     """Build DATASET_ID's history up to APPEND_DIM_END on a Dask cluster (also into a store readers use).
 
@@ -289,6 +298,7 @@ def backfill(
                 summary_path=summary,
                 n_workers=workers,
                 lease_wait_seconds=lease_wait,
+                scratch_dir=scratch_dir,
             )
     except _run_failures() as error:
         raise _run_failure(error) from None
@@ -364,6 +374,7 @@ def update(
     now: NowOption = None,
     workers: Annotated[int | None, typer.Option(help="Workers for --cluster local.")] = None,
     summary: Annotated[Path | None, typer.Option(help="Also write the run summary as JSON here.")] = None,
+    scratch_dir: ScratchDirOption = None,
 ) -> None:
     """Append the newest runs to DATASET_ID and publish each region as it completes (the operational CronJob).
 
@@ -381,6 +392,7 @@ def update(
                 now=parse_utc(now) if now else None,
                 n_workers=workers,
                 summary_path=summary,
+                scratch_dir=scratch_dir,
             )
     except _run_failures() as error:
         raise _run_failure(error) from None

@@ -105,6 +105,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         max_regions_in_flight: int | None = None,
         show_progress: bool = True,
         lease_wait_seconds: float = DEFAULT_LEASE_WAIT_SECONDS,
+        scratch_dir: str | None = None,
     ) -> RunSummary:
         """Process the regions up to `append_dim_end` (exclusive) that `filters` select, and publish them.
 
@@ -112,7 +113,8 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         the update (`reformatters.publish`): it waits up to `lease_wait_seconds` for the lease, keeps published
         fields the run has no values for, keeps published coordinates outside what it processed for every
         variable, never shortens the dataset, and publishes its metadata last. Nothing is written before the
-        cluster is up and the source answers.
+        cluster is up and the source answers. `scratch_dir`: where workers keep variable-regions that take the
+        scratch path (`RegionJob.scratch_region_bytes`); default each worker's temporary directory.
         """
         started = time.perf_counter()
         config = self.template_config
@@ -142,7 +144,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
                 published = published_dataset(final_store)
                 # Jobs see the published extent too: a region that ends before it merges into its shard.
                 template_ds = publication_template(config, end, published)
-                jobs = [job.model_copy(update={"template_ds": template_ds}) for job in jobs]
+                jobs = [job.model_copy(update={"template_ds": template_ds, "scratch_dir": scratch_dir}) for job in jobs]
                 log.info(
                     "backfill %s: %d region jobs into %s (%s)",
                     self.dataset_id,

@@ -140,6 +140,9 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
     append_dim: str
     region: slice
     source_url: str | None = Field(None, description="replaces the dataset's default source root")
+    scratch_dir: str | None = Field(
+        None, description="where scratch-path tasks keep their variable-region (default: the worker's temp dir)"
+    )
 
     max_vars_per_job: ClassVar[int] = 8
     # Source files per download task. Dask costs ~2 ms per task, so a task should do 100 ms or more: one file
@@ -157,6 +160,12 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
     # Dask runs a failed index, download or upload task again this many times (a worker lost, a connection
     # reset, an error a hook did not declare as a source failure) before the run fails with its traceback.
     task_retries: ClassVar[int] = 2
+    # A variable-region whose shard-padded float32 buffer holds at least this many bytes is assembled in a
+    # worker-local scratch file instead of memory, one task doing its downloads, decodes, shard writes and upload
+    # (`reformatters.pipeline.scratch`). None (default): never; 0: always. Decided when the graph is built.
+    scratch_region_bytes: ClassVar[int | None] = None
+    # Scratch path: source files downloaded at once per variable-region (the messages held in memory at most).
+    scratch_download_window: ClassVar[int] = 4
 
     # ---- hooks ----
     def get_processing_region(self) -> slice:

@@ -21,6 +21,10 @@ class VariableSummary(BaseModel):
     bytes_fetched: int = 0
     bytes_written: int = 0
     objects_written: int = 0
+    decodes: int = 0  # messages handed to the decoder: files_ok + files_read_failed when each is decoded once
+    scratch_bytes: int = 0  # the largest worker-local scratch one variable-region used (scratch path only)
+    peak_rss_anon_bytes: int = 0  # the highest anonymous memory a scratch task's worker held (scratch path only)
+    rss_anon_growth_bytes: int = 0  # the most a scratch task's worker grew in anonymous memory while it ran
     failures: list[str] = Field(default_factory=list)
 
     @property
@@ -57,6 +61,9 @@ class RunSummary(BaseModel):
             entry.bytes_fetched += result.bytes_fetched
             entry.bytes_written += result.bytes_written
             entry.objects_written += result.objects_written
+            entry.decodes += result.decodes
+            for name in ("scratch_bytes", "peak_rss_anon_bytes", "rss_anon_growth_bytes"):
+                setattr(entry, name, max(getattr(entry, name), int(result.extra.get(name, 0))))
             for coord in result.results:
                 failed = coord.status in (SourceFileStatus.DownloadFailed, SourceFileStatus.ReadFailed)
                 if failed and not coord.not_found and len(entry.failures) < self.MAX_FAILURES_LISTED:
@@ -102,6 +109,10 @@ class RunSummary(BaseModel):
     def bytes_written(self) -> int:
         return sum(v.bytes_written for v in self.variables.values())
 
+    @property
+    def decodes(self) -> int:
+        return sum(v.decodes for v in self.variables.values())
+
     def to_json_dict(self) -> dict[str, object]:
         data = self.model_dump(exclude={"MAX_FAILURES_LISTED"})
         data["totals"] = {
@@ -114,6 +125,7 @@ class RunSummary(BaseModel):
             "too_many_failures": self.too_many_failures,
             "bytes_fetched": self.bytes_fetched,
             "bytes_written": self.bytes_written,
+            "decodes": self.decodes,
         }
         return data
 
@@ -138,6 +150,11 @@ class RunSummary(BaseModel):
                 f"not found {entry.files_not_found:>6}  "
                 f"download failed {entry.files_download_failed:>5}  "
                 f"read failed {entry.files_read_failed:>5}  fetched {entry.bytes_fetched / 1e6:>9.1f} MB  "
-                f"written {entry.bytes_written / 1e6:>9.1f} MB"
+                f"written {entry.bytes_written / 1e6:>9.1f} MB  decodes {entry.decodes:>6}"
+                + (
+                    f"  scratch {entry.scratch_bytes / 1e6:.1f} MB, peak anon {entry.peak_rss_anon_bytes / 1e6:.1f} MB"
+                    if entry.scratch_bytes
+                    else ""
+                )
             )
         return lines

@@ -325,7 +325,11 @@ class ObjectStore:
                     return False
             except FileNotFoundError:
                 return False
-            return hashlib.md5(path.read_bytes()).digest() == hashlib.md5(data).digest()
+            digest = hashlib.md5()
+            with path.open("rb") as file:  # block by block: a shard may be large
+                for block in iter(lambda: file.read(1 << 22), b""):
+                    digest.update(block)
+            return digest.digest() == hashlib.md5(data).digest()
         try:
             info = self.fs.info(self._path(key))
         except FileNotFoundError:
@@ -357,7 +361,8 @@ class ObjectStore:
             finally:
                 tmp.unlink(missing_ok=True)
             return
-        self.fs.pipe_file(self._path(key), data)
+        # `data` may be any bytes-like object (a memory-mapped file locally); the remote clients want bytes.
+        self.fs.pipe_file(self._path(key), data if isinstance(data, bytes) else bytes(data))
 
     def delete(self, key: str) -> None:
         if self.is_local:

@@ -4,7 +4,8 @@
 download (per batch of source files) -> encode (per variable: decode its fields from the downloads into one
 variable-region buffer, transform, encode whole shards in memory) -> upload (per variable: shard objects
 into the final store). With `RegionJob.separate_read_tasks`, read tasks (per variable x batch of files)
-decode between download and encode instead. The scheduler pipelines it: while one variable uploads,
+decode between download and encode instead. A variable-region larger than `RegionJob.scratch_region_bytes` is one
+task instead (`reformatters.pipeline.scratch`). The scheduler pipelines it: while one variable uploads,
 the next encodes and later files download.
 """
 
@@ -24,6 +25,7 @@ from reformatters.pipeline.kernels import (
     read_kernel,
     upload_kernel,
 )
+from reformatters.pipeline.scratch import scratch_variable_kernel, uses_scratch
 from reformatters.region_job import RegionJob
 
 ENCODE_RESOURCE = "encode"
@@ -69,7 +71,8 @@ def build_region_graph(
 
         # Per-variable downloads of a file all need its inventory: one task per batch fetches them for all.
         indexes: list[Any] = [None] * len(batches)
-        if shares_inventories(job, group, coords):
+        in_memory = [v for v in group if not uses_scratch(job, v)]
+        if shares_inventories(job, in_memory, coords):
             with annotate(priority=priority - position / len(job.data_vars), retries=job.task_retries):
                 indexes = [
                     delayed(index_kernel, pure=False)(job_key, batch, dask_key_name=f"index-{group_index}-{token}-{i}")
@@ -92,16 +95,33 @@ def build_region_graph(
             ]
 
         with annotate(priority=priority - position / len(job.data_vars), retries=job.task_retries):
-            shared = [] if job.download_per_variable else download_tasks(group, f"group{group_index}")
-        for var_index, data_var in enumerate(group):
+            shared = [] if job.download_per_variable or not in_memory else download_tasks(group, f"group{group_index}")
+        for data_var in group:
             # Within the region, variables in turn: the first one's downloads all come before the second's, so
             # its shard write starts while the others download (Dask would otherwise interleave them).
             with annotate(priority=priority - position / len(job.data_vars)):
                 position += 1
+                if data_var not in in_memory:
+                    # One task downloads, decodes, encodes and uploads the variable-region (`pipeline.scratch`); a
+                    # retry redoes all of it, on whichever worker.
+                    annotations = {"resources": {ENCODE_RESOURCE: 1}} if use_encode_resource else {}
+                    with annotate(**annotations, retries=job.task_retries):
+                        uploads.append(
+                            delayed(scratch_variable_kernel, pure=False)(
+                                job_key,
+                                data_var,
+                                coords,
+                                var_metadata[data_var.name],
+                                store_key,
+                                upload,
+                                dask_key_name=f"scratch-{data_var.name}-{token}",
+                            )
+                        )
+                    continue
                 with annotate(retries=job.task_retries):
                     downloads = download_tasks([data_var], data_var.name) if job.download_per_variable else shared
                 # Bytes fetched are counted once: by each variable's task when downloads are its own.
-                count_bytes = job.download_per_variable or var_index == 0
+                count_bytes = job.download_per_variable or data_var is in_memory[0]
                 inputs: list[Delayed] = downloads
                 if job.separate_read_tasks:
                     inputs = [

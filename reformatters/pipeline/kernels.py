@@ -8,11 +8,12 @@ import logging
 import mmap
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -66,6 +67,7 @@ class ReadOutcome:
     coords: list[SourceFileCoord]
     fields: list[npt.NDArray[np.float32] | None]
     bytes_fetched: int
+    decodes: int = 0  # messages handed to the decoder
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ class EncodedVariable:
     results: list[SourceFileCoord]
     bytes_fetched: int
     kept_published_fields: int = 0  # fields the run had no values for, kept from the published shards
+    decodes: int = 0  # messages handed to the decoder for this variable
+    extra: dict[str, Any] = field(default_factory=dict)  # reported in `VariableResult.extra`
+    upload_threads: int = 8  # objects uploaded at once to a remote store (each held in memory while it goes)
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class VariableResult:
     objects_written: int
     skipped: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    decodes: int = 0  # messages handed to the decoder: one per field read, whatever the graph's shape
 
     def count(self, status: SourceFileStatus) -> int:
         return sum(1 for c in self.results if c.status == status)
@@ -199,7 +205,8 @@ def read_kernel(
         coord, values = read_one(job, data_var, outcome)
         coords.append(coord)
         fields.append(values)
-    return ReadOutcome(data_var.name, coords, fields, _fetched(downloads) if count_bytes else 0)
+    decodes = sum(1 for outcome in downloads if outcome.payload is not None)
+    return ReadOutcome(data_var.name, coords, fields, _fetched(downloads) if count_bytes else 0, decodes)
 
 
 def _fetched(downloads: Sequence[DownloadOutcome]) -> int:
@@ -360,6 +367,7 @@ class AssembledVariable:
     results: list[SourceFileCoord]
     delivered: npt.NDArray[np.bool_]  # over the layout's leading dims: slabs that received a whole field
     written: npt.NDArray[np.bool_]  # over the layout's leading dims: slabs a read wrote any value into
+    decodes: int = 0  # messages this assembly handed to the decoder
 
     def region_values(self) -> npt.NDArray[np.float32]:
         """The processing region's values, a view of the buffer (row-major only: `choose_layout` picks row-major
@@ -438,6 +446,7 @@ def assemble_variable(
     results: list[SourceFileCoord] = []
     delivered = np.zeros(layout.slab_grid, dtype=bool)
     written = np.zeros(layout.slab_grid, dtype=bool)
+    decodes = 0
 
     def locate(coord: SourceFileCoord) -> tuple[Any, ...]:
         location = coord.out_loc()
@@ -470,6 +479,7 @@ def assemble_variable(
             else:
                 for outcome in item:
                     position = locate(outcome.coord)
+                    decodes += outcome.payload is not None
                     if rows_view is None:
                         scratch = _scratch_field(field_shape)
                         coord, read = read_one_into(job, data_var, outcome, scratch)
@@ -484,7 +494,7 @@ def assemble_variable(
     except BaseException:
         REGION_BUFFERS.give_back(buffer, layout=layout)
         raise
-    return AssembledVariable(job, data_var, layout, buffer, results, delivered, written)
+    return AssembledVariable(job, data_var, layout, buffer, results, delivered, written, decodes)
 
 
 def encode_variable_kernel(
@@ -510,6 +520,7 @@ def encode_variable_kernel(
     reads = [r for r in inputs if isinstance(r, ReadOutcome)]
     downloads = [d for batch in inputs if not isinstance(batch, ReadOutcome) for d in batch]
     fetched = sum(r.bytes_fetched for r in reads) + (_fetched(downloads) if count_download_bytes else 0)
+    decodes = sum(r.decodes for r in reads) + assembled.decodes
     # Encoded chunks are copies: the buffer is free once the shards are encoded (or the encode failed).
     try:
         if job.transforms_region(data_var):
@@ -522,14 +533,15 @@ def encode_variable_kernel(
                 round_to_keep_bits(region[slab], data_var)
         else:
             holding_data = assembled.written.copy()  # only the reads wrote into the buffer
-        encoded, kept = _encode_assembled(
-            job, data_var, assembled, holding_data, encoder, plan, var_metadata, final_store
+        encoded: dict[str, bytes] = {}
+        kept = encode_assembled(
+            job, data_var, assembled, holding_data, encoder, plan, var_metadata, final_store, encoded.__setitem__
         )
     except BaseException:
         REGION_BUFFERS.give_back(assembled.buffer, layout=layout)
         raise
     REGION_BUFFERS.give_back(assembled.buffer, float(np.nan), dirty_slabs=holding_data, layout=layout)
-    return EncodedVariable(data_var.name, encoded, _in_region(job, assembled.results), fetched, kept)
+    return EncodedVariable(data_var.name, encoded, in_region(job, assembled.results), fetched, kept, decodes)
 
 
 def slabs_holding_data(padded: npt.NDArray[np.float32], delivered: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
@@ -571,7 +583,7 @@ class ShardPlan:
         return cls(array_shape, axis, whole, partial)
 
 
-def _in_region(job: RegionJob[Any, Any], results: Sequence[SourceFileCoord]) -> list[SourceFileCoord]:
+def in_region(job: RegionJob[Any, Any], results: Sequence[SourceFileCoord]) -> list[SourceFileCoord]:
     """The results of the region itself, not of the processing region's extra positions."""
     processing = job.get_processing_region()
     region = job.region
@@ -580,7 +592,7 @@ def _in_region(job: RegionJob[Any, Any], results: Sequence[SourceFileCoord]) -> 
     return [c for c in results if c.out_loc().get(job.append_dim) in in_region]
 
 
-def _encode_assembled(
+def encode_assembled(
     job: RegionJob[Any, Any],
     data_var: Any,
     assembled: AssembledVariable,
@@ -589,15 +601,23 @@ def _encode_assembled(
     plan: ShardPlan,
     var_metadata: bytes,
     final_store: ObjectStore,
-) -> tuple[dict[str, bytes], int]:
-    """The shard objects of one variable-region, and how many fields they keep from the published shards
-    (`holding_data` is updated where they do)."""
+    sink: Callable[[str, bytes], None],
+    *,
+    partial_by_chunk: bool = False,
+    unwritten_unread: bool = False,
+    stream: ShardStream | None = None,
+) -> int:
+    """Encode the shard objects of one variable-region, handing each to `sink(key, bytes)` as it is done;
+    returns how many fields they keep from the published shards (`holding_data` is updated where they do).
+    `partial_by_chunk`: partial shards are merged one inner chunk at a time (`merge_partial_shards_by_chunk`), not
+    through zarr with the shard in memory. `unwritten_unread`: a chunk-major buffer's slabs without values are
+    never read, only written as fill into the copy of their chunk (the scratch path leaves them holes).
+    `stream(key)`: a file each shard is written into chunk by chunk instead of going to `sink` whole."""
     processing = job.get_processing_region()
     region = job.region
     axis = plan.axis
     shard_grid = [range(-(-n // s)) for n, s in zip(plan.array_shape, encoder.shard_shape, strict=True)]
     layout = assembled.layout
-    objects: dict[str, bytes] = {}
     kept = 0
     for index in plan.whole:
         grid = list(shard_grid)
@@ -617,7 +637,11 @@ def _encode_assembled(
                     return layout.chunk(assembled.buffer, [f + w for f, w in zip(first, within, strict=True)])
 
                 kept += keep_published_fields(encoder, published, chunk_at, slab_map)
-                objects[key] = encoder.encode_chunks(chunk_at, slab_map)
+                if stream is not None:
+                    with stream(key) as out:
+                        encoder.write_chunks(out, chunk_at, slab_map, others_unread=unwritten_unread)
+                else:
+                    sink(key, encoder.encode_chunks(chunk_at, slab_map, others_unread=unwritten_unread))
             else:
                 block = tuple(slice(o, o + s) for o, s in zip(origin, encoder.shard_shape, strict=True))
                 shard = assembled.buffer[block]
@@ -628,13 +652,29 @@ def _encode_assembled(
                     ]
 
                 kept += keep_published_fields(encoder, published, shard_chunk, slab_map)
-                objects[key] = encoder.encode(shard, slab_map, others_hold_fill=True)
+                if stream is not None:
+                    with stream(key) as out:
+                        encoder.write_chunks(out, shard_chunk, slab_map)
+                else:
+                    sink(key, encoder.encode(shard, slab_map, others_hold_fill=True))
     if plan.partial:
         offset = region.start - processing.start
         values = assembled.region_values()
         cut = [slice(None)] * values.ndim
         cut[axis] = slice(offset, offset + (region.stop - region.start))
         in_template = tuple(slice(0, n) for n in values.shape[:-2])
+        if partial_by_chunk:
+            return kept + merge_partial_shards_by_chunk(
+                encoder,
+                data_var.name,
+                values[tuple(cut)],
+                holding_data[in_template][tuple(cut[:-2])],
+                plan,
+                region,
+                final_store,
+                sink,
+                stream,
+            )
         merged, merged_kept = _merge_partial_shards(
             data_var.name,
             values[tuple(cut)],
@@ -645,9 +685,10 @@ def _encode_assembled(
             var_metadata,
             final_store,
         )
-        objects.update(merged)
+        for key, data in merged.items():
+            sink(key, data)
         kept += merged_kept
-    return objects, kept
+    return kept
 
 
 def _merge_partial_shards(
@@ -708,32 +749,127 @@ def _merge_partial_shards(
     return {key: value.to_bytes() for key, value in store_dict.items() if key.startswith(prefix)}, kept
 
 
+def merge_partial_shards_by_chunk(
+    encoder: ShardEncoder,
+    var_name: str,
+    region_values: npt.NDArray[np.float32],
+    region_has_values: npt.NDArray[np.bool_],
+    plan: ShardPlan,
+    region: slice,
+    final_store: ObjectStore,
+    sink: Callable[[str, bytes], None],
+    stream: ShardStream | None = None,
+) -> int:
+    """`_merge_partial_shards`, one inner chunk at a time, handing each shard to `sink` as it is done (or writing
+    it chunk by chunk into `stream(key)`): the same
+    bytes zarr writes (inner chunks the region touches re-encoded from the published chunk with the region's
+    fields over it, the others kept as stored), with only one shard's encoded chunks and one decoded chunk in
+    memory. Returns how many published fields were kept (slabs of the region without values)."""
+    from zarr.core.indexing import morton_order_iter
+
+    axis = plan.axis
+    array_shape = plan.array_shape
+    shard_shape, chunk_shape = encoder.shard_shape, encoder.chunk_shape
+    unit = shard_shape[axis]
+    shard_grid = [range(-(-n // s)) for n, s in zip(array_shape, shard_shape, strict=True)]
+    kept: set[tuple[int, ...]] = set()
+    for index in plan.partial:
+        start = max(region.start, index * unit)
+        stop = min(region.stop, (index + 1) * unit)
+        grid = list(shard_grid)
+        grid[axis] = range(index, index + 1)
+        for shard_index in itertools.product(*grid):
+            key = f"{var_name}/c/" + "/".join(map(str, shard_index))
+            published = PublishedShard(final_store, key, encoder)
+
+            def shard_chunks(
+                shard_index: tuple[int, ...] = shard_index,
+                published: PublishedShard = published,
+                window: tuple[int, int] = (start, stop),
+            ) -> Iterator[tuple[tuple[int, ...], Any]]:
+                """The shard's encoded chunks in zarr's (Morton) order, None where absent."""
+                for chunk_coords in morton_order_iter(encoder.chunks_per_shard):
+                    yield chunk_coords, merged_chunk(shard_index, published, window, chunk_coords)
+
+            def merged_chunk(
+                shard_index: tuple[int, ...],
+                published: PublishedShard,
+                window: tuple[int, int],
+                chunk_coords: tuple[int, ...],
+            ) -> Any:
+                start, stop = window
+                low = [
+                    s * i + c * k
+                    for s, i, c, k in zip(shard_shape, shard_index, chunk_shape, chunk_coords, strict=True)
+                ]
+                high = [lo + c for lo, c in zip(low, chunk_shape, strict=True)]
+                touched = all(lo < n for lo, n in zip(low, array_shape, strict=True)) and (
+                    low[axis] < stop and high[axis] > start
+                )
+                if not touched:
+                    stored = published.chunk_bytes(chunk_coords)
+                    return None if stored is None else encoder.stored_chunk(stored)
+                current = published.chunk(chunk_coords)
+                values = (
+                    np.full(chunk_shape, encoder.fill_value, dtype=encoder.dtype)
+                    if current is None
+                    else np.array(current, dtype=encoder.dtype, copy=True)
+                )
+                bounds = [(lo, min(hi, n)) for lo, hi, n in zip(low, high, array_shape, strict=True)]
+                bounds[axis] = (max(low[axis], start), min(high[axis], stop))
+                in_chunk = tuple(slice(b - lo, e - lo) for (b, e), lo in zip(bounds, low, strict=True))
+                in_region = [slice(b, e) for b, e in bounds]
+                in_region[axis] = slice(bounds[axis][0] - region.start, bounds[axis][1] - region.start)
+                has_values = region_has_values[tuple(in_region[:-2])]
+                target = values[in_chunk]
+                target[has_values] = region_values[tuple(in_region)][has_values]
+                if current is not None:
+                    leading_origin = [b for b, _ in bounds[:-2]]
+                    for slab in zip(*np.nonzero(~has_values), strict=True):
+                        if not holds_only_nan(target[slab]):
+                            kept.add(tuple(o + int(i) for o, i in zip(leading_origin, slab, strict=True)))
+                return encoder.encode_chunk(values)
+
+            if stream is not None:
+                with stream(key) as out:
+                    encoder.write_shard(out, shard_chunks())
+            else:
+                sink(key, encoder.join_shard({c: e for c, e in shard_chunks() if e is not None}))
+    return len(kept)
+
+
+ShardStream = Callable[[str], AbstractContextManager[BinaryIO]]
+
+
 def upload_kernel(encoded: EncodedVariable, final_store: ObjectStore) -> VariableResult:
     """Copy chunk data, never metadata, into the final store. Each object is written whole; an object whose
     published bytes are the same (judged by digest, never downloaded) is left alone: fewer replaced objects,
     fewer readers caught between two versions of a shard."""
 
-    def put_if_changed(item: tuple[str, bytes]) -> bool:
-        key, data = item
+    def put_if_changed(key: str) -> int | None:
+        """The bytes written, None if the published object is the same. The object's bytes are fetched here:
+        `encoded.objects` may hold them in files (the scratch path), so only those in flight are in memory."""
+        data = encoded.objects[key]
         if final_store.holds(key, data):
-            return False
+            return None
         final_store.put(key, data)
-        return True
+        return len(data)
 
-    items = sorted(encoded.objects.items())
+    keys = sorted(encoded.objects)
     if final_store.is_local:
-        written = [put_if_changed(item) for item in items]
+        written = [put_if_changed(key) for key in keys]
     else:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            written = list(pool.map(put_if_changed, items))
-    extra: dict[str, Any] = {"objects_unchanged": written.count(False)}
+        with ThreadPoolExecutor(max_workers=max(1, encoded.upload_threads)) as pool:
+            written = list(pool.map(put_if_changed, keys))
+    extra: dict[str, Any] = {**encoded.extra, "objects_unchanged": written.count(None)}
     if encoded.kept_published_fields:
         extra["kept_published_fields"] = encoded.kept_published_fields
     return VariableResult(
         var_name=encoded.var_name,
         results=encoded.results,
         bytes_fetched=encoded.bytes_fetched,
-        bytes_written=sum(len(data) for (_, data), put in zip(items, written, strict=True) if put),
-        objects_written=written.count(True),
+        bytes_written=sum(n for n in written if n is not None),
+        objects_written=sum(1 for n in written if n is not None),
         extra=extra,
+        decodes=encoded.decodes,
     )

@@ -43,6 +43,11 @@ class PublishedShard:
 
     def chunk(self, chunk_coords: tuple[int, ...]) -> npt.NDArray[Any] | None:
         """The decoded published chunk at `chunk_coords` (within the shard); None if the shard or chunk is absent."""
+        data = self.chunk_bytes(chunk_coords)
+        return None if data is None else self._encoder.decode_chunk(data)
+
+    def chunk_bytes(self, chunk_coords: tuple[int, ...]) -> bytes | None:
+        """The stored bytes of the published chunk at `chunk_coords`; None if the shard or chunk is absent."""
         index = self._load_index()
         if index is None:
             return None
@@ -55,7 +60,7 @@ class PublishedShard:
                 f"{self._store.url}/{self._key}: the published shard changed while it was read (its index lists "
                 f"bytes {byte_range[0]}..{byte_range[1]}); another writer is at work? Re-run once it is done."
             )
-        return self._encoder.decode_chunk(data)
+        return bytes(data)
 
 
 def keep_published_fields(
@@ -83,10 +88,12 @@ def keep_published_fields(
             continue
         # A field spans the chunks along its own two dims: each of them may hold part of the published field.
         restored: set[tuple[Any, ...]] = set()
+        absent: list[tuple[int, ...]] = []
         for field_chunk in itertools.product(*(range(n) for n in field_grid)):
             chunk_coords = (*leading, *field_chunk)
             published_chunk = published.chunk(chunk_coords)
             if published_chunk is None:
+                absent.append(chunk_coords)
                 continue
             target = chunk_at(chunk_coords)
             for slab in missing:
@@ -97,5 +104,9 @@ def keep_published_fields(
                 restored.add(slab)
         for slab in restored:
             has_values[slab] = True
+            # The published shard leaves out chunks holding only fill: a restored field is fill there (written, as
+            # a buffer that was never filled, such as the scratch path's file, holds nothing there yet).
+            for chunk_coords in absent:
+                chunk_at(chunk_coords)[slab] = encoder.fill_value
         kept += len(restored)
     return kept

@@ -10,8 +10,8 @@ out of the shard (readers see the fill value), and the rest go through the array
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -157,11 +157,17 @@ class ShardEncoder:
         return self._encode_shard(chunk_at, slab_has_data)
 
     def encode_chunks(
-        self, chunk_at: Callable[[tuple[int, ...]], npt.NDArray[Any]], slabs_with_data: npt.NDArray[np.bool_]
+        self,
+        chunk_at: Callable[[tuple[int, ...]], npt.NDArray[Any]],
+        slabs_with_data: npt.NDArray[np.bool_],
+        *,
+        others_unread: bool = False,
     ) -> bytes:
         """The shard's object bytes from its chunks: `chunk_at(coords within the shard)` gives one (a chunk-major
         buffer's chunk, C-contiguous, is compressed where it lies). `slabs_with_data` (over the shard's leading
-        dims) marks the 2-D slabs that may hold anything but fill; every other slab must hold only fill."""
+        dims) marks the 2-D slabs that may hold anything but fill; every other slab must hold only fill, or, with
+        `others_unread`, is never read (written as fill into a copy of the chunk: a scratch file leaves them
+        holes)."""
         if slabs_with_data.shape != self.shard_shape[:-2]:
             raise ValueError(
                 f"slabs_with_data has shape {slabs_with_data.shape}, the shard's leading dims are "
@@ -170,7 +176,7 @@ class ShardEncoder:
         if self._sharding is None:
             chunk = self._checked(chunk_at((0,) * len(self.chunk_shape)))
             return bytes(self._encode_chunk(self._copy_to_scratch(chunk)).to_bytes())
-        return self._encode_shard(chunk_at, slabs_with_data)
+        return self._encode_shard(chunk_at, slabs_with_data, others_unread)
 
     def _checked(self, chunk: npt.NDArray[Any]) -> npt.NDArray[Any]:
         if chunk.shape != self.chunk_shape or chunk.dtype != self.dtype:
@@ -180,37 +186,126 @@ class ShardEncoder:
         return chunk
 
     def _encode_shard(
-        self, chunk_at: Callable[[tuple[int, ...]], npt.NDArray[Any]], slab_has_data: npt.NDArray[np.bool_]
+        self,
+        chunk_at: Callable[[tuple[int, ...]], npt.NDArray[Any]],
+        slab_has_data: npt.NDArray[np.bool_],
+        others_unread: bool = False,
     ) -> bytes:
         assert self._sharding is not None
         chunk_map: dict[tuple[int, ...], Any] = {}
         for chunk_coords in itertools.product(*(range(n) for n in self.chunks_per_shard)):
-            block = tuple(slice(i * c, (i + 1) * c) for i, c in zip(chunk_coords, self.chunk_shape, strict=True))
-            chunk_has_data = slab_has_data[block[:-2]]
-            if not chunk_has_data.any():
-                continue
-            chunk = self._checked(chunk_at(chunk_coords))
-            fill_from_byte: int | None = None
-            if chunk_has_data.all():
-                contiguous = self._copy_to_scratch(chunk)
-            else:
-                # Slabs without data hold fill (contiguous chunks as they lie, copies as written) and those after
-                # the last slab with data need not be compressed.
-                contiguous = (
-                    chunk if chunk.flags.c_contiguous else self._copy_data_slabs_to_scratch(chunk, chunk_has_data)
-                )
-                fill_from_byte = (int(np.flatnonzero(chunk_has_data)[-1]) + 1) * self._slab_nbytes
-            # A slab with data nearly always shows it at its first point: no scan of the chunk then.
-            first_slab: tuple[int | slice, ...] = (
-                tuple(int(i[0]) for i in np.nonzero(chunk_has_data)) if chunk_has_data.ndim else ()
-            )
-            first_point = contiguous[(*first_slab, slice(0, 1), slice(0, 1))]
-            if self._is_fill(first_point) and self._is_fill(contiguous):
-                continue
-            chunk_map[chunk_coords] = self._encode_chunk(contiguous, fill_from_byte)
+            encoded = self._shard_chunk(chunk_at, slab_has_data, others_unread, chunk_coords)
+            if encoded is not None:
+                chunk_map[chunk_coords] = encoded
         if not chunk_map:
+            # Every chunk holds only fill here (unread where no slab has data: a scratch file leaves them holes).
             first = (0,) * len(self.chunk_shape)
-            chunk_map[first] = self._encode_chunk(self._copy_to_scratch(self._checked(chunk_at(first))))
+            chunk_map[first] = self._encode_chunk(np.full(self.chunk_shape, self.fill_value, dtype=self.dtype))
+        return self._join_shard(chunk_map)
+
+    def write_chunks(
+        self,
+        out: BinaryIO,
+        chunk_at: Callable[[tuple[int, ...]], npt.NDArray[Any]],
+        slabs_with_data: npt.NDArray[np.bool_],
+        *,
+        others_unread: bool = False,
+    ) -> None:
+        """`encode_chunks` written to `out` (a new, seekable file) one chunk at a time: the same bytes, with
+        only one encoded chunk in memory."""
+        from zarr.core.indexing import morton_order_iter
+
+        if self._sharding is None or slabs_with_data.shape != self.shard_shape[:-2]:
+            out.write(self.encode_chunks(chunk_at, slabs_with_data, others_unread=others_unread))
+            return
+        self.write_shard(
+            out,
+            (
+                (coords, self._shard_chunk(chunk_at, slabs_with_data, others_unread, coords))
+                for coords in morton_order_iter(self.chunks_per_shard)
+            ),
+        )
+
+    def write_shard(self, out: BinaryIO, chunks: Iterable[tuple[tuple[int, ...], Any]]) -> None:
+        """The shard object of encoded chunks (None: absent), given in zarr's (Morton) order, written to `out` (a
+        new, seekable file) as they come: `join_shard`'s bytes."""
+        from zarr.codecs.sharding import ShardingCodecIndexLocation, _ShardIndex
+        from zarr.core.sync import sync
+
+        assert self._sharding is not None
+        index = _ShardIndex.create_empty(self.chunks_per_shard)
+        at_start = self._sharding.index_location == ShardingCodecIndexLocation.start
+        index_size = self._sharding._shard_index_size(self.chunks_per_shard)
+        start = index_size if at_start else 0  # offsets count from the object's start
+        if at_start:
+            out.write(bytes(index_size))
+        position = start
+        for chunk_coords, encoded in chunks:
+            if encoded is None or len(encoded) == 0:
+                continue
+            out.write(memoryview(encoded.as_numpy_array()))
+            index.set_chunk_slice(chunk_coords, slice(position, position + len(encoded)))
+            position += len(encoded)
+        if position == start:
+            # Every chunk holds only fill: the first one stands for the shard, as `_encode_shard` writes it.
+            encoded = self._encode_chunk(np.full(self.chunk_shape, self.fill_value, dtype=self.dtype))
+            out.write(memoryview(encoded.as_numpy_array()))
+            index.set_chunk_slice((0,) * len(self.chunk_shape), slice(start, start + len(encoded)))
+        index_bytes = sync(self._sharding._encode_shard_index(index)).as_numpy_array().data
+        if len(index_bytes) != index_size:
+            raise RuntimeError(f"a shard index of {len(index_bytes)} bytes, {index_size} expected")
+        if at_start:
+            end = out.tell()
+            out.seek(0)
+            out.write(index_bytes)
+            out.seek(end)
+        else:
+            out.write(index_bytes)
+
+    def _shard_chunk(
+        self,
+        chunk_at: Callable[[tuple[int, ...]], npt.NDArray[Any]],
+        slab_has_data: npt.NDArray[np.bool_],
+        others_unread: bool,
+        chunk_coords: tuple[int, ...],
+    ) -> Any:
+        """One inner chunk's encoded bytes, None where it holds only fill (left out of the shard)."""
+        block = tuple(slice(i * c, (i + 1) * c) for i, c in zip(chunk_coords, self.chunk_shape, strict=True))
+        chunk_has_data = slab_has_data[block[:-2]]
+        if not chunk_has_data.any():
+            return None
+        chunk = self._checked(chunk_at(chunk_coords))
+        fill_from_byte: int | None = None
+        if chunk_has_data.all():
+            contiguous = self._copy_to_scratch(chunk)
+        else:
+            # Slabs without data hold fill (contiguous chunks as they lie, copies as written) and those after
+            # the last slab with data need not be compressed.
+            contiguous = (
+                chunk
+                if chunk.flags.c_contiguous and not others_unread
+                else self._copy_data_slabs_to_scratch(chunk, chunk_has_data)
+            )
+            fill_from_byte = (int(np.flatnonzero(chunk_has_data)[-1]) + 1) * self._slab_nbytes
+        # A slab with data nearly always shows it at its first point: no scan of the chunk then.
+        first_slab: tuple[int | slice, ...] = (
+            tuple(int(i[0]) for i in np.nonzero(chunk_has_data)) if chunk_has_data.ndim else ()
+        )
+        first_point = contiguous[(*first_slab, slice(0, 1), slice(0, 1))]
+        if self._is_fill(first_point) and self._is_fill(contiguous):
+            return None
+        return self._encode_chunk(contiguous, fill_from_byte)
+
+    def encode_chunk(self, chunk: npt.NDArray[Any]) -> Any:
+        """One whole chunk's encoded bytes (a zarr Buffer), as zarr's codecs write it."""
+        return self._encode_chunk(self._copy_to_scratch(self._checked(chunk)))
+
+    def stored_chunk(self, data: bytes) -> Any:
+        """Stored chunk bytes as the Buffer `join_shard` takes (kept as they are)."""
+        return self._prototype.buffer.from_bytes(data)
+
+    def join_shard(self, chunk_map: dict[tuple[int, ...], Any]) -> bytes:
+        """The shard object of encoded chunks (`encode_chunk`, `stored_chunk`) by their coords within the shard."""
         return self._join_shard(chunk_map)
 
     def _join_shard(self, chunk_map: dict[tuple[int, ...], Any]) -> bytes:

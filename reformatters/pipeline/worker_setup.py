@@ -55,3 +55,20 @@ def dask_setup(worker: Any) -> None:
 
     import_dataset_integrations()
     limit_library_threads()
+    remove_dead_scratch_at_start()
+
+
+def remove_dead_scratch_at_start() -> None:
+    """Scratch-path files of worker processes that died (killed, out of memory) on this machine: under the
+    temporary directory and `REFORMATTERS_SCRATCH_DIR`. A `--scratch-dir` elsewhere is cleaned by the next scratch
+    task that uses it."""
+    import tempfile
+    from pathlib import Path
+
+    from reformatters.pipeline.scratch import SCRATCH_DIR_ENVIRON, remove_dead_scratch
+
+    bases = {Path(tempfile.gettempdir())}
+    if configured := os.environ.get(SCRATCH_DIR_ENVIRON):
+        bases.add(Path(configured))
+    for base in bases:
+        remove_dead_scratch(base)

@@ -76,6 +76,7 @@ def run_operational_update(
     summary_path: Path | None = None,
     show_progress: bool = True,
     lease_ttl_seconds: float | None = None,  # None: REFORMATTERS_LEASE_TTL, else the lease's default
+    scratch_dir: str | None = None,  # scratch-path variable-regions (see `DynamicalDataset.backfill`)
 ) -> RunSummary:
     started = time.perf_counter()
     now_ts = parse_utc(now) if now is not None else utc_now()
@@ -119,6 +120,7 @@ def run_operational_update(
                 started,
                 show_progress,
                 source_url,
+                scratch_dir,
             )
     summary.elapsed_seconds = time.perf_counter() - started
     if summary_path is not None:
@@ -139,6 +141,7 @@ def _update_under_lease(
     started: float,
     show_progress: bool,
     source_url: str | None,
+    scratch_dir: str | None = None,
 ) -> None:
     """Plan, run and publish the update's regions: everything from reading the published store on happens
     while this run holds the publisher's lease."""
@@ -158,6 +161,8 @@ def _update_under_lease(
     jobs, template_ds = job_class.operational_update_jobs(
         final_store, template_ds, append_dim, config.data_vars, source_url
     )
+    if scratch_dir is not None:
+        jobs = [job.model_copy(update={"scratch_dir": scratch_dir}) for job in jobs]
     with tmp_metadata_store(template_ds) as tmp_store:
         check_no_drift(tmp_store, final_store, append_dim)
         var_metadata = variable_metadata(tmp_store, [v.name for v in config.data_vars])

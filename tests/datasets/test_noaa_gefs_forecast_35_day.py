@@ -22,6 +22,7 @@ import pytest
 import xarray as xr
 from reformatters_datasets.noaa.gefs.forecast_35_day.dataset import GefsForecast35DayDataset
 from reformatters_datasets.noaa.gefs.forecast_35_day.region_job import (
+    GefsForecast35DayRegionJob,
     GefsSourceFileCoord,
     product_at,
     requested_lead_hours,
@@ -33,6 +34,7 @@ from reformatters_datasets.noaa.gefs.forecast_35_day.template_config import (
 )
 from reformatters_datasets.noaa.gefs.forecast_35_day.validators import RecentNaNsPerMember
 
+from reformatters.cluster import open_client
 from reformatters.common.storage import ObjectStore
 from reformatters.region_job import RegionJobFilters
 from reformatters.sources.grib_decode import GridSpec
@@ -548,3 +550,97 @@ def test_update_jobs_append_after_a_complete_init_and_reingest_an_incomplete_one
         assert updated["ingested_forecast_length"].values[0].tolist() == lengths[0].tolist()
         assert np.isnat(updated["ingested_forecast_length"].values[1:]).all()
         assert updated["ingested_forecast_length"].encoding == template["ingested_forecast_length"].encoding
+
+
+# ---- the scratch path (reformatters.pipeline.scratch) ----
+
+
+def _store_objects(store: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(store)): path.read_bytes()
+        for path in sorted(store.rglob("*"))
+        if path.is_file() and not str(path.relative_to(store)).startswith("_internal")
+    }
+
+
+def test_scratch_path_store_is_the_in_memory_store(
+    tmp_path: Path, server: ArchiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both products, bilinear and nearest resampling, precipitation's rate transform: the same bytes."""
+    scratch = tmp_path / "scratch"
+    with open_client("local", n_workers=2) as client:
+        address = str(client.scheduler_info()["address"])
+
+        def backfill(store: Path, scratch_dir: Path | None) -> RunSummary:
+            return SMALL_DATASET.backfill(
+                "2020-10-02T00:00",
+                cluster=address,
+                store_url=str(store),
+                source_url=server.url,
+                filters=RegionJobFilters.parse(variable_names=VARIABLES),
+                show_progress=False,
+                scratch_dir=None if scratch_dir is None else str(scratch_dir),
+            )
+
+        in_memory = backfill(tmp_path / "memory.zarr", None)
+        monkeypatch.setattr(GefsForecast35DayRegionJob, "scratch_region_bytes", 0)
+        through_scratch = backfill(tmp_path / "scratch.zarr", scratch)
+    memory_objects = _store_objects(tmp_path / "memory.zarr")
+    scratch_objects = _store_objects(tmp_path / "scratch.zarr")
+    assert sorted(scratch_objects) == sorted(memory_objects)
+    for key, data in memory_objects.items():
+        assert scratch_objects[key] == data, key
+    assert list(scratch.iterdir()) == []
+    for name in VARIABLES:
+        memory_entry, scratch_entry = in_memory.variables[name], through_scratch.variables[name]
+        assert scratch_entry.scratch_bytes > 0 and memory_entry.scratch_bytes == 0, name
+        assert scratch_entry.files_ok == memory_entry.files_ok > 0, name
+        # Each field read is decoded once: by the shard write in memory, by the scratch task otherwise.
+        assert scratch_entry.decodes == scratch_entry.files_ok + scratch_entry.files_read_failed, name
+        assert memory_entry.decodes == memory_entry.files_ok + memory_entry.files_read_failed, name
+
+
+def test_scratch_task_memory_is_bounded_far_below_its_region(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 0.5 degree variable-region of 203 MB (shard-padded), 80 fields decoded into it: the scratch task's worker
+    grows by less than a quarter of it in anonymous memory (RssAnon sampled inside the task)."""
+    members = (0, 30)
+    config = gefs_forecast_35_day_template_config(
+        ensemble_members=members,
+        resolution=0.5,
+        chunks=(1, 2, 64, 46, 90),
+        shards=(1, 2, 64, 92, 180),
+        templates_dir=tmp_path / "templates",
+    )
+    config.update_template(templates_dir=tmp_path / "templates")
+    dataset = GefsForecast35DayDataset(template_config=config)
+    leads = list(range(0, 120, 3))
+    archive = generate_gefs_archive(
+        [INIT],
+        members,
+        leads,
+        variables=("temperature_2m",),
+        fine_grid=GridSpec.global_regular(0.5),
+        coarse_grid=GridSpec.global_regular(1.0),
+        products=("s",),
+        workers=2,
+    )
+    region_bytes = len(members) * 192 * 368 * 720 * 4
+    monkeypatch.setattr(GefsForecast35DayRegionJob, "scratch_region_bytes", 0)
+    with ArchiveServer(archive.root) as archive_server:
+        summary = dataset.backfill(
+            "2020-10-02T00:00",
+            cluster="local",
+            n_workers=2,
+            store_url=str(tmp_path / "store.zarr"),
+            source_url=archive_server.url,
+            filters=RegionJobFilters.parse(variable_names=["temperature_2m"]),
+            show_progress=False,
+            scratch_dir=str(tmp_path / "scratch"),
+        )
+    entry = summary.variables["temperature_2m"]
+    fields = len(members) * len(leads)
+    assert entry.files_ok == entry.decodes == fields
+    assert entry.scratch_bytes >= fields * 361 * 720 * 4  # the decoded fields did go to the file
+    assert 0 < entry.rss_anon_growth_bytes < region_bytes / 4, (entry.rss_anon_growth_bytes, region_bytes)
+    published = xr.open_zarr(tmp_path / "store.zarr", decode_timedelta=True)["temperature_2m"]
+    assert int(published.notnull().any(dim=("latitude", "longitude")).sum()) == fields

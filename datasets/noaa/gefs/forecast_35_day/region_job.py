@@ -139,6 +139,8 @@ class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
     max_vars_per_job = 4
     download_per_variable = True  # byte ranges from the .idx: each variable's messages on their own
     download_batch_size = 16
+    # A full-grid variable-region (31 members x 181 leads) is 26 GB padded: through a worker-local scratch file.
+    scratch_region_bytes = 1 << 30
     read_batch_size = 16
 
     # Set for the init an update re-ingests: fields already published (leads up to each member's
