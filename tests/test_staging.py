@@ -350,3 +350,41 @@ def test_cleanup_without_a_sentry_token_says_which_monitors_remain(
     assert kubectl_calls(tmp_path)[0]["argv"][:3] == ["delete", "cronjob", "-l"]
     assert origin_branches(repo) == ["main", f"stage/{GFS}/v0.3.0"]
     assert f"$STORE_BASE/{LONGEST}/v0.3.0.zarr" in result.stdout
+
+
+# ---- the deploy-staging workflow ----
+
+WORKFLOW = Path(__file__).resolve().parents[1] / ".github" / "workflows" / "deploy-staging.yml"
+
+
+@pytest.mark.parametrize(
+    ("branch", "expected"),
+    [
+        (f"stage/{LONGEST}/v0.3.0", {"dataset_id": LONGEST, "version": "0.3.0"}),
+        ("stage/noaa-gfs-forecast/v1.0.0-rc1", {"dataset_id": GFS, "version": "1.0.0-rc1"}),
+        ("stage/noaa-gfs-forecast/0.3.0", None),
+        ("stage/noaa-gfs-forecast", None),
+    ],
+)
+def test_the_workflow_parses_dataset_and_version_from_the_branch(
+    tmp_path: Path, branch: str, expected: dict[str, str] | None
+) -> None:
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    assert workflow[True]["push"]["branches"] == ["stage/**"]  # YAML 1.1 reads the key `on` as True
+    assert workflow["concurrency"]["group"] == "deploy-staging-${{ github.ref }}"
+    (parse,) = [step for step in workflow["jobs"]["branch"]["steps"] if step.get("id") == "parse"]
+    output = tmp_path / "github_output"
+    output.write_text("")
+    result = subprocess.run(
+        ["bash", "-c", parse["run"]],
+        env={"BRANCH": branch, "GITHUB_OUTPUT": str(output), "PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+    )
+    if expected is None:
+        assert result.returncode != 0 and "is not stage/DATASET_ID/vVERSION" in result.stdout
+        return
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert dict(line.split("=", 1) for line in output.read_text().splitlines()) == expected
+    run = workflow["jobs"]["deploy-staging"]["steps"][-1]["run"]
+    assert 'deploy-staging \\\n  --dataset-id "$DATASET_ID" --version "$VERSION" --docker-image "$IMAGE"' in run
