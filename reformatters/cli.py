@@ -514,9 +514,9 @@ def cleanup_staging(
     and SENTRY_ORG set; SENTRY_API_URL for a self-hosted Sentry) and the branch stage/DATASET_ID/vVERSION on
     origin. The store stays: the primary uses it once the version is promoted to main.
     """
+    from reformatters.common.names import shorten
     from reformatters.deploy.render import CRON_JOB_NAME_LIMIT, DATASET_LABEL
     from reformatters.deploy.staging import COMPONENTS, StagingError, delete_branch, repo_root, sentry_api
-    from reformatters.common.names import shorten
     from reformatters.monitoring import MAX_SLUG_LENGTH
 
     staged = _staged(dataset_id, version)
