@@ -13,9 +13,9 @@ import re
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
@@ -250,7 +250,7 @@ class SentryApi:
         return f"deleted Sentry monitor {slug} (HTTP {status})"
 
 
-def sentry_api(environ: dict[str, str] | Any) -> SentryApi | None:
+def sentry_api(environ: Mapping[str, str]) -> SentryApi | None:
     token, organization = environ.get("SENTRY_AUTH_TOKEN"), environ.get("SENTRY_ORG")
     if not token or not organization:
         return None
