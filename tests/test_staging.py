@@ -20,7 +20,7 @@ import yaml
 
 from reformatters.common.names import fit, shorten
 from reformatters.deploy.policy import violations
-from reformatters.deploy.render import CRON_JOB_NAME_LIMIT, DATASET_LABEL
+from reformatters.deploy.render import CRON_JOB_NAME_LIMIT, DATASET_LABEL, DeployError, dataset_manifests
 from reformatters.deploy.staging import (
     STAGING_LABEL,
     STAGING_OFFSET_MINUTES,
@@ -150,8 +150,6 @@ def test_deploy_staging_applies_the_versions_cronjobs_with_staging_names_labels_
 
 
 def dataset_manifests_of(dataset_id: str) -> list[dict[str, Any]]:
-    from reformatters.deploy.render import dataset_manifests
-
     return dataset_manifests(dataset_id, get_dataset(dataset_id).operational_resources(), "r.example/x:abc1")
 
 
@@ -239,6 +237,8 @@ def test_names_are_shortened_deterministically_keeping_prefix_version_and_kind()
     assert len(shorten("a" * 60, MAX_SLUG_LENGTH)) == MAX_SLUG_LENGTH
     with pytest.raises(ValueError, match="cannot be shortened"):
         fit("prefix-", "middle", "-a-suffix-far-too-long", 20)
+    with pytest.raises(DeployError, match="pass the same dataset id"):
+        dataset_manifests(GFS, get_dataset(GFS).operational_resources(), "r.example/x:abc1", staged)
 
 
 @pytest.mark.parametrize(

@@ -263,6 +263,8 @@ def dataset_manifests(
 ) -> list[dict[str, Any]]:
     """The update CronJob (write credentials) and the validate CronJob (read-only credentials) of one dataset;
     with `staged`, those of that version staged beside the primary (`reformatters.deploy.staging`)."""
+    if staged is not None and staged.dataset_id != dataset_id:
+        raise DeployError(f"staged version of {staged.dataset_id} rendered as {dataset_id}; pass the same dataset id")
     update_args = ["update", dataset_id, "--cluster", "local", "--workers", str(resources.update.workers)]
     manifests = [
         _cron_job(
