@@ -456,17 +456,158 @@ def deploy(
     _kubectl_apply(text)
 
 
-def _kubectl_apply(text: str) -> None:
-    """`kubectl apply -f -` with the rendered YAML on its standard input."""
+RepoOption = Annotated[
+    Path,
+    typer.Option("--repo", help="The project's git checkout (default: the current directory's repository)."),
+]
+VersionOption = Annotated[
+    str, typer.Option("--version", help="The staged dataset_version, without its 'v' (such as 0.3.0).")
+]
+
+
+def _staged(dataset_id: str, version: str) -> Any:
+    from reformatters.deploy.staging import StagedVersion
+
+    try:
+        return StagedVersion(dataset_id=dataset_id, version=version)
+    except ValueError as error:
+        message = error.errors()[0]["msg"] if hasattr(error, "errors") else str(error)
+        raise _fail(message.removeprefix("Value error, ")) from None
+
+
+@app.command("deploy-staging")
+def deploy_staging(
+    dataset_id: Annotated[str, typer.Option("--dataset-id", help="The dataset whose new version is staged.")],
+    version: VersionOption,
+    docker_image: Annotated[
+        str,
+        typer.Option(
+            "--docker-image",
+            help="Image built from the stage branch: REPOSITORY:GIT_SHA, or a bare GIT_SHA of "
+            "ghcr.io/dynamical-org/reformatters.",
+        ),
+    ],
+    repo: RepoOption = Path("."),
+    dry_run: DryRunOption = False,
+) -> None:
+    """Run DATASET_ID's new VERSION beside the primary: its update and validate CronJobs, staging names, offset
+    schedules, its own store; `kubectl apply -f -` them.
+
+    Checks first, applying nothing if one fails: the dataset exists, the checkout's template says VERSION, and
+    main's template says another version. Example (the deploy-staging workflow, on a push of
+    stage/noaa-gfs-forecast/v0.3.0): reformatters deploy-staging --dataset-id noaa-gfs-forecast --version 0.3.0
+    --docker-image ghcr.io/me/reformatters:$(git rev-parse HEAD)
+    """
+    from reformatters.deploy.render import DeployError, dataset_manifests, resolve_image, to_yaml
+    from reformatters.deploy.staging import StagingError, check_versions, repo_root, template_in_repo
+
+    staged = _staged(dataset_id, version)
+    dataset = _dataset(dataset_id)
+    resources = dataset.operational_resources()
+    if resources is None:
+        raise _fail(
+            f"{dataset_id} declares no operational resources; give its DynamicalDataset an "
+            "operational_resources() (see noaa-gfs-forecast) to stage it"
+        )
+    try:
+        root = repo_root(repo)
+        check_versions(staged, root, template_in_repo(dataset.template_config.template_path, root))
+        manifests = dataset_manifests(dataset_id, resources, resolve_image(docker_image), staged)
+    except (StagingError, DeployError) as error:
+        raise _fail(str(error)) from None
+    text = to_yaml(manifests)
+    if dry_run:
+        typer.echo(text, nl=False)
+        return
+    _kubectl_apply(text)
+    for manifest in manifests:
+        typer.echo(f"staged CronJob {manifest['metadata']['name']} (schedule {manifest['spec']['schedule']})")
+    typer.echo(
+        f"store: {staged.store('$STORE_BASE')} (STORE_BASE: the ConfigMap's key store-base); remove the staging "
+        f"with: reformatters cleanup-staging --dataset-id {dataset_id} --version {version}"
+    )
+
+
+@app.command("cleanup-staging")
+def cleanup_staging(
+    dataset_id: Annotated[str, typer.Option("--dataset-id", help="The dataset of the staged version.")],
+    version: VersionOption,
+    repo: RepoOption = Path("."),
+    store_base: Annotated[
+        str | None,
+        typer.Option(
+            "--store-base",
+            envvar="REFORMATTERS_STORE_BASE",
+            help="The stores' base (the ConfigMap's store-base), to name the store left in place.",
+        ),
+    ] = None,
+) -> None:
+    """Remove a staged version: its CronJobs (kubectl delete), their Sentry cron monitors (with SENTRY_AUTH_TOKEN
+    and SENTRY_ORG set; SENTRY_API_URL for a self-hosted Sentry) and the branch stage/DATASET_ID/vVERSION on
+    origin. The store stays: the primary uses it once the version is promoted to main.
+    """
+    from reformatters.common.names import shorten
+    from reformatters.deploy.render import CRON_JOB_NAME_LIMIT, DATASET_LABEL
+    from reformatters.deploy.staging import COMPONENTS, StagingError, delete_branch, repo_root, sentry_api
+    from reformatters.monitoring import MAX_SLUG_LENGTH
+
+    staged = _staged(dataset_id, version)
+    try:
+        root = repo_root(repo)
+    except StagingError as error:
+        raise _fail(str(error)) from None
+    names = [staged.name(component, CRON_JOB_NAME_LIMIT) for component in COMPONENTS]
+    problems: list[str] = []
+    _kubectl("delete", "cronjob", "-l", staged.selector(DATASET_LABEL))
+    typer.echo(f"deleted the staged CronJobs ({', '.join(names)})")
+    slugs = [shorten(name, MAX_SLUG_LENGTH) for name in names]  # the CronJobs' CRON_JOB_NAME, as monitoring does
+    api = sentry_api(os.environ)
+    if api is None:
+        typer.echo(
+            f"Sentry monitors remain: {', '.join(slugs)} (set SENTRY_AUTH_TOKEN and SENTRY_ORG to delete them, "
+            "or delete them in Sentry's Crons page)"
+        )
+    else:
+        for slug in slugs:
+            try:
+                typer.echo(api.delete_monitor(slug))
+            except StagingError as error:
+                problems.append(str(error))
+    try:
+        typer.echo(delete_branch(root, staged.branch))
+    except StagingError as error:
+        problems.append(str(error))
+    store = staged.store(store_base or "$STORE_BASE")
+    typer.echo(
+        f"left in place: the store {store}"
+        + ("" if store_base else " (STORE_BASE: the ConfigMap's key store-base)")
+        + "; the primary uses it once this version is on main, else delete it"
+    )
+    for problem in problems:
+        typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)
+    if problems:
+        raise typer.Exit(code=1)
+
+
+def _kubectl(*args: str, stdin: str | None = None) -> None:
+    """Run kubectl with these arguments (and `stdin`); a failure ends the command with one line."""
     import shutil
     import subprocess
 
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        raise _fail("kubectl not found on PATH; install kubectl and point it at the cluster, or use --dry-run")
-    completed = subprocess.run([kubectl, "apply", "-f", "-"], input=text, text=True, check=False)
+        raise _fail(
+            "kubectl not found on PATH; install kubectl and point it at the cluster"
+            + (", or use --dry-run" if args[0] == "apply" else "")
+        )
+    completed = subprocess.run([kubectl, *args], input=stdin, text=True, check=False)
     if completed.returncode != 0:
-        raise _fail(f"kubectl apply exited with status {completed.returncode} (its output is above)", 1)
+        raise _fail(f"kubectl {args[0]} exited with status {completed.returncode} (its output is above)", 1)
+
+
+def _kubectl_apply(text: str) -> None:
+    """`kubectl apply -f -` with the rendered YAML on its standard input."""
+    _kubectl("apply", "-f", "-", stdin=text)
 
 
 @app.command()

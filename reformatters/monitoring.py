@@ -11,7 +11,6 @@ variables and of the command line's arguments are replaced.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -19,6 +18,8 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
+
+from reformatters.common.names import shorten
 
 log = logging.getLogger("reformatters.monitoring")
 
@@ -34,14 +35,6 @@ _URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@'\"]+@", re.IGNORE
 _SECRET_ENV_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL|DSN|SESSION", re.IGNORECASE)
 # Command-line values shorter than this are flags and small numbers, not secrets; replacing them would mangle text.
 _MIN_SECRET_LENGTH = 6
-
-
-def shorten(name: str, limit: int) -> str:
-    """`name` if it fits, else its first characters and 8 hex digits of its hash (still unique per name)."""
-    if len(name) <= limit:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[: limit - len(digest) - 1].rstrip('-')}-{digest}"
 
 
 def monitor_slug(dataset_id: str, job: JobKind, environ: Mapping[str, str] = os.environ) -> str:

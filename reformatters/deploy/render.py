@@ -18,6 +18,7 @@ import yaml
 
 from reformatters.deploy.models import CronJobSpec, OperationalResources
 from reformatters.deploy.policy import ensure_least_privilege
+from reformatters.deploy.staging import STORE_BASE_ENV, STORE_BASE_KEY, StagedVersion
 
 IMAGE_ENVIRON = "REFORMATTERS_IMAGE"
 DEFAULT_IMAGE_REPOSITORY = "ghcr.io/dynamical-org/reformatters"
@@ -47,6 +48,8 @@ DATASET_LABEL = "reformatters.dynamical.org/dataset"
 CRON_JOB_NAME_LIMIT = 52  # the CronJob controller appends an 11-character suffix to name each Job
 NAME_LIMIT = 63
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+LABEL_VALUE_LIMIT = 63
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
 
 
 class DeployError(ValueError):
@@ -98,6 +101,15 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
+def check_label(value: str) -> str:
+    if len(value) > LABEL_VALUE_LIMIT or not _LABEL_VALUE.fullmatch(value):
+        raise DeployError(
+            f"label value {value!r} is not a Kubernetes label value (at most {LABEL_VALUE_LIMIT} characters: "
+            "letters, digits, '-', '_', '.', starting and ending with a letter or digit); shorten or rename it"
+        )
+    return value
+
+
 def metadata(kind: str, name: str, labels: dict[str, str]) -> dict[str, Any]:
     return {"name": check_name(kind, name), "labels": labels}
 
@@ -134,13 +146,25 @@ def scratch_environ() -> list[dict[str, str]]:
     ]
 
 
-def storage_environ(dataset_id: str) -> list[dict[str, Any]]:
-    """The store's URL and endpoint from the ConfigMap; the credentials as a file (never in the environment)."""
+def storage_environ(dataset_id: str, staged: StagedVersion | None = None) -> list[dict[str, Any]]:
+    """The store's URL and endpoint from the ConfigMap; the credentials as a file (never in the environment).
+
+    The primary's store is the ConfigMap's `DATASET_ID-store`; a staged version's lies under its `store-base`.
+    """
+    if staged is None:
+        store = [
+            {
+                "name": "REFORMATTERS_STORE",
+                "valueFrom": {"configMapKeyRef": {"name": CONFIG_MAP, "key": f"{dataset_id}-store"}},
+            }
+        ]
+    else:
+        store = [
+            {"name": STORE_BASE_ENV, "valueFrom": {"configMapKeyRef": {"name": CONFIG_MAP, "key": STORE_BASE_KEY}}},
+            {"name": "REFORMATTERS_STORE", "value": staged.store(f"$({STORE_BASE_ENV})")},
+        ]
     return [
-        {
-            "name": "REFORMATTERS_STORE",
-            "valueFrom": {"configMapKeyRef": {"name": CONFIG_MAP, "key": f"{dataset_id}-store"}},
-        },
+        *store,
         {
             "name": "AWS_ENDPOINT_URL",
             "valueFrom": {"configMapKeyRef": {"name": CONFIG_MAP, "key": "aws-endpoint-url", "optional": True}},
@@ -170,9 +194,12 @@ def _cron_job(
     image: str,
     args: list[str],
     credentials_secret: str,
+    staged: StagedVersion | None,
 ) -> dict[str, Any]:
-    name = f"{dataset_id}-{component}"
-    labels = {**APP_LABELS, "app.kubernetes.io/component": component, DATASET_LABEL: dataset_id}
+    name = f"{dataset_id}-{component}" if staged is None else staged.name(component, CRON_JOB_NAME_LIMIT)
+    labels = {**APP_LABELS, "app.kubernetes.io/component": component, DATASET_LABEL: check_label(dataset_id)}
+    if staged is not None:
+        labels |= {key: check_label(value) for key, value in staged.labels().items()}
     container = {
         "name": component,
         "image": image,
@@ -186,7 +213,7 @@ def _cron_job(
                 "name": "SENTRY_DSN",
                 "valueFrom": {"configMapKeyRef": {"name": CONFIG_MAP, "key": "sentry-dsn", "optional": True}},
             },
-            *storage_environ(dataset_id),
+            *storage_environ(dataset_id, staged),
             *scratch_environ(),
             # zarr/Blosc/BLAS thread pools at one thread: the LocalCluster's threads are the parallelism.
             {"name": "OMP_NUM_THREADS", "value": "1"},
@@ -202,7 +229,7 @@ def _cron_job(
         "kind": "CronJob",
         "metadata": metadata("CronJob", name, labels),
         "spec": {
-            "schedule": spec.schedule,
+            "schedule": spec.schedule if staged is None else staged.schedule(spec.schedule),
             "timeZone": spec.time_zone,
             "concurrencyPolicy": spec.concurrency_policy,
             "startingDeadlineSeconds": spec.starting_deadline_seconds,
@@ -231,8 +258,13 @@ def _cron_job(
     }
 
 
-def dataset_manifests(dataset_id: str, resources: OperationalResources, image: str) -> list[dict[str, Any]]:
-    """The update CronJob (write credentials) and the validate CronJob (read-only credentials) of one dataset."""
+def dataset_manifests(
+    dataset_id: str, resources: OperationalResources, image: str, staged: StagedVersion | None = None
+) -> list[dict[str, Any]]:
+    """The update CronJob (write credentials) and the validate CronJob (read-only credentials) of one dataset;
+    with `staged`, those of that version staged beside the primary (`reformatters.deploy.staging`)."""
+    if staged is not None and staged.dataset_id != dataset_id:
+        raise DeployError(f"staged version of {staged.dataset_id} rendered as {dataset_id}; pass the same dataset id")
     update_args = ["update", dataset_id, "--cluster", "local", "--workers", str(resources.update.workers)]
     manifests = [
         _cron_job(
@@ -242,6 +274,7 @@ def dataset_manifests(dataset_id: str, resources: OperationalResources, image: s
             image,
             [*update_args, "--store", "$(REFORMATTERS_STORE)"],
             WRITE_CREDENTIALS_SECRET,
+            staged,
         ),
         _cron_job(
             dataset_id,
@@ -250,6 +283,7 @@ def dataset_manifests(dataset_id: str, resources: OperationalResources, image: s
             image,
             ["validate", dataset_id, "--store", "$(REFORMATTERS_STORE)"],
             READ_ONLY_CREDENTIALS_SECRET,
+            staged,
         ),
     ]
     ensure_least_privilege(manifests)
