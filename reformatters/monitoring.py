@@ -25,6 +25,7 @@ log = logging.getLogger("reformatters.monitoring")
 
 SENTRY_DSN_ENV = "SENTRY_DSN"
 CRON_JOB_NAME_ENV = "CRON_JOB_NAME"
+CRON_SCHEDULE_ENV = "CRON_SCHEDULE"
 MAX_SLUG_LENGTH = 50
 SCRUBBED = "[scrubbed]"
 
@@ -87,15 +88,18 @@ def _sentry_options(dsn: str, scrub: Scrubber, tags: Mapping[str, str]) -> dict[
     }
 
 
-def monitor_config(schedule: str | None, checkin_margin_minutes: int, max_runtime_minutes: int) -> dict[str, Any]:
-    """Sentry's monitor settings: the crontab schedule (UTC) and how late or long a run may be before it alerts."""
-    if schedule is None:
+def monitor_config(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Sentry's monitor settings from the CronJob's environment (`reformatters deploy` renders them from the
+    dataset's declaration): the crontab schedule and how late or long a run may be before Sentry alerts. None set
+    (a run by hand): no settings, the monitor keeps what Sentry has."""
+    schedule = environ.get(CRON_SCHEDULE_ENV)
+    if not schedule:
         return {}
     return {
         "schedule": {"type": "crontab", "value": schedule},
-        "timezone": "UTC",
-        "checkin_margin": checkin_margin_minutes,
-        "max_runtime": max_runtime_minutes,
+        "timezone": environ.get("CRON_TIME_ZONE") or "Etc/UTC",
+        "checkin_margin": int(environ.get("CRON_CHECKIN_MARGIN_MINUTES") or 10),
+        "max_runtime": int(environ.get("CRON_MAX_RUNTIME_MINUTES") or 60),
     }
 
 
@@ -112,9 +116,6 @@ def cron_monitor(
     dataset_id: str,
     job: JobKind,
     *,
-    schedule: str | None = None,
-    checkin_margin_minutes: int = 10,
-    max_runtime_minutes: int = 60,
     environ: Mapping[str, str] = os.environ,
     argv: list[str] | None = None,
 ) -> Iterator[None]:
@@ -132,7 +133,7 @@ def cron_monitor(
     sentry_sdk.init(**_sentry_options(dsn, scrub, tags))
     try:
         # sentry_sdk types this as a TypedDict of its private `_types` module: passed as plain data.
-        config: Any = monitor_config(schedule, checkin_margin_minutes, max_runtime_minutes) or None
+        config: Any = monitor_config(environ) or None
         check_in_id = capture_checkin(monitor_slug=slug, status=MonitorStatus.IN_PROGRESS, monitor_config=config)
 
         def check_out(status: str) -> None:

@@ -139,6 +139,7 @@ def test_deploy_staging_applies_the_versions_cronjobs_with_staging_names_labels_
         assert manifest["spec"]["schedule"] == offset_schedule(schedule, STAGING_OFFSET_MINUTES) != schedule
         env = {e["name"]: e for e in container(manifest)["env"]}
         assert env["CRON_JOB_NAME"]["value"] == manifest["metadata"]["name"]
+        assert env["CRON_SCHEDULE"]["value"] == manifest["spec"]["schedule"]  # the monitor expects the offset runs
         assert env["REFORMATTERS_STORE"]["value"] == "$(REFORMATTERS_STORE_BASE)/noaa-gfs-forecast/v0.3.0.zarr"
         assert env["REFORMATTERS_STORE_BASE"]["valueFrom"]["configMapKeyRef"]["key"] == "store-base"
         assert container(manifest)["image"] == "r.example/x:abc1"

@@ -200,6 +200,7 @@ def _cron_job(
     labels = {**APP_LABELS, "app.kubernetes.io/component": component, DATASET_LABEL: check_label(dataset_id)}
     if staged is not None:
         labels |= {key: check_label(value) for key, value in staged.labels().items()}
+    schedule = spec.schedule if staged is None else staged.schedule(spec.schedule)
     container = {
         "name": component,
         "image": image,
@@ -209,6 +210,10 @@ def _cron_job(
         "env": [
             # The Sentry cron monitor's slug and, when the ConfigMap has one, its DSN (reformatters.monitoring).
             {"name": "CRON_JOB_NAME", "value": name},
+            {"name": "CRON_SCHEDULE", "value": schedule},
+            {"name": "CRON_TIME_ZONE", "value": spec.time_zone},
+            {"name": "CRON_CHECKIN_MARGIN_MINUTES", "value": str(-(-spec.starting_deadline_seconds // 60))},
+            {"name": "CRON_MAX_RUNTIME_MINUTES", "value": str(-(-spec.active_deadline_seconds // 60))},
             {
                 "name": "SENTRY_DSN",
                 "valueFrom": {"configMapKeyRef": {"name": CONFIG_MAP, "key": "sentry-dsn", "optional": True}},
@@ -229,7 +234,7 @@ def _cron_job(
         "kind": "CronJob",
         "metadata": metadata("CronJob", name, labels),
         "spec": {
-            "schedule": spec.schedule if staged is None else staged.schedule(spec.schedule),
+            "schedule": schedule,
             "timeZone": spec.time_zone,
             "concurrencyPolicy": spec.concurrency_policy,
             "startingDeadlineSeconds": spec.starting_deadline_seconds,

@@ -26,7 +26,13 @@ def test_an_update_checks_in_then_ok_and_a_failing_one_reports_an_error(
 ) -> None:
     store = copy_store(update_fixture.base_store, tmp_path / "store.zarr")
     with sentry_ingest() as ingest:
-        env = cli_env({SENTRY_DSN_ENV: ingest.dsn, "CRON_JOB_NAME": "example-update-prod"})
+        cron_env = {
+            "CRON_JOB_NAME": "example-update-prod",
+            "CRON_SCHEDULE": "38 5,11,17,23 * * *",
+            "CRON_CHECKIN_MARGIN_MINUTES": "30",
+            "CRON_MAX_RUNTIME_MINUTES": "300",
+        }
+        env = cli_env({SENTRY_DSN_ENV: ingest.dsn, **cron_env})
         ok = subprocess.run(
             update_command(store, update_fixture.source), cwd=REPO, env=env, capture_output=True, text=True, timeout=300
         )
@@ -35,6 +41,13 @@ def test_an_update_checks_in_then_ok_and_a_failing_one_reports_an_error(
         assert statuses(check_ins) == ["in_progress", "ok"], check_ins
         assert {c["monitor_slug"] for c in check_ins} == {"example-update-prod"}
         assert check_ins[0]["check_in_id"] == check_ins[1]["check_in_id"]
+        # The schedule and margins the CronJob was rendered with (reformatters deploy) configure the monitor.
+        assert check_ins[0]["monitor_config"] == {
+            "schedule": {"type": "crontab", "value": "38 5,11,17,23 * * *"},
+            "timezone": "Etc/UTC",
+            "checkin_margin": 30,
+            "max_runtime": 300,
+        }
         assert not ingest.of_type("event")
 
         ingest.items.clear()
