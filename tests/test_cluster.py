@@ -331,6 +331,7 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.mark.slow  # the failed-start test of an unreachable scheduler (tests/test_failed_start.py) runs by default
 def test_unreachable_scheduler_fails_with_one_clear_line(tmp_path: Path) -> None:
     address = f"tcp://127.0.0.1:{closed_port()}"
     store = tmp_path / "store.zarr"

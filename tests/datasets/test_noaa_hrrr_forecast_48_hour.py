@@ -138,6 +138,11 @@ class TestHrrrForecast48HourDataset(DatasetTestKit):
     def make_live_store_source(self, root: Path) -> str:
         return str(self._live_server.url)
 
+    @pytest.mark.slow
+    def test_backfills_into_a_live_store_change_only_what_they_ran(self, tmp_path: Path) -> None:
+        # Four backfills of the full 3 km grid; the example and GEFS run the same checks by default.
+        super().test_backfills_into_a_live_store_change_only_what_they_ran(tmp_path)
+
     def expected_values(self, var_name: str, published: xr.Dataset) -> npt.NDArray[np.float32]:
         return expected_hrrr(self.archive, var_name)
 

@@ -72,9 +72,10 @@ def _files(inits: pd.DatetimeIndex) -> list[str]:
 @pytest.mark.parametrize(
     ("point", "skip"),
     [
-        ("backfill_region_done", 0),  # the driver, once the first region is uploaded and recorded
+        # The driver, once the first region is uploaded and recorded (this and the last with `-m slow`).
+        pytest.param("backfill_region_done", 0, marks=pytest.mark.slow),
         ("upload", 2),  # a worker, at its third upload (after recording it): mid-run, mid-region
-        ("before_publish", 0),  # the driver, every region uploaded, nothing published
+        pytest.param("before_publish", 0, marks=pytest.mark.slow),  # every region uploaded, nothing published
     ],
 )
 def test_killed_backfill_resumes_to_the_same_store(

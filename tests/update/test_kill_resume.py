@@ -52,10 +52,11 @@ class _LineCollector(logging.Handler):
 @pytest.mark.parametrize(
     "point",
     [
-        "download",
+        # Two kill points in the default run, all four with `-m slow` (each one is an update, killed, and a re-run).
+        pytest.param("download", marks=pytest.mark.slow),
         "upload",
         "before_publish",
-        "mid_publish",
+        pytest.param("mid_publish", marks=pytest.mark.slow),
     ],
 )
 def test_kill_then_rerun_equals_uninterrupted(point: str, update_fixture: UpdateFixture, tmp_path: Path) -> None:
