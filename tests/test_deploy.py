@@ -199,7 +199,28 @@ def variable_region_bytes(dataset_id: str) -> int:
 PEAK_OVER_REGION = 1.61 / 0.868
 
 
-@pytest.mark.parametrize("dataset_id", DEPLOYED)
+def takes_the_scratch_path(dataset_id: str) -> bool:
+    threshold = get_dataset(dataset_id).region_job_class.scratch_region_bytes
+    return threshold is not None and variable_region_bytes(dataset_id) >= threshold
+
+
+@pytest.mark.parametrize("dataset_id", [d for d in DEPLOYED if takes_the_scratch_path(d)])
+def test_scratch_path_pods_hold_a_variable_region_on_disk_not_in_memory(dataset_id: str) -> None:
+    """benchmarks/gefs_scratch.py: ~0.18 GB of anonymous memory per worker whatever the region; the region itself
+    (padded to whole shards) and its encoded shards go to the scratch volume."""
+    resources = get_dataset(dataset_id).operational_resources()
+    region = variable_region_bytes(dataset_id)
+    for name, spec, workers in (
+        ("update", resources.update, resources.update.workers or 1),
+        ("backfill", resources.backfill, 1),
+    ):
+        scratch = float(parse_quantity(spec.scratch_size_limit))
+        assert scratch >= 1.5 * region * workers, (name, scratch / 1e9, region / 1e9)
+        memory = float(parse_quantity(spec.resources.limits.memory))
+        assert 2**30 * workers <= memory <= 16 * 2**30, (name, memory / 2**30)
+
+
+@pytest.mark.parametrize("dataset_id", [d for d in DEPLOYED if not takes_the_scratch_path(d)])
 def test_pods_are_sized_from_the_variable_region_not_guessed(dataset_id: str) -> None:
     resources = get_dataset(dataset_id).operational_resources()
     region = variable_region_bytes(dataset_id)

@@ -65,6 +65,14 @@ class ContainerResources(_Frozen):
             )
         return self
 
+    @classmethod
+    def of(cls, cpu: str, memory: str, storage_request: str, storage_limit: str) -> ContainerResources:
+        """CPU and memory requested as much as their limits; ephemeral storage may grow from its request."""
+        return cls(
+            requests=Quantities(cpu=cpu, memory=memory, ephemeral_storage=storage_request),
+            limits=Quantities(cpu=cpu, memory=memory, ephemeral_storage=storage_limit),
+        )
+
     def as_manifest(self) -> dict[str, dict[str, str]]:
         return {"requests": self.requests.as_manifest(), "limits": self.limits.as_manifest()}
 

@@ -12,7 +12,6 @@ from reformatters.deploy.models import (
     ContainerResources,
     CronJobSpec,
     OperationalResources,
-    Quantities,
 )
 from reformatters.dynamical_dataset import DynamicalDataset
 from reformatters.validation import CurrentData, ExpectedShards, Validator
@@ -26,16 +25,11 @@ from .validators import RecentNaNsPerMember
 MAX_PUBLICATION_DELAY = pd.Timedelta(hours=7)
 
 
-def _resources(cpu: str, memory: str, storage_request: str, storage_limit: str) -> ContainerResources:
-    return ContainerResources(
-        requests=Quantities(cpu=cpu, memory=memory, ephemeral_storage=storage_request),
-        limits=Quantities(cpu=cpu, memory=memory, ephemeral_storage=storage_limit),
-    )
-
-
-# Not benchmarked: sized from the variable-region, 31 members x 181 leads x 721 x 1440 float32 (23.3 GB), with
-# the ratio the GFS benchmark measured between a worker's peak RSS and its variable-region (1.61 / 0.868 GB,
-# rounded up to 1.9). One LocalCluster worker per update pod gets 80 % of 60 GiB (51.5 GB).
+# Variable-regions (31 members x 181 leads x 721 x 1440 float32; 26.2 GB padded to whole shards) take the scratch
+# path: a worker holds a bounded window of fields (peak anonymous memory ~0.18 GB per worker in
+# benchmarks/gefs_scratch.py, whatever the member count) while the region lives in a file on the pod's scratch
+# volume, beside the shard files it encodes (smaller: compressed). Memory is for page cache and the process; the
+# scratch volume holds one variable-region per worker and its shards.
 OPERATIONAL_RESOURCES = OperationalResources(
     # Daily at 06:45 UTC: today's 00z init to 384 h, and yesterday's extension to 840 h.
     update=CronJobSpec(
@@ -44,21 +38,21 @@ OPERATIONAL_RESOURCES = OperationalResources(
         active_deadline_seconds=20 * 3600,
         backoff_limit=1,
         workers=1,
-        resources=_resources("2", "60Gi", "4Gi", "24Gi"),
-        scratch_size_limit="20Gi",
+        resources=ContainerResources.of("2", "8Gi", "32Gi", "48Gi"),
+        scratch_size_limit="44Gi",
     ),
     validation=CronJobSpec(
         schedule="45 7 * * *",
         starting_deadline_seconds=3600,
         active_deadline_seconds=3600,
-        resources=_resources("1", "4Gi", "256Mi", "1Gi"),
+        resources=ContainerResources.of("1", "4Gi", "256Mi", "1Gi"),
         scratch_size_limit="512Mi",
     ),
     backfill=BackfillSizing(
         workers=8,
-        dask_memory_limit="48GiB",
-        resources=_resources("2", "52Gi", "4Gi", "24Gi"),
-        scratch_size_limit="20Gi",
+        dask_memory_limit="6GiB",
+        resources=ContainerResources.of("2", "8Gi", "32Gi", "48Gi"),
+        scratch_size_limit="44Gi",
     ),
 )
 

@@ -10,7 +10,6 @@ from reformatters.deploy.models import (
     ContainerResources,
     CronJobSpec,
     OperationalResources,
-    Quantities,
 )
 from reformatters.dynamical_dataset import DynamicalDataset
 from reformatters.validation import CurrentData, ExpectedShards, Validator
@@ -21,13 +20,6 @@ from .validators import IngestedLeadsHaveData
 
 # f384 lands about 5 h 35 min after init; the update runs at minute 38 of hours 05, 11, 17, 23 UTC.
 MAX_PUBLICATION_DELAY = pd.Timedelta(hours=5, minutes=50)
-
-
-def _resources(cpu: str, memory: str, storage_request: str, storage_limit: str) -> ContainerResources:
-    return ContainerResources(
-        requests=Quantities(cpu=cpu, memory=memory, ephemeral_storage=storage_request),
-        limits=Quantities(cpu=cpu, memory=memory, ephemeral_storage=storage_limit),
-    )
 
 
 # Sized from the benchmark (README, "Benchmark"): a worker encodes one variable-region at a time (209 leads x
@@ -42,7 +34,7 @@ OPERATIONAL_RESOURCES = OperationalResources(
         active_deadline_seconds=5 * 3600,
         backoff_limit=1,
         workers=2,
-        resources=_resources("2", "7Gi", "2Gi", "6Gi"),
+        resources=ContainerResources.of("2", "7Gi", "2Gi", "6Gi"),
         scratch_size_limit="5Gi",  # Dask spills here before it pauses
     ),
     # One hour after each update: the update had time to publish, the next has not started.
@@ -50,13 +42,13 @@ OPERATIONAL_RESOURCES = OperationalResources(
         schedule="38 0,6,12,18 * * *",
         starting_deadline_seconds=1800,
         active_deadline_seconds=3600,
-        resources=_resources("1", "2Gi", "256Mi", "1Gi"),
+        resources=ContainerResources.of("1", "2Gi", "256Mi", "1Gi"),
         scratch_size_limit="512Mi",
     ),
     backfill=BackfillSizing(
         workers=8,
         dask_memory_limit="3GiB",
-        resources=_resources("2", "3584Mi", "2Gi", "6Gi"),
+        resources=ContainerResources.of("2", "3584Mi", "2Gi", "6Gi"),
         scratch_size_limit="5Gi",
     ),
 )

@@ -10,7 +10,6 @@ from reformatters.deploy.models import (
     ContainerResources,
     CronJobSpec,
     OperationalResources,
-    Quantities,
 )
 from reformatters.dynamical_dataset import DynamicalDataset
 from reformatters.validation import CurrentData, ExpectedShards, Validator
@@ -24,13 +23,6 @@ from .validators import IngestedLeadsHaveData
 MAX_PUBLICATION_DELAY = pd.Timedelta(hours=2, minutes=30)
 
 
-def _resources(cpu: str, memory: str, storage_request: str, storage_limit: str) -> ContainerResources:
-    return ContainerResources(
-        requests=Quantities(cpu=cpu, memory=memory, ephemeral_storage=storage_request),
-        limits=Quantities(cpu=cpu, memory=memory, ephemeral_storage=storage_limit),
-    )
-
-
 # A variable-region is 49 leads x 1059 x 1799 float32 (373 MB), 0.43 of GFS's; the benchmark's HRRR runs peaked
 # at 683-791 MB RSS per worker (README, "Benchmark"). 4 GiB and 2 workers give each LocalCluster worker 1.7 GB.
 OPERATIONAL_RESOURCES = OperationalResources(
@@ -40,20 +32,20 @@ OPERATIONAL_RESOURCES = OperationalResources(
         active_deadline_seconds=5 * 3600,
         backoff_limit=1,
         workers=2,
-        resources=_resources("2", "4Gi", "1Gi", "4Gi"),
+        resources=ContainerResources.of("2", "4Gi", "1Gi", "4Gi"),
         scratch_size_limit="3Gi",
     ),
     validation=CronJobSpec(
         schedule="55 2,8,14,20 * * *",
         starting_deadline_seconds=1800,
         active_deadline_seconds=3600,
-        resources=_resources("1", "2Gi", "256Mi", "1Gi"),
+        resources=ContainerResources.of("1", "2Gi", "256Mi", "1Gi"),
         scratch_size_limit="512Mi",
     ),
     backfill=BackfillSizing(
         workers=8,
         dask_memory_limit="1536MiB",
-        resources=_resources("2", "2Gi", "1Gi", "4Gi"),
+        resources=ContainerResources.of("2", "2Gi", "1Gi", "4Gi"),
         scratch_size_limit="3Gi",
     ),
 )
