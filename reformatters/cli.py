@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -168,6 +170,8 @@ def main(
     ] = 0,
 ) -> None:
     _setup_logging(verbose)
+    # `kill -USR1 PID` prints every thread's stack to stderr: where a run that seems stuck is waiting.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 @app.command("list")
