@@ -322,7 +322,7 @@ def _detach_backfill(
     forwarded: list[str],
 ) -> None:
     from reformatters.deploy.backfill_job import detached_backfill_manifests
-    from reformatters.deploy.render import DeployError, resolve_image, to_yaml
+    from reformatters.deploy.render import DeployError, resolve_image
 
     if not detach:
         raise _fail("--docker-image and --dry-run belong to --detach; add --detach --cluster k8s or drop them")
@@ -340,11 +340,8 @@ def _detach_backfill(
         manifests = detached_backfill_manifests(dataset_id, args, resolve_image(docker_image))
     except (DeployError, ValueError) as error:
         raise _fail(str(error)) from None
-    text = to_yaml(manifests)
-    if dry_run:
-        typer.echo(text, nl=False)
+    if not _apply_or_print(manifests, dry_run):
         return
-    _kubectl_apply(text)
     job = manifests[-1]["metadata"]["name"]
     typer.echo(f"submitted Job {job}; follow it with: kubectl logs -f job/{job}")
     typer.echo(f"its DaskCluster: kubectl get daskclusters; stop it: kubectl delete job {job}")
@@ -434,7 +431,7 @@ def deploy(
 
     Example: reformatters deploy --docker-image ghcr.io/me/reformatters:$(git rev-parse HEAD)
     """
-    from reformatters.deploy.render import DeployError, render, resolve_image, to_yaml, write_rendered
+    from reformatters.deploy.render import DeployError, render, resolve_image, write_rendered
 
     try:
         datasets = [_dataset(dataset_id)] if dataset_id else all_datasets()
@@ -453,11 +450,7 @@ def deploy(
         for path in write_rendered(rendered, output_dir):
             typer.echo(f"wrote {path}")
         return
-    text = to_yaml([manifest for manifests in rendered.values() for manifest in manifests])
-    if dry_run:
-        typer.echo(text, nl=False)
-        return
-    _kubectl_apply(text)
+    _apply_or_print([manifest for manifests in rendered.values() for manifest in manifests], dry_run)
 
 
 RepoOption = Annotated[
@@ -502,7 +495,7 @@ def deploy_staging(
     stage/noaa-gfs-forecast/v0.3.0): reformatters deploy-staging --dataset-id noaa-gfs-forecast --version 0.3.0
     --docker-image ghcr.io/me/reformatters:$(git rev-parse HEAD)
     """
-    from reformatters.deploy.render import DeployError, dataset_manifests, resolve_image, to_yaml
+    from reformatters.deploy.render import DeployError, dataset_manifests, resolve_image
     from reformatters.deploy.staging import StagingError, check_versions, repo_root, template_in_repo
 
     staged = _staged(dataset_id, version)
@@ -519,11 +512,8 @@ def deploy_staging(
         manifests = dataset_manifests(dataset_id, resources, resolve_image(docker_image), staged)
     except (StagingError, DeployError) as error:
         raise _fail(str(error)) from None
-    text = to_yaml(manifests)
-    if dry_run:
-        typer.echo(text, nl=False)
+    if not _apply_or_print(manifests, dry_run):
         return
-    _kubectl_apply(text)
     for manifest in manifests:
         typer.echo(f"staged CronJob {manifest['metadata']['name']} (schedule {manifest['spec']['schedule']})")
     typer.echo(
@@ -609,9 +599,17 @@ def _kubectl(*args: str, stdin: str | None = None) -> None:
         raise _fail(f"kubectl {args[0]} exited with status {completed.returncode} (its output is above)", 1)
 
 
-def _kubectl_apply(text: str) -> None:
-    """`kubectl apply -f -` with the rendered YAML on its standard input."""
+def _apply_or_print(manifests: list[dict[str, Any]], dry_run: bool) -> bool:
+    """`kubectl apply -f -` with the manifests' YAML on its standard input; with `dry_run`, print the YAML instead.
+    Whether they were applied."""
+    from reformatters.deploy.render import to_yaml
+
+    text = to_yaml(manifests)
+    if dry_run:
+        typer.echo(text, nl=False)
+        return False
     _kubectl("apply", "-f", "-", stdin=text)
+    return True
 
 
 @app.command()
