@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -146,23 +146,13 @@ def cron_monitor(
             if status == 0:
                 check_out(MonitorStatus.OK)
             else:
-                _report_failure(sentry_sdk.capture_exception, sentry_sdk.capture_message, error, status, slug)
+                if status is None:  # an exception the command did not turn into an exit status: its traceback
+                    sentry_sdk.capture_exception(error)
+                else:
+                    sentry_sdk.capture_message(f"{slug} exited with status {status}", level="error")
                 check_out(MonitorStatus.ERROR)
             raise
         else:
             check_out(MonitorStatus.OK)
     finally:
         sentry_sdk.get_client().close(timeout=10)  # sends what is queued; the next run in this process starts anew
-
-
-def _report_failure(
-    capture_exception: Callable[..., Any],
-    capture_message: Callable[..., Any],
-    error: BaseException,
-    status: int | None,
-    slug: str,
-) -> None:
-    if status is None:  # an exception the command did not turn into an exit status: its traceback is the report
-        capture_exception(error)
-    else:
-        capture_message(f"{slug} exited with status {status}", level="error")
