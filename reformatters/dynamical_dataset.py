@@ -15,7 +15,8 @@ import xarray as xr
 from pydantic import BaseModel, ConfigDict, InstanceOf
 
 from reformatters.cluster import ClusterSession
-from reformatters.common.storage import ObjectStore
+from reformatters.common.icechunk_store import IcechunkStore, IcechunkUpload
+from reformatters.common.storage import ObjectStore, open_store
 from reformatters.common.time_utils import parse_utc, utc_now
 from reformatters.deploy.models import OperationalResources
 from reformatters.pipeline.driver import RegionOutcome, run_region_jobs
@@ -24,6 +25,7 @@ from reformatters.publish import (
     DEFAULT_LEASE_WAIT_SECONDS,
     Publisher,
     check_publishable,
+    commit_icechunk_structure,
     hold_lease,
     publication_template,
     published_dataset,
@@ -39,6 +41,7 @@ from reformatters.update.progress_tracker import (
     BACKFILL_PROGRESS_PREFIX,
     ProgressRecord,
     ProgressTracker,
+    metadata_digest,
     region_key,
     resume_job,
 )
@@ -89,7 +92,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         return self.model_copy(update={"template_config": config.model_copy(update={"append_dim_start": start})})
 
     def store(self, store_url: str | None = None) -> ObjectStore:
-        return ObjectStore(store_url or self.default_store_url())
+        return open_store(store_url or self.default_store_url())
 
     # ---- backfill ----
     def backfill(
@@ -141,6 +144,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
             client = session.client()
             check_source_reachable(source_probe_urls(jobs), what=f"backfill of {self.dataset_id}")
             with hold_lease(final_store, wait_seconds=lease_wait_seconds) as lease:
+                commit_icechunk_structure(final_store, config.get_template(end), append_dim, lease)
                 published = published_dataset(final_store)
                 # Jobs see the published extent too: a region that ends before it merges into its shard.
                 template_ds = publication_template(config, end, published)
@@ -167,12 +171,21 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
                         data_var_names=[v.name for v in config.data_vars],
                         published_ds=published,
                     )
-                    tracker = ProgressTracker(final_store.url, run_id, prefix=BACKFILL_PROGRESS_PREFIX)
+                    tracker = ProgressTracker(final_store.control_store().url, run_id, prefix=BACKFILL_PROGRESS_PREFIX)
                     to_run, region_keys = self._resume(
                         jobs, template_ds, var_metadata, tracker, publisher, summary, due
                     )
+                    icechunk = isinstance(final_store, IcechunkStore)
+                    commits = _RegionCommits(publisher, tracker, var_metadata, summary, to_run, region_keys)
 
-                    def upload_for(job: RegionJob[Any, Any]) -> RecordedUpload:
+                    def upload_for(job: RegionJob[Any, Any]) -> RecordedUpload | IcechunkUpload:
+                        if isinstance(final_store, IcechunkStore):
+                            # Recorded once committed (`_RegionCommits`): uncommitted forks vanish with the run.
+                            return IcechunkUpload(
+                                fork=final_store.fork_bytes(),
+                                var_metadata={v.name: var_metadata[v.name] for v in job.data_vars},
+                                fence=lease.fence(),
+                            )
                         return RecordedUpload(
                             region_key=region_keys[id(job)],
                             var_metadata={v.name: var_metadata[v.name] for v in job.data_vars},
@@ -185,9 +198,12 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
                     ) as progress:
 
                         def region_done(outcome: RegionOutcome) -> None:
-                            summary.regions_done += 1
                             summary.add(outcome.results, due)
-                            publisher.add(outcome.job.region, {r.var_name: r.results for r in outcome.results})
+                            if icechunk:
+                                commits.done(outcome, f"backfill of {self.dataset_id}")
+                            else:
+                                summary.regions_done += 1
+                                publisher.add(outcome.job.region, {r.var_name: r.results for r in outcome.results})
                             progress.region_done(outcome)
                             pause_at("backfill_region_done")
 
@@ -310,6 +326,50 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
 
     def data_var_names(self) -> Sequence[str]:
         return [v.name for v in self.template_config.data_vars]
+
+
+class _RegionCommits:
+    """An Icechunk backfill commits each region on `main` once it and every region before it are done (append
+    order), with the forks of its uploads merged in; its progress records are written only then."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        tracker: ProgressTracker,
+        var_metadata: Mapping[str, bytes],
+        summary: RunSummary,
+        jobs: Sequence[RegionJob[Any, Any]],
+        region_keys: Mapping[int, str],
+    ) -> None:
+        self.publisher = publisher
+        self.tracker = tracker
+        self.var_metadata = var_metadata
+        self.summary = summary
+        self.order = sorted({(job.region.start, job.region.stop) for job in jobs})
+        self.jobs_left: dict[tuple[int, int], int] = {}
+        self.total: dict[tuple[int, int], int] = {}
+        self.keys: dict[tuple[int, int], str] = {}
+        for job in jobs:
+            span = (job.region.start, job.region.stop)
+            self.jobs_left[span] = self.jobs_left.get(span, 0) + 1
+            self.total[span] = self.jobs_left[span]
+            self.keys[span] = region_keys[id(job)]
+        self.results: dict[tuple[int, int], list[Any]] = {}
+        self.next = 0
+
+    def done(self, outcome: RegionOutcome, what: str) -> None:
+        span = (outcome.job.region.start, outcome.job.region.stop)
+        self.results.setdefault(span, []).extend(outcome.results)
+        self.jobs_left[span] -= 1
+        while self.next < len(self.order) and self.jobs_left[self.order[self.next]] == 0:
+            span = self.order[self.next]
+            results = self.publisher.absorb_forks(self.results.pop(span, []))
+            self.publisher.add(slice(*span), {r.var_name: r.results for r in results})
+            self.publisher.publish(f"{what}, region {self.keys[span]}")
+            for result in results:
+                self.tracker.record(self.keys[span], result, metadata_digest(self.var_metadata[result.var_name]))
+            self.summary.regions_done += self.total[span]
+            self.next += 1
 
 
 def source_probe_urls(jobs: Sequence[RegionJob[Any, Any]], count: int = 2) -> list[str]:

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from reformatters.common.icechunk_store import IcechunkStore, take_forks
 from reformatters.common.storage import ObjectStore
 from reformatters.region_job import RegionJob, SourceFileCoord
 from reformatters.template_config import with_template_encodings, write_metadata
@@ -106,7 +107,7 @@ def hold_lease(
     deadline = time.monotonic() + wait_seconds
     waited = False
     while True:
-        lease = PublisherLease(store, ttl_seconds=ttl_seconds)
+        lease = PublisherLease(store.control_store(), ttl_seconds=ttl_seconds)
         try:
             lease.__enter__()
             break
@@ -128,6 +129,15 @@ def hold_lease(
                 "Check the path or URL, its permissions and the credentials (AWS_*, GOOGLE_APPLICATION_CREDENTIALS)."
             ) from None
     try:
+        if isinstance(store, IcechunkStore):
+            try:
+                store.begin_writing()
+            except Exception as error:  # noqa: BLE001 - icechunk raises its own error types for storage failures
+                raise StoreNotWritableError(
+                    f"cannot open or create the Icechunk repository {store.url} ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''}); nothing was committed. Check the path or "
+                    "URL, its permissions and the credentials (AWS_*)."
+                ) from None
         yield lease
     finally:
         lease.__exit__(None, None, None)
@@ -231,6 +241,8 @@ class Publisher:
         with tmp_metadata_store(merged) as tmp_store:
             contents = {key: (tmp_store / key).read_bytes() for key in metadata_keys(tmp_store)}
         changed = [key for key, data in contents.items() if self.final_store.get(key) != data]
+        if isinstance(self.final_store, IcechunkStore):
+            return self._commit_icechunk(what, merged, contents, changed)
         if not changed:
             log.info("%s: nothing new to publish (metadata unchanged)", what)
             return merged
@@ -254,6 +266,68 @@ class Publisher:
         )
         self.published_length = new_length
         return merged
+
+    def _commit_icechunk(
+        self, what: str, merged: xr.Dataset, contents: Mapping[str, bytes], changed: Sequence[str]
+    ) -> xr.Dataset:
+        """An Icechunk store publishes in one commit on `main`: the region's merged forks (chunk data) and its
+        changed metadata, refused if another writer committed since this run read or last committed."""
+        store = self.final_store
+        assert isinstance(store, IcechunkStore)
+        if not changed and not store.has_uncommitted_changes:
+            log.info("%s: nothing new to publish (no chunk or metadata change)", what)
+            return merged
+        self.lease.verify()
+        pause_at("before_publish")
+        for key in icechunk_order(changed):
+            store.put(key, contents[key])
+        pause_at("mid_publish")
+        self.lease.verify()
+        generation = self.lease.generation
+        snapshot = store.commit(
+            f"publish {what}", metadata={"holder": self.lease.owner, "generation": generation, "run": what}
+        )
+        self.lease.record_commit(store.url, snapshot)
+        new_length = int(merged.sizes[self.append_dim])
+        log.info(
+            "published %s: commit %s on main, %s %d -> %d positions (to %s), %d metadata objects changed",
+            what,
+            snapshot,
+            self.append_dim,
+            self.published_length,
+            new_length,
+            _last_label(merged, self.append_dim),
+            len(changed),
+        )
+        self.published_length = new_length
+        return merged
+
+    def absorb_forks(self, results: Sequence[Any]) -> list[Any]:
+        """Merge the Icechunk forks `results` carry into the pending commit; the results without them."""
+        forks, plain = take_forks(results)
+        if forks:
+            assert isinstance(self.final_store, IcechunkStore)
+            self.final_store.merge(forks)
+        return plain
+
+
+def icechunk_order(keys: Sequence[str]) -> list[str]:
+    """Metadata before chunks: Icechunk takes a chunk only for an array its session already has."""
+    return sorted(keys, key=lambda key: (not key.endswith("zarr.json"), key.count("/"), key))
+
+
+def commit_icechunk_structure(store: ObjectStore, template_ds: xr.Dataset, append_dim: str, lease: UpdateLease) -> None:
+    """A new Icechunk repository gets the dataset's structure first, with no positions along `append_dim`, in a
+    commit of its own: the arrays then exist in the snapshot the workers' forks start from, so every region's fork
+    writes into the same arrays and each region is one commit on top."""
+    if not isinstance(store, IcechunkStore) or store.exists(ROOT_METADATA_KEY):
+        return
+    lease.verify()
+    with tmp_metadata_store(template_ds.isel({append_dim: slice(0, 0)})) as tmp_store:
+        for key in icechunk_order(metadata_keys(tmp_store)):
+            store.put(key, (tmp_store / key).read_bytes())
+    snapshot = store.commit("create the dataset's structure (no positions yet)", metadata={"holder": lease.owner})
+    lease.record_commit(store.url, snapshot)
 
 
 def published_dataset(final_store: ObjectStore) -> xr.Dataset | None:

@@ -399,6 +399,11 @@ class ObjectStore:
         for key in self.list(prefix):
             self.delete(key)
 
+    def control_store(self) -> ObjectStore:
+        """Where the publisher's lease and progress records live: this store's `_internal/` area (an Icechunk
+        store keeps them beside the repository)."""
+        return self
+
     def zarr_store(self, read_only: bool = True) -> Any:
         """A zarr Store for xarray/zarr to open this location."""
         import zarr.storage
@@ -413,3 +418,14 @@ class ObjectStore:
         import xarray as xr
 
         return xr.open_zarr(self.zarr_store(), decode_timedelta=True, **kwargs)
+
+
+def open_store(url: str | Path) -> ObjectStore:
+    """The store at `url`: an Icechunk repository when the path ends in `.icechunk`, else a plain Zarr store."""
+    from reformatters.common.icechunk_store import IcechunkStore, icechunk_storage, is_icechunk_url
+
+    if is_icechunk_url(url):
+        store = IcechunkStore(url)
+        icechunk_storage(store.url)  # an unsupported location fails here, in one line
+        return store
+    return ObjectStore(url)

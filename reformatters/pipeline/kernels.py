@@ -92,6 +92,7 @@ class VariableResult:
     skipped: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     decodes: int = 0  # messages handed to the decoder: one per field read, whatever the graph's shape
+    fork: Any = None  # an Icechunk store's fork holding the uploads, merged and committed with its region
 
     def count(self, status: SourceFileStatus) -> int:
         return sum(1 for c in self.results if c.status == status)

@@ -26,6 +26,7 @@ import pandas as pd
 import xarray as xr
 
 from reformatters.cluster import ClusterSession
+from reformatters.common.icechunk_store import IcechunkStore, IcechunkUpload
 from reformatters.common.storage import ObjectStore
 from reformatters.common.time_utils import parse_utc, utc_now
 from reformatters.dynamical_dataset import source_probe_urls
@@ -166,7 +167,7 @@ def _update_under_lease(
     with tmp_metadata_store(template_ds) as tmp_store:
         check_no_drift(tmp_store, final_store, append_dim)
         var_metadata = variable_metadata(tmp_store, [v.name for v in config.data_vars])
-        tracker = UpdateProgressTracker(final_store.url, run_id)
+        tracker = UpdateProgressTracker(final_store.control_store().url, run_id)
         plans = _plan_regions(jobs, template_ds, append_dim, var_metadata, tracker)
         summary.regions_total = len(plans)
         publisher = _RegionPublisher(
@@ -241,8 +242,17 @@ def _run_and_publish(
 ) -> None:
     plan_of_job = {id(job): plan for plan, job in to_run}
 
-    def upload_for(job: RegionJob[Any, Any]) -> RecordedUpload:
+    final_store = publisher.publisher.final_store
+
+    def upload_for(job: RegionJob[Any, Any]) -> RecordedUpload | IcechunkUpload:
         plan = plan_of_job[id(job)]
+        if isinstance(final_store, IcechunkStore):
+            # Nothing is recorded: what is not committed vanishes with the run, and a re-run redoes it.
+            return IcechunkUpload(
+                fork=final_store.fork_bytes(),
+                var_metadata={v.name: var_metadata[v.name] for v in job.data_vars},
+                fence=publisher.publisher.lease.fence(),
+            )
         return RecordedUpload(
             region_key=plan.key,
             var_metadata={v.name: var_metadata[v.name] for v in job.data_vars},
@@ -293,6 +303,7 @@ class _RegionPublisher:
             self.next_index += 1
 
     def _publish(self, plan: RegionPlan) -> None:
+        plan.results = self.publisher.absorb_forks(plan.results)
         results: dict[str, list[Any]] = {}
         for result in plan.results:
             results.setdefault(result.var_name, []).extend(result.results)

@@ -409,6 +409,11 @@ class UpdateLease:
             self._record_commit(store, key, data, version)
             return version
 
+    def record_commit(self, target: str, snapshot: str) -> None:
+        """Record a commit made elsewhere (an Icechunk snapshot on `target`) under `_internal/commits/`."""
+        with self._lock:
+            self._record_commit(self.store, target, snapshot.encode(), snapshot)
+
     def _record_commit(self, store: ObjectStore, key: str, data: bytes, version: str) -> None:
         assert self.generation is not None
         record = json.dumps(
