@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
+import pandas as pd
 import typer
 
 from reformatters.cluster import ClusterUnavailableError
@@ -411,6 +412,68 @@ def validate(dataset_id: str, store: StoreOption = None, now: NowOption = None) 
         typer.echo(line)
     if not report.ok:
         raise typer.Exit(code=1)
+
+
+@app.command("dataset-urls")
+def dataset_urls(
+    dataset_id: str,
+    store: Annotated[
+        list[str] | None,
+        typer.Option("--store", help="A store to print instead of the defaults (repeat for several)."),
+    ] = None,
+    store_base: Annotated[
+        str | None, typer.Option("--store-base", help="The base of the default stores (default: data/output).")
+    ] = None,
+) -> None:
+    """Print, for each of DATASET_ID's stores (the plain Zarr store and the Icechunk repository of its version),
+    the Python that opens it with xarray."""
+    from reformatters.common.icechunk_store import reader_code
+
+    dataset = _dataset(dataset_id)
+    if store_base:
+        dataset = dataset.model_copy(update={"store_base": store_base})
+    urls = store or [dataset.default_store_url("zarr"), dataset.default_store_url("icechunk")]
+    for index, url in enumerate(urls):
+        if index:
+            typer.echo("")
+        typer.echo(f"# {url}")
+        typer.echo(reader_code(url), nl=False)
+
+
+@app.command()
+def maintain(
+    dataset_id: str,
+    store: StoreOption = None,
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Expire snapshots older than this (e.g. 7d, 36h); main's tip stays.")
+    ] = "7d",
+    grace: Annotated[
+        str,
+        typer.Option("--grace", help="Delete unreferenced objects only once older than this (runs writing now)."),
+    ] = "1d",
+) -> None:
+    """Expire old snapshots of DATASET_ID's Icechunk repository and delete the chunks no snapshot reaches any more,
+    so a repository whose newest init is rewritten at every update does not grow without bound."""
+    from reformatters.common.icechunk_store import is_icechunk_url
+    from reformatters.common.icechunk_store import maintain as maintain_repository
+
+    dataset = _dataset(dataset_id)
+    url = store or dataset.default_store_url("icechunk")
+    if not is_icechunk_url(url):
+        raise _fail(f"maintain works on Icechunk repositories (a path ending in .icechunk), found {url}; pass one")
+    ages = {}
+    for name, text in (("--older-than", older_than), ("--grace", grace)):
+        try:
+            ages[name] = pd.Timedelta(text).to_pytimedelta()
+        except ValueError:
+            raise _fail(f"{name} {text!r} is not a duration; expected e.g. 7d, 36h or 90min") from None
+        if ages[name].total_seconds() <= 0:
+            raise _fail(f"{name} {text!r} must be a positive duration")
+    try:
+        report = maintain_repository(url, older_than=ages["--older-than"], grace=ages["--grace"])
+    except (FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    typer.echo(report.render())
 
 
 @app.command()

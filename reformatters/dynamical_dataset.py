@@ -72,9 +72,10 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
     def dataset_id(self) -> str:
         return self.template_config.dataset_id
 
-    def default_store_url(self) -> str:
+    def default_store_url(self, store_format: str = "zarr") -> str:
+        """`{base}/{dataset_id}/v{version}.{zarr|icechunk}`: a plain Zarr store or an Icechunk repository."""
         version = self.template_config.dataset_attributes.dataset_version
-        return f"{self.store_base.rstrip('/')}/{self.dataset_id}/v{version}.zarr"
+        return f"{self.store_base.rstrip('/')}/{self.dataset_id}/v{version}.{store_format}"
 
     def starting_at(self, append_dim_start: pd.Timestamp | str) -> Self:
         """This dataset with its append dimension starting later: for a demo or a trial store of recent data.

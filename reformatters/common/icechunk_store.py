@@ -397,3 +397,22 @@ def describe_commits(url: str, limit: int = 20) -> list[dict[str, Any]]:
         if len(out) >= limit:
             break
     return out
+
+
+# ---- readers ----
+def reader_code(url: str) -> str:
+    """The Python that opens the dataset at `url` with xarray: a plain store directly, an Icechunk repository
+    through a read-only session on `main` (credentials and endpoints from the environment)."""
+    if not is_icechunk_url(url):
+        return f'import xarray as xr\n\nds = xr.open_zarr("{url}", decode_timedelta=True)\n'
+    if url.startswith("s3://"):
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        storage = f'icechunk.s3_storage(bucket="{bucket}", prefix="{prefix.strip("/")}", from_env=True)'
+    else:
+        storage = f'icechunk.local_filesystem_storage("{url.removeprefix("file://")}")'
+    return (
+        "import icechunk\nimport xarray as xr\n\n"
+        f"storage = {storage}\n"
+        'session = icechunk.Repository.open(storage).readonly_session(branch="main")\n'
+        "ds = xr.open_zarr(session.store, consolidated=False, decode_timedelta=True)\n"
+    )

@@ -3,7 +3,10 @@ objects of the plain-Zarr store of the same run, one commit on `main` per region
 
 from __future__ import annotations
 
+import datetime
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import icechunk
@@ -12,7 +15,7 @@ import pytest
 import xarray as xr
 from reformatters_datasets.example.dataset import ExampleDataset
 
-from reformatters.common.icechunk_store import IcechunkStore, is_icechunk_url
+from reformatters.common.icechunk_store import IcechunkStore, is_icechunk_url, maintain
 from reformatters.common.storage import ObjectStore, open_store
 from reformatters.testing.icechunk_checks import differences_from_plain
 from reformatters.testing.object_store_server import S3Server
@@ -112,3 +115,97 @@ def test_summary_counts_committed_regions(update_fixture: UpdateFixture, tmp_pat
     assert summary.regions_done == summary.regions_total == 2
     assert json.loads((tmp_path / "summary.json").read_text())["store"] == str(Path(url).absolute())
     assert pd.Timestamp(summary.published_append_dim_end) == BASE_END - pd.Timedelta("6h")
+
+
+CLI = [sys.executable, "-m", "reformatters.cli"]
+
+
+def _chunk_objects(repository: Path) -> set[str]:
+    return {p.name for p in (repository / "chunks").iterdir()}
+
+
+def test_maintain_removes_expired_snapshots_and_their_chunks_and_keeps_main(
+    update_fixture: UpdateFixture, tmp_path: Path
+) -> None:
+    repository = tmp_path / "maintained.icechunk"
+    _backfill_and_update(str(repository), update_fixture.source)
+    store = open_store(repository)
+    assert isinstance(store, IcechunkStore)
+    history = list(store.repo.ancestry(branch="main"))
+    # The backfill's snapshot of the half-full shard (INITS[2]) that the update rewrote.
+    backfilled = next(s.id for s in history if s.message.startswith("publish backfill") and "T120000" in s.message)
+    key = "temperature_2m/c/1/0/0/0"
+    old_bytes = IcechunkStore(str(repository), session=store.repo.readonly_session(snapshot_id=backfilled)).get(key)
+    assert old_bytes is not None
+    before_ds = store.open_dataset().load()
+    before_objects = {k: store.get(k) for k in store.list()}
+    chunks_before = _chunk_objects(repository)
+
+    # Nothing is old enough yet: a run now expires and deletes nothing.
+    now_report = maintain(str(repository), older_than=datetime.timedelta(days=7), grace=datetime.timedelta(days=1))
+    assert (now_report.expired_snapshots, now_report.deleted_chunks) == (0, 0)
+    assert _chunk_objects(repository) == chunks_before
+
+    # Eight days later: every snapshot but main's tip is expired and the chunks only they reached are deleted.
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=8)
+    report = maintain(
+        str(repository), older_than=datetime.timedelta(days=7), grace=datetime.timedelta(days=1), now=later
+    )
+    assert report.expired_snapshots == len(history) - 1  # all but the tip
+    assert report.deleted_snapshots == len(history) - 2  # the repository's first snapshot stays as the root
+    assert report.deleted_chunks > 0
+    chunks_after = _chunk_objects(repository)
+    assert chunks_after < chunks_before and len(chunks_before - chunks_after) == report.deleted_chunks
+    fresh = IcechunkStore(str(repository))
+    assert [s.id for s in fresh.repo.ancestry(branch="main")][0] == history[0].id
+    with pytest.raises(Exception, match="(?i)not found|no such|missing|expired|snapshot"):
+        IcechunkStore(str(repository), session=fresh.repo.readonly_session(snapshot_id=backfilled)).get(key)
+    # What main reaches is unchanged, object by object, and reads back the same.
+    assert {k: fresh.get(k) for k in fresh.list()} == before_objects
+    xr.testing.assert_identical(fresh.open_dataset().load(), before_ds)
+    assert differences_from_plain(fresh, ObjectStore(update_fixture.reference_store)) == []
+
+
+def test_dataset_urls_and_maintain_on_the_command_line(tmp_path: Path) -> None:
+    urls = subprocess.run(
+        [*CLI, "dataset-urls", "example", "--store-base", "s3://bucket/datasets"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert 'import xarray as xr\n\nds = xr.open_zarr("s3://bucket/datasets/example/v' in urls
+    assert 'icechunk.s3_storage(bucket="bucket", prefix="datasets/example/' in urls
+    assert 'readonly_session(branch="main")' in urls
+    # Each snippet runs: here against a local repository the backfill made.
+    local = subprocess.run(
+        [*CLI, "dataset-urls", "example", "--store", str(tmp_path / "x.icechunk"), "--store", str(tmp_path / "x.zarr")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert local.count("ds = xr.open_zarr(") == 2
+
+    refused = subprocess.run(
+        [*CLI, "maintain", "example", "--store", str(tmp_path / "plain.zarr")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode != 0 and "ending in .icechunk" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    missing = subprocess.run(
+        [*CLI, "maintain", "example", "--store", str(tmp_path / "none.icechunk")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode != 0 and "found none" in missing.stderr
+    bad = subprocess.run(
+        [*CLI, "maintain", "example", "--store", str(tmp_path / "none.icechunk"), "--older-than", "soon"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0 and "not a duration" in bad.stderr
