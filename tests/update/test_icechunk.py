@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import pickle
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import icechunk
@@ -15,13 +20,14 @@ import pytest
 import xarray as xr
 from reformatters_datasets.example.dataset import ExampleDataset
 
-from reformatters.common.icechunk_store import IcechunkStore, is_icechunk_url, maintain
+from reformatters.common.icechunk_store import IcechunkCommitRefusedError, IcechunkStore, is_icechunk_url, maintain
 from reformatters.common.storage import ObjectStore, open_store
+from reformatters.publish import icechunk_order
 from reformatters.testing.icechunk_checks import differences_from_plain
 from reformatters.testing.object_store_server import S3Server
 from reformatters.update.lease import COMMITS_PREFIX, read_lease
 
-from .conftest import BASE_END, NOW, UpdateFixture
+from .conftest import BASE_END, NOW, REPO, UpdateFixture, cli_env, update_command
 
 DATASET = ExampleDataset()
 
@@ -157,8 +163,8 @@ def test_maintain_removes_expired_snapshots_and_their_chunks_and_keeps_main(
     chunks_after = _chunk_objects(repository)
     assert chunks_after < chunks_before and len(chunks_before - chunks_after) == report.deleted_chunks
     fresh = IcechunkStore(str(repository))
-    assert [s.id for s in fresh.repo.ancestry(branch="main")][0] == history[0].id
-    with pytest.raises(Exception, match="(?i)not found|no such|missing|expired|snapshot"):
+    assert next(s.id for s in fresh.repo.ancestry(branch="main")) == history[0].id
+    with pytest.raises(Exception, match=r"(?i)not found|no such|missing|expired|snapshot"):
         IcechunkStore(str(repository), session=fresh.repo.readonly_session(snapshot_id=backfilled)).get(key)
     # What main reaches is unchanged, object by object, and reads back the same.
     assert {k: fresh.get(k) for k in fresh.list()} == before_objects
@@ -209,3 +215,133 @@ def test_dataset_urls_and_maintain_on_the_command_line(tmp_path: Path) -> None:
         timeout=120,
     )
     assert bad.returncode != 0 and "not a duration" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def icechunk_base(update_fixture: UpdateFixture, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A backfill of the first three inits into a local Icechunk repository (its control prefix beside it)."""
+    root = tmp_path_factory.mktemp("icechunk-base")
+    DATASET.backfill(
+        BASE_END,
+        cluster="local",
+        n_workers=2,
+        store_url=str(root / "base.icechunk"),
+        source_url=str(update_fixture.source),
+        show_progress=False,
+    )
+    return root / "base.icechunk"
+
+
+def _copy_repository(base: Path, target: Path) -> Path:
+    shutil.copytree(base, target)
+    shutil.copytree(Path(f"{base}.reformatters"), Path(f"{target}.reformatters"))
+    return target
+
+
+def _tip(url: Path) -> str:
+    return str(IcechunkStore(str(url)).repo.lookup_branch("main"))
+
+
+@pytest.mark.parametrize(
+    ("point", "skip", "commits_before_kill"),
+    [
+        ("upload", 0, 0),  # a worker holds its fork: nothing committed
+        ("mid_publish", 0, 0),  # the first region's metadata is in the pending session, not committed
+        pytest.param("before_publish", 1, 1, marks=pytest.mark.slow),  # the first region committed, not the second
+    ],
+)
+def test_sigkill_then_rerun_equals_an_undisturbed_update(
+    point: str, skip: int, commits_before_kill: int, icechunk_base: Path, update_fixture: UpdateFixture, tmp_path: Path
+) -> None:
+    store = _copy_repository(icechunk_base, tmp_path / "killed.icechunk")
+    base_tip = _tip(store)
+    base_objects = {k: v for k, v in ((k, open_store(store).get(k)) for k in open_store(store).list())}
+    marker = tmp_path / "paused"
+    update = subprocess.Popen(
+        update_command(store, update_fixture.source),
+        cwd=REPO,
+        env=cli_env(
+            {
+                "REFORMATTERS_TEST_PAUSE_AT": point,
+                "REFORMATTERS_TEST_PAUSE_SKIP": str(skip),
+                "REFORMATTERS_TEST_PAUSE_FILE": str(marker),
+            }
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert update.poll() is None, f"the update exited before pausing: {update.stderr and update.stderr.read()}"
+            assert time.monotonic() < deadline, "the update never reached its pause point"
+            time.sleep(0.05)
+    finally:
+        os.killpg(update.pid, signal.SIGKILL)
+        update.wait(timeout=30)
+
+    # Only commits are visible: main moved by exactly the regions committed before the kill.
+    killed = open_store(store)
+    assert isinstance(killed, IcechunkStore)
+    history = [s.id for s in killed.repo.ancestry(branch="main")]
+    assert history[commits_before_kill] == base_tip
+    if commits_before_kill == 0:
+        assert {k: killed.get(k) for k in killed.list()} == base_objects, "nothing uncommitted is visible"
+    assert killed.open_dataset().sizes["init_time"] == 3 + commits_before_kill
+
+    DATASET.update(
+        cluster="local",
+        store_url=str(store),
+        source_url=str(update_fixture.source),
+        now=NOW,
+        n_workers=2,
+        show_progress=False,
+    )
+    rerun = open_store(store)
+    assert differences_from_plain(rerun, ObjectStore(update_fixture.reference_store)) == []
+    xr.testing.assert_identical(
+        rerun.open_dataset().load(), xr.open_zarr(update_fixture.reference_store, decode_timedelta=True).load()
+    )
+    lease = read_lease(rerun.control_store())
+    assert lease is not None and lease.released, "the re-run took over the killed run's lease and released it"
+
+
+def test_two_writers_on_s3_with_the_lease_bypassed_one_commit_wins_the_other_is_refused(
+    icechunk_base: Path, s3: S3Server
+) -> None:
+    """Two publishers of overlapping regions, no lease between them, on the S3 server: the first commit wins,
+    the second is refused whole (nothing of it on main), and the winner's data is all there."""
+    url = s3.url(f"conflict-{time.time_ns()}/example.icechunk")
+    source = open_store(icechunk_base)
+    key = "temperature_2m/c/1/0/0/0"
+    with s3.environment():
+        seed = IcechunkStore(url)
+        seed.begin_writing()
+        for name in icechunk_order(source.list()):
+            seed.put(name, source.get(name))  # type: ignore[arg-type]
+        seed.commit("seed: the backfill's objects")
+        first, second = IcechunkStore(url), IcechunkStore(url)
+        first.begin_writing()
+        second.begin_writing()
+        original = first.get(key)
+        assert original is not None and second.get(key) == original
+        # Each writes the same shard, through a fork as the workers do, merged into its pending session.
+        for writer, data in ((first, b"first" * 100), (second, b"second" * 100)):
+            fork = pickle.loads(writer.fork_bytes())
+            IcechunkStore(url, session=fork).put(key, data)
+            writer.merge([fork])
+        won = first.commit("first writer's region")
+        with pytest.raises(IcechunkCommitRefusedError, match="another writer committed in between") as refused:
+            second.commit("second writer's region")
+        assert len(str(refused.value).splitlines()) == 1
+        reader = IcechunkStore(url)
+        assert str(reader.repo.lookup_branch("main")) == won
+        assert reader.get(key) == b"first" * 100
+        assert [k for k in reader.list() if k != key] == [k for k in source.list() if k != key]
+        assert all(reader.get(k) == source.get(k) for k in source.list() if k != key)
+        # The refused writer cannot sneak in later either: its next session starts from a snapshot it did not read.
+        with pytest.raises(IcechunkCommitRefusedError):
+            second.commit("second writer, again")
+        assert str(IcechunkStore(url).repo.lookup_branch("main")) == won
