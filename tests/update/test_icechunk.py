@@ -13,11 +13,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import icechunk
 import pandas as pd
 import pytest
 import xarray as xr
+import zarr
 from reformatters_datasets.example.dataset import ExampleDataset
 
 from reformatters.common.icechunk_store import IcechunkCommitRefusedError, IcechunkStore, is_icechunk_url, maintain
@@ -27,7 +29,8 @@ from reformatters.testing.icechunk_checks import differences_from_plain
 from reformatters.testing.object_store_server import S3Server
 from reformatters.update.lease import COMMITS_PREFIX, read_lease
 
-from .conftest import BASE_END, NOW, REPO, UpdateFixture, cli_env, update_command
+from .conftest import BASE_END, INITS, NOW, REPO, UpdateFixture, cli_env, update_command
+from .snapshot_reader import digest, read
 
 DATASET = ExampleDataset()
 
@@ -345,3 +348,94 @@ def test_two_writers_on_s3_with_the_lease_bypassed_one_commit_wins_the_other_is_
         with pytest.raises(IcechunkCommitRefusedError):
             second.commit("second writer, again")
         assert str(IcechunkStore(url).repo.lookup_branch("main")) == won
+
+
+def _reader(store: Path, result: Path, stop: Path, seed: int) -> subprocess.Popen[bytes]:
+    script = Path(__file__).with_name("snapshot_reader.py")
+    return subprocess.Popen(
+        [sys.executable, str(script), str(store), str(result), str(stop), str(READS), str(seed)],
+        cwd=REPO,
+        env=cli_env(),
+    )
+
+
+READS = 1000
+
+
+@pytest.mark.slow  # about a minute: six updates while two readers read
+def test_readers_during_updates_icechunk_snapshots_are_exact_plain_zarr_is_reported(
+    icechunk_base: Path, update_fixture: UpdateFixture, tmp_path: Path
+) -> None:
+    """Two readers, each in its own process, read at random (single chunks, slices across shards, whole variables)
+    while a series of updates runs: one reads an Icechunk repository, the other the plain store of the same run.
+    Every Icechunk read must succeed and equal the same read made again at the snapshot it was made on; what the
+    plain-Zarr reader saw is reported."""
+    ice = _copy_repository(icechunk_base, tmp_path / "read.icechunk")
+    plain = tmp_path / "read.zarr"
+    shutil.copytree(update_fixture.base_store, plain)
+    stop = tmp_path / "stop"
+    results = {"icechunk": tmp_path / "icechunk.json", "plain": tmp_path / "plain.json"}
+    readers = [_reader(ice, results["icechunk"], stop, 1), _reader(plain, results["plain"], stop, 2)]
+    try:
+        time.sleep(2)  # both readers are reading the backfilled stores before the first update starts
+        for now in INITS[4:]:
+            for store in (ice, plain):
+                DATASET.update(
+                    cluster="local",
+                    store_url=str(store),
+                    source_url=str(update_fixture.source),
+                    now=now,
+                    n_workers=2,
+                    show_progress=False,
+                )
+    finally:
+        stop.touch()
+        for reader in readers:
+            reader.wait(timeout=600)
+
+    ice_result = json.loads(results["icechunk"].read_text())
+    reads = ice_result["reads"]
+    errors = [r for r in reads if "error" in r]
+    assert len(reads) >= READS and not errors, errors[:5]
+    snapshots = {r["snapshot"] for r in reads[: ice_result["reads_before_stop"]]}
+    assert len(snapshots) >= 3, "the reader saw several of the updates' commits"
+    repo = IcechunkStore(str(ice)).repo
+    groups: dict[str, Any] = {}
+    mismatches = []
+    for r in reads:
+        group = groups.setdefault(
+            r["snapshot"], zarr.open_group(repo.readonly_session(snapshot_id=r["snapshot"]).store, mode="r")
+        )
+        if digest(read(group, r["var"], r["bounds"])) != r["digest"]:
+            mismatches.append(r)
+    assert mismatches == []
+    assert differences_from_plain(open_store(ice), ObjectStore(plain)) == []
+
+    plain_reads = json.loads(results["plain"].read_text())
+    # The plain store went through the same states as the repository's commits: a successful plain read whose
+    # values equal the same read at none of them got a mix of two versions (or wrong values).
+    states = [
+        zarr.open_group(repo.readonly_session(snapshot_id=s.id).store, mode="r")
+        for s in repo.ancestry(branch="main")
+        if s.message.startswith("publish")
+    ]
+    seen: dict[str, Any] = {"reads": len(plain_reads["reads"]), "during_updates": plain_reads["reads_before_stop"]}
+    errors_by_kind: dict[str, int] = {}
+    matched, unmatched = 0, []
+    for r in plain_reads["reads"]:
+        if "error" in r:
+            kind = r["error"].split(":")[0]
+            errors_by_kind[kind] = errors_by_kind.get(kind, 0) + 1
+            continue
+        candidates = [g for g in states if list(g[r["var"]].shape) == r["shape"]]
+        if any(digest(read(g, r["var"], r["bounds"])) == r["digest"] for g in candidates):
+            matched += 1
+        else:
+            unmatched.append(r)
+    seen.update(errors=errors_by_kind, equal_to_a_published_state=matched, equal_to_none=len(unmatched))
+    print(
+        f"icechunk reader: {len(reads)} reads ({ice_result['reads_before_stop']} during the updates) on "
+        f"{len({r['snapshot'] for r in reads})} snapshots, 0 errors, all equal at their snapshot; plain reader: {seen}"
+    )
+    assert len(plain_reads["reads"]) >= READS
+    assert matched + len(unmatched) + sum(errors_by_kind.values()) == len(plain_reads["reads"])
