@@ -15,8 +15,9 @@ How a run writes one (the rest of the system sees an `ObjectStore`):
 - Lease and progress records are no Zarr data: they live beside the repository, in `{path}.reformatters/`
   (`control_store`), a plain object-store prefix with the same conditional writes as a plain store's `_internal/`.
 
-`gs://` repositories are refused: Icechunk's GCS storage has no endpoint setting for the GCS emulator the tests
-use, so that path is untested.
+`gs://` repositories are refused, untested: Icechunk's GCS storage can be pointed at the tests' fake-gcs-server
+(`google_base_url`), but it lists objects with the XML API (`GET /bucket?list-type=2`), which the emulator
+answers with 404, so creating a repository there fails.
 """
 
 from __future__ import annotations

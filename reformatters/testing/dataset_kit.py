@@ -2,7 +2,8 @@
 
 Subclass `DatasetTestKit` in a test module (its name must start with `Test`), give it the dataset and a
 generated source, and pytest collects the whole suite: the checked-in template matches the code, jobs
-cover the template exactly once, a backfill into a local store reads back as the source says, and backfills
+cover the template exactly once, a backfill into a local store reads back as the source says (and, with
+`-m slow`, the same backfill into an Icechunk repository holds the same objects), and backfills
 into a live store (a slice in the middle, a subset of variables, an end before the published end) change no
 object and no coordinate value they had no reason to change.
 """
@@ -17,6 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 import xarray as xr
 
 from reformatters.common.binary_rounding import max_relative_rounding_error
@@ -25,6 +27,7 @@ from reformatters.publish import tmp_metadata_store
 from reformatters.region_job import RegionJobFilters, append_dim_shard_length
 from reformatters.summary import RunSummary
 from reformatters.template_config import template_differences
+from reformatters.testing.icechunk_checks import differences_from_plain
 from reformatters.update.drift import structure_differences
 
 
@@ -173,6 +176,25 @@ class DatasetTestKit:
                 actual, expected, rtol=rtol * 1.0001, atol=self.absolute_tolerance(name), err_msg=name
             )
         self.check_summary(summary)
+
+    @pytest.mark.slow  # two backfills of the dataset
+    def test_icechunk_backfill_holds_the_plain_stores_objects(self, tmp_path: Path) -> None:
+        """The kit's backfill into an Icechunk repository and into a plain store (one LocalCluster for both): each
+        array's `zarr.json`, every coordinate chunk and every shard object are the same bytes."""
+        source_url = self.make_source(tmp_path / "source")
+        stores = {name: str(tmp_path / name) for name in ("store.zarr", "store.icechunk")}
+        with _kit_cluster(self.n_workers) as address:
+            for store_url in stores.values():
+                self.dataset.backfill(
+                    self.backfill_end,
+                    cluster=address,
+                    store_url=store_url,
+                    source_url=source_url,
+                    filters=self.kit_filters(),
+                    show_progress=False,
+                )
+        plain, icechunk = (self.dataset.store(url) for url in stores.values())
+        assert differences_from_plain(icechunk, plain) == []
 
     # ---- live-store checks: one publisher whatever the run ----
     def test_backfills_into_a_live_store_change_only_what_they_ran(self, tmp_path: Path) -> None:
