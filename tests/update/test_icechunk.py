@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import icechunk
+import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
@@ -439,3 +440,85 @@ def test_readers_during_updates_icechunk_snapshots_are_exact_plain_zarr_is_repor
     )
     assert len(plain_reads["reads"]) >= READS
     assert matched + len(unmatched) + sum(errors_by_kind.values()) == len(plain_reads["reads"])
+
+
+def test_two_backfills_on_s3_with_the_lease_bypassed_the_second_commit_is_refused(
+    update_fixture: UpdateFixture, s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Backfill A (a CLI process) reads `main`, merges its first region and stops right before committing it; backfill
+    B of the same regions, its lease moved elsewhere (bypassed), commits every region meanwhile. A, resumed, is
+    refused in one line and commits nothing; `main` holds B's commits, all of them."""
+    from reformatters_datasets.example import source
+
+    url = s3.url(f"two-backfills-{time.time_ns()}/example.icechunk")
+    other_source = source.generate_source(
+        tmp_path / "other-source", INITS[:3], missing=frozenset({(INITS[0], 1), (INITS[2], 2)})
+    )
+    marker = tmp_path / "paused"
+    first = subprocess.Popen(
+        [
+            *CLI,
+            "backfill",
+            "example",
+            BASE_END.isoformat(),
+            "--store",
+            url,
+            "--source-url",
+            str(update_fixture.source),
+            "--workers",
+            "2",
+        ],
+        cwd=REPO,
+        env=cli_env(
+            {
+                **s3.env(),
+                "REFORMATTERS_TEST_PAUSE_AT": "before_publish",
+                "REFORMATTERS_TEST_PAUSE_MODE": "stop",
+                "REFORMATTERS_TEST_PAUSE_FILE": str(marker),
+            }
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert first.poll() is None, f"backfill A exited before pausing: {first.stderr and first.stderr.read()}"
+            assert time.monotonic() < deadline, "backfill A never reached its pause point"
+            time.sleep(0.05)
+        with s3.environment():
+            read_by_first = str(IcechunkStore(url).repo.lookup_branch("main"))
+            monkeypatch.setattr(IcechunkStore, "control_store", lambda self: ObjectStore(self.url + ".bypassed"))
+            DATASET.backfill(
+                BASE_END,
+                cluster="local",
+                n_workers=2,
+                store_url=url,
+                source_url=str(other_source),
+                show_progress=False,
+            )
+            monkeypatch.undo()
+            second = IcechunkStore(url)
+            history = [s.id for s in second.repo.ancestry(branch="main")]
+            assert history[2] == read_by_first, "B committed its two regions on the snapshot A had read"
+            objects = {k: second.get(k) for k in second.list()}
+        os.killpg(first.pid, signal.SIGCONT)
+        _, stderr = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+    assert first.returncode == 2, stderr[-2000:]
+    error_lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "Icechunk commit refused" in error_lines[0], stderr[-2000:]
+    assert "another writer committed in between" in error_lines[0]
+    with s3.environment():
+        after = IcechunkStore(url)
+        assert [s.id for s in after.repo.ancestry(branch="main")] == history
+        assert {k: after.get(k) for k in after.list()} == objects
+        published = after.open_dataset()
+        # B's source lacks two files: B's values (NaN there) are what main holds, not A's.
+        assert np.isnan(published.temperature_2m.sel(init_time=INITS[0], lead_time="1h").values).all()
+        assert not np.isnan(published.temperature_2m.sel(init_time=INITS[1], lead_time="1h").values).any()
