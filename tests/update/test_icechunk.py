@@ -522,3 +522,50 @@ def test_two_backfills_on_s3_with_the_lease_bypassed_the_second_commit_is_refuse
         # B's source lacks two files: B's values (NaN there) are what main holds, not A's.
         assert np.isnan(published.temperature_2m.sel(init_time=INITS[0], lead_time="1h").values).all()
         assert not np.isnan(published.temperature_2m.sel(init_time=INITS[1], lead_time="1h").values).any()
+
+
+def test_a_killed_icechunk_backfill_resumes_from_its_committed_regions(
+    update_fixture: UpdateFixture, tmp_path: Path
+) -> None:
+    """SIGKILL a backfill once its first region is committed; the re-run skips that region (its records are
+    written only once it is committed) and ends with the objects of an undisturbed backfill."""
+    store = tmp_path / "resumed.icechunk"
+    marker = tmp_path / "paused"
+    args = [*CLI, "-v", "backfill", "example", BASE_END.isoformat(), "--store", str(store)]
+    args += ["--source-url", str(update_fixture.source), "--workers", "2"]
+    killed = subprocess.Popen(
+        args,
+        cwd=REPO,
+        env=cli_env(
+            {"REFORMATTERS_TEST_PAUSE_AT": "backfill_region_done", "REFORMATTERS_TEST_PAUSE_FILE": str(marker)}
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert killed.poll() is None and time.monotonic() < deadline, "the backfill never reached its pause"
+            time.sleep(0.05)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=30)
+    messages = [s.message for s in IcechunkStore(str(store)).repo.ancestry(branch="main")]
+    assert messages[0] == EXPECTED_MESSAGES[2], "the first region is committed, the second is not"
+
+    rerun = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming, 2 variable-regions already uploaded by an earlier run" in rerun.stderr, rerun.stderr[-3000:]
+    resumed = open_store(store)
+    assert [s.message for s in resumed.repo.ancestry(branch="main")][::-1] == EXPECTED_MESSAGES[:4]  # type: ignore[attr-defined]
+    plain = tmp_path / "plain.zarr"
+    DATASET.backfill(
+        BASE_END,
+        cluster="local",
+        n_workers=2,
+        store_url=str(plain),
+        source_url=str(update_fixture.source),
+        show_progress=False,
+    )
+    assert differences_from_plain(resumed, ObjectStore(plain)) == []
