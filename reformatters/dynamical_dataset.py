@@ -384,6 +384,7 @@ class _RegionCommits:
                 self.tracker.record(self.keys[span], result, metadata_digest(self.var_metadata[result.var_name]))
             self.summary.regions_done += self.total[span]
             self.next += 1
+            pause_at("region_committed")
 
 
 def source_probe_urls(jobs: Sequence[RegionJob[Any, Any]], count: int = 2) -> list[str]:

@@ -536,9 +536,7 @@ def test_a_killed_icechunk_backfill_resumes_from_its_committed_regions(
     killed = subprocess.Popen(
         args,
         cwd=REPO,
-        env=cli_env(
-            {"REFORMATTERS_TEST_PAUSE_AT": "backfill_region_done", "REFORMATTERS_TEST_PAUSE_FILE": str(marker)}
-        ),
+        env=cli_env({"REFORMATTERS_TEST_PAUSE_AT": "region_committed", "REFORMATTERS_TEST_PAUSE_FILE": str(marker)}),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
