@@ -464,7 +464,9 @@ def maintain(
     ages = {}
     for name, text in (("--older-than", older_than), ("--grace", grace)):
         try:
-            ages[name] = pd.Timedelta(text).to_pytimedelta()
+            number = text.strip().removesuffix("d")
+            days = number != text.strip() and number.replace(".", "", 1).isdigit()
+            ages[name] = (pd.Timedelta(days=float(number)) if days else pd.Timedelta(text)).to_pytimedelta()
         except ValueError:
             raise _fail(f"{name} {text!r} is not a duration; expected e.g. 7d, 36h or 90min") from None
         if ages[name].total_seconds() <= 0:

@@ -176,49 +176,49 @@ def test_maintain_removes_expired_snapshots_and_their_chunks_and_keeps_main(
     assert differences_from_plain(fresh, ObjectStore(update_fixture.reference_store)) == []
 
 
-def test_dataset_urls_and_maintain_on_the_command_line(tmp_path: Path) -> None:
-    urls = subprocess.run(
-        [*CLI, "dataset-urls", "example", "--store-base", "s3://bucket/datasets"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
-    assert 'import xarray as xr\n\nds = xr.open_zarr("s3://bucket/datasets/example/v' in urls
-    assert 'icechunk.s3_storage(bucket="bucket", prefix="datasets/example/' in urls
-    assert 'readonly_session(branch="main")' in urls
-    # Each snippet runs: here against a local repository the backfill made.
-    local = subprocess.run(
-        [*CLI, "dataset-urls", "example", "--store", str(tmp_path / "x.icechunk"), "--store", str(tmp_path / "x.zarr")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
-    assert local.count("ds = xr.open_zarr(") == 2
+def test_dataset_urls_and_maintain_on_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import faulthandler
 
-    refused = subprocess.run(
-        [*CLI, "maintain", "example", "--store", str(tmp_path / "plain.zarr")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert refused.returncode != 0 and "ending in .icechunk" in refused.stderr
+    from typer.testing import CliRunner
+
+    from reformatters.cli import app
+
+    # In process: the CLI's SIGUSR1 stack dump wants a real stderr file, which the runner's capture is not.
+    monkeypatch.setattr(faulthandler, "register", lambda *args, **kwargs: None)
+    runner = CliRunner()
+    urls = runner.invoke(app, ["dataset-urls", "example", "--store-base", "s3://bucket/datasets"])
+    assert urls.exit_code == 0, urls.output
+    assert 'import xarray as xr\n\nds = xr.open_zarr("s3://bucket/datasets/example/v' in urls.stdout
+    assert 'icechunk.s3_storage(bucket="bucket", prefix="datasets/example/' in urls.stdout
+    assert 'readonly_session(branch="main")' in urls.stdout
+    stores = ["--store", str(tmp_path / "x.icechunk"), "--store", str(tmp_path / "x.zarr")]
+    local = runner.invoke(app, ["dataset-urls", "example", *stores])
+    assert local.stdout.count("ds = xr.open_zarr(") == 2
+    assert f'icechunk.local_filesystem_storage("{tmp_path / "x.icechunk"}")' in local.stdout
+
+    refused = runner.invoke(app, ["maintain", "example", "--store", str(tmp_path / "plain.zarr")])
+    assert refused.exit_code == 2 and "ending in .icechunk" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
-    missing = subprocess.run(
-        [*CLI, "maintain", "example", "--store", str(tmp_path / "none.icechunk")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert missing.returncode != 0 and "found none" in missing.stderr
-    bad = subprocess.run(
-        [*CLI, "maintain", "example", "--store", str(tmp_path / "none.icechunk"), "--older-than", "soon"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert bad.returncode != 0 and "not a duration" in bad.stderr
+    missing = runner.invoke(app, ["maintain", "example", "--store", str(tmp_path / "none.icechunk")])
+    assert missing.exit_code == 2 and "found none" in missing.stderr
+    bad = runner.invoke(app, ["maintain", "example", "--store", str(tmp_path / "x.icechunk"), "--grace", "soon"])
+    assert bad.exit_code == 2 and "not a duration" in bad.stderr
+    # Durations in days and hours are read as such: past the parsing, the missing repository is what stops it.
+    for older_than, grace in (("7d", "1d"), ("36h", "90min"), ("1.5d", "12h")):
+        parsed = runner.invoke(
+            app,
+            [
+                "maintain",
+                "example",
+                "--store",
+                str(tmp_path / "x.icechunk"),
+                "--older-than",
+                older_than,
+                "--grace",
+                grace,
+            ],
+        )
+        assert parsed.exit_code == 2 and "found none" in parsed.stderr, parsed.stderr
 
 
 @pytest.fixture(scope="module")
