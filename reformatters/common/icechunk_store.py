@@ -151,7 +151,6 @@ class IcechunkStore(ObjectStore):
     def session(self) -> Any:
         if self._session is None:
             if not self.repository_exists():
-                self._session = None
                 raise FileNotFoundError(f"no Icechunk repository at {self.url}")
             self._session = self.repo.readonly_session(branch=BRANCH)
         return self._session
@@ -207,11 +206,12 @@ class IcechunkStore(ObjectStore):
             raise RuntimeError(f"{self.url}: commit needs begin_writing() first")
         base = self._session.snapshot_id
         if base != self.expected_parent:
-            raise IcechunkCommitRefusedError(self._refusal(message, base))
+            raise IcechunkCommitRefusedError(self._refusal(message, f"snapshot {base}"))
         try:
             snapshot = str(self._session.commit(message, metadata=metadata))
-        except icechunk.ConflictError as error:
-            raise IcechunkCommitRefusedError(self._refusal(message, str(error).splitlines()[0])) from None
+        except icechunk.ConflictError:
+            tip = self.repo.lookup_branch(BRANCH)
+            raise IcechunkCommitRefusedError(self._refusal(message, f"snapshot {tip}")) from None
         self.commits.append(snapshot)
         self.expected_parent = snapshot
         self._session = self.repo.writable_session(BRANCH)
