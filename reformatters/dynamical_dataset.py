@@ -123,6 +123,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         config = self.template_config
         append_dim = config.append_dim
         final_store = self.store(store_url)
+        final_store.check_access()
         end = parse_utc(append_dim_end)
         if end <= config.append_dim_start:
             raise RunCannotStartError(
