@@ -29,6 +29,7 @@ from reformatters.deploy.models import (
     BackfillSizing,
     ContainerResources,
     CronJobSpec,
+    MaintenanceSpec,
     OperationalResources,
     Quantities,
     parse_quantity,
@@ -631,3 +632,45 @@ def test_the_image_and_the_manifests_agree_on_user_and_scratch() -> None:
     for variable in ("HOME", "TMPDIR", "DASK_TEMPORARY_DIRECTORY"):
         assert re.search(rf"\b{variable}={re.escape(SCRATCH_DIR)}\b", dockerfile), variable
     assert "requirements.lock" in dockerfile
+
+
+def test_a_dataset_published_as_icechunk_can_declare_a_maintain_cronjob() -> None:
+    dataset_id = "noaa-gfs-forecast"
+    resources = get_dataset(dataset_id).operational_resources()
+    assert resources is not None
+    update = resources.update
+    maintenance = MaintenanceSpec(
+        schedule="17 4 * * *",
+        starting_deadline_seconds=600,
+        active_deadline_seconds=3600,
+        resources=update.resources,
+        scratch_size_limit=update.scratch_size_limit,
+        older_than="3d",
+        grace="12h",
+    )
+    manifests = dataset_manifests(dataset_id, resources.model_copy(update={"maintenance": maintenance}), "img:1")
+    assert [m["metadata"]["name"] for m in manifests] == [
+        f"{dataset_id}-{c}" for c in ("update", "validate", "maintain")
+    ]
+    maintain = manifests[2]
+    assert k8s_errors(maintain) is None
+    assert maintain["spec"]["schedule"] == "17 4 * * *" and maintain["spec"]["concurrencyPolicy"] == "Forbid"
+    box = container(maintain)
+    argv = [*box["command"], *box["args"]]
+    assert argv == [
+        "reformatters",
+        "maintain",
+        dataset_id,
+        "--store",
+        "$(REFORMATTERS_STORE)",
+        "--older-than",
+        "3d",
+        "--grace",
+        "12h",
+    ]
+    assert {a for a in argv if a.startswith("--")} <= cli_options("maintain")
+    secrets = [v["secret"]["secretName"] for v in pod_of(maintain)["volumes"] if "secret" in v]
+    assert secrets == [WRITE_CREDENTIALS_SECRET]  # it deletes objects
+    assert violations(maintain) == []
+    # Datasets declare none by default: their stores are plain Zarr.
+    assert resources.maintenance is None

@@ -142,12 +142,21 @@ class BackfillSizing(_Frozen):
         return self
 
 
+class MaintenanceSpec(CronJobSpec):
+    """The `reformatters maintain` CronJob of a dataset published as an Icechunk repository."""
+
+    older_than: str = Field("7d", description="`--older-than`: snapshots older than this are expired.")
+    grace: str = Field("1d", description="`--grace`: unreferenced objects younger than this are kept.")
+
+
 class OperationalResources(_Frozen):
     """Everything a dataset runs on Kubernetes; `DynamicalDataset.operational_resources()` returns it."""
 
     update: CronJobSpec
     validation: CronJobSpec
     backfill: BackfillSizing
+    # Only for a dataset whose store (the ConfigMap's DATASET_ID-store) is an `.icechunk` repository.
+    maintenance: MaintenanceSpec | None = None
 
     @model_validator(mode="after")
     def _update_has_workers(self) -> OperationalResources:

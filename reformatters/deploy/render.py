@@ -266,8 +266,9 @@ def _cron_job(
 def dataset_manifests(
     dataset_id: str, resources: OperationalResources, image: str, staged: StagedVersion | None = None
 ) -> list[dict[str, Any]]:
-    """The update CronJob (write credentials) and the validate CronJob (read-only credentials) of one dataset;
-    with `staged`, those of that version staged beside the primary (`reformatters.deploy.staging`)."""
+    """The update CronJob (write credentials) and the validate CronJob (read-only credentials) of one dataset, and
+    its maintain CronJob (write credentials) if it declares one; with `staged`, those of that version staged beside
+    the primary (`reformatters.deploy.staging`)."""
     if staged is not None and staged.dataset_id != dataset_id:
         raise DeployError(f"staged version of {staged.dataset_id} rendered as {dataset_id}; pass the same dataset id")
     update_args = ["update", dataset_id, "--cluster", "local", "--workers", str(resources.update.workers)]
@@ -291,6 +292,14 @@ def dataset_manifests(
             staged,
         ),
     ]
+    if resources.maintenance is not None:
+        maintenance = resources.maintenance
+        maintain_args = ["maintain", dataset_id, "--store", "$(REFORMATTERS_STORE)"]
+        maintain_args += ["--older-than", maintenance.older_than, "--grace", maintenance.grace]
+        # It deletes objects: the write credentials.
+        manifests.append(
+            _cron_job(dataset_id, "maintain", maintenance, image, maintain_args, WRITE_CREDENTIALS_SECRET, staged)
+        )
     ensure_least_privilege(manifests)
     return manifests
 
