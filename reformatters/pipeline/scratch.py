@@ -75,6 +75,7 @@ from reformatters.pipeline.kernels import (
 from reformatters.pipeline.region_layout import RegionLayout
 from reformatters.pipeline.shard_encoding import ShardEncoder
 from reformatters.region_job import FieldShapeError, RegionJob, SourceFileCoord
+from reformatters.update.pause import pause_at
 
 log = logging.getLogger("reformatters.pipeline")
 
@@ -350,6 +351,7 @@ def _encode_in_scratch(
                 coord, read = read_one_into(job, data_var, outcome, rows_view[(*position, ...)])
             results.append(coord)
             fetched += outcome.nbytes if outcome.payload is not None else 0
+            pause_at("scratch-field")  # tests kill a worker here, fields in its scratch file
             if read:
                 written[position[:-2]] = True
                 if all(isinstance(index, slice) for index in position[-2:]):
