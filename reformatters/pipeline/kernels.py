@@ -25,6 +25,7 @@ from reformatters.common.storage import ObjectStore
 from reformatters.pipeline.published_fields import PublishedShard, keep_published_fields
 from reformatters.pipeline.region_layout import RegionLayout
 from reformatters.pipeline.shard_encoding import ShardEncoder, padded_shape
+from reformatters.pipeline.source_results import SourceFileResults
 from reformatters.region_job import FieldShapeError, RegionJob, SourceFileCoord, SourceFileStatus
 from reformatters.sources.download import FetchedIndexes, prefetch_indexes, seed_indexes
 from reformatters.sources.errors import SOURCE_FILE_FAILURES
@@ -74,7 +75,7 @@ class ReadOutcome:
 class EncodedVariable:
     var_name: str
     objects: dict[str, bytes]
-    results: list[SourceFileCoord]
+    results: Sequence[SourceFileCoord]
     bytes_fetched: int
     kept_published_fields: int = 0  # fields the run had no values for, kept from the published shards
     decodes: int = 0  # messages handed to the decoder for this variable
@@ -85,7 +86,7 @@ class EncodedVariable:
 @dataclass(frozen=True)
 class VariableResult:
     var_name: str
-    results: list[SourceFileCoord]
+    results: Sequence[SourceFileCoord]
     bytes_fetched: int
     bytes_written: int
     objects_written: int
@@ -364,7 +365,7 @@ class AssembledVariable:
     data_var: Any
     layout: RegionLayout
     buffer: npt.NDArray[np.float32]  # position 0 along the append dim is the processing region's start
-    results: list[SourceFileCoord]
+    results: Sequence[SourceFileCoord]
     delivered: npt.NDArray[np.bool_]  # over the layout's leading dims: slabs that received a whole field
     written: npt.NDArray[np.bool_]  # over the layout's leading dims: slabs a read wrote any value into
     decodes: int = 0  # messages this assembly handed to the decoder
@@ -583,12 +584,14 @@ class ShardPlan:
         return cls(array_shape, axis, whole, partial)
 
 
-def in_region(job: RegionJob[Any, Any], results: Sequence[SourceFileCoord]) -> list[SourceFileCoord]:
+def in_region(job: RegionJob[Any, Any], results: Sequence[SourceFileCoord]) -> Sequence[SourceFileCoord]:
     """The results of the region itself, not of the processing region's extra positions."""
     processing = job.get_processing_region()
     region = job.region
     offset = region.start - processing.start
     in_region = set(job.template_ds.get_index(job.append_dim)[offset : offset + region.stop - region.start])
+    if isinstance(results, SourceFileResults):
+        return results.where(lambda c: c.out_loc().get(job.append_dim) in in_region)
     return [c for c in results if c.out_loc().get(job.append_dim) in in_region]
 
 

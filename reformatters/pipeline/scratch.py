@@ -74,6 +74,7 @@ from reformatters.pipeline.kernels import (
 )
 from reformatters.pipeline.region_layout import RegionLayout
 from reformatters.pipeline.shard_encoding import ShardEncoder
+from reformatters.pipeline.source_results import packed
 from reformatters.region_job import FieldShapeError, RegionJob, SourceFileCoord
 from reformatters.update.pause import pause_at
 
@@ -326,10 +327,10 @@ def _encode_in_scratch(
         indexes = {dim: template.get_index(dim) for dim in template.dims}
         delivered = np.zeros(layout.slab_grid, dtype=bool)
         written = np.zeros(layout.slab_grid, dtype=bool)
-        results: list[SourceFileCoord] = []
+        results = packed(coords).fresh()
         decodes = 0
         fetched = 0
-        for outcome in _downloads(job, data_var, coords):
+        for index, outcome in enumerate(_downloads(job, data_var, results)):
             location = outcome.coord.out_loc()
             unknown = set(location) - set(template.dims)
             if unknown:
@@ -349,7 +350,7 @@ def _encode_in_scratch(
                     layout.write_field(buffer, slab_position(position), slab_values)
             else:
                 coord, read = read_one_into(job, data_var, outcome, rows_view[(*position, ...)])
-            results.append(coord)
+            results.record(index, coord)
             fetched += outcome.nbytes if outcome.payload is not None else 0
             pause_at("scratch-field")  # tests kill a worker here, fields in its scratch file
             if read:

@@ -83,7 +83,7 @@ def requested_lead_hours(lead_hours: Sequence[int], init_time: pd.Timestamp, now
     return [lead for lead in lead_hours if lead < EXTENSION_FIRST_LEAD_HOURS]
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=256)  # coords are handled in order; a larger cache only holds memory
 def gefs_file_url(source_url: str, init_time: pd.Timestamp, member: int, product: str, lead_hours: int) -> str:
     dir_res, res = ("p25", "0p25") if product == "s" else ("p5", "0p50")
     return (
