@@ -613,8 +613,8 @@ def encode_assembled(
     """Encode the shard objects of one variable-region, handing each to `sink(key, bytes)` as it is done;
     returns how many fields they keep from the published shards (`holding_data` is updated where they do).
     `partial_by_chunk`: partial shards are merged one inner chunk at a time (`merge_partial_shards_by_chunk`), not
-    through zarr with the shard in memory. `unwritten_unread`: a chunk-major buffer's slabs without values are
-    never read, only written as fill into the copy of their chunk (the scratch path leaves them holes).
+    through zarr with the shard in memory. `unwritten_unread`: slabs without values are never read, only written
+    as fill into the copy of their chunk (the scratch path leaves them holes).
     `stream(key)`: a file each shard is written into chunk by chunk instead of going to `sink` whole."""
     processing = job.get_processing_region()
     region = job.region
@@ -657,7 +657,7 @@ def encode_assembled(
                 kept += keep_published_fields(encoder, published, shard_chunk, slab_map)
                 if stream is not None:
                     with stream(key) as out:
-                        encoder.write_chunks(out, shard_chunk, slab_map)
+                        encoder.write_chunks(out, shard_chunk, slab_map, others_unread=unwritten_unread)
                 else:
                     sink(key, encoder.encode(shard, slab_map, others_hold_fill=True))
     if plan.partial:

@@ -24,10 +24,12 @@ the region is decoded and encoded (each shard is written to its file chunk by ch
 bytes while it is uploaded (`ObjectStore.put` takes bytes): whatever the member count, but not whatever the
 shard size.
 
-Disk: the file is sparse. Fields read take their slabs; a slab no file delivered stays a hole (the encoder writes
-fill for it without reading it), except for a variable with a transform or a partial shard, whose whole region
-is filled with NaN first (the hook and the merge read every value). Each variable's task downloads its own
-messages: a source without per-variable downloads (`download_per_variable = False`) is fetched once per variable.
+Disk: the file is sparse. Fields read take their slabs; a slab no file delivered stays a hole (the encoder and
+the partial-shard merge write fill for it without reading it). A variable with a transform keeps its holes when
+the dataset has `RegionJob.apply_data_transformations_sparse` (the hook is told which fields were written and
+returns which hold values after it); otherwise its whole region is filled with NaN first, as the hook reads every
+value. Each variable's task downloads its own messages: a source without per-variable downloads
+(`download_per_variable = False`) is fetched once per variable.
 
 The scratch is local to the worker: a retried task, on this worker or another, redoes its whole variable-region
 from the downloads. A worker that dies leaves its scratch behind; the next worker to start on the machine
@@ -358,17 +360,31 @@ def _encode_in_scratch(
                 if all(isinstance(index, slice) for index in position[-2:]):
                     delivered[position[:-2]] = True
         unsharded = encoder.shard_shape == encoder.chunk_shape  # each chunk an object, encoded whatever it holds
-        everything = job.transforms_region(data_var) or bool(plan.partial) or unsharded
-        _fill_what_is_read(buffer, layout, encoder.chunk_shape, written, field_shape, everything=everything)
+        transforms = job.transforms_region(data_var)
+        sparse = transforms and job.has_sparse_transform()
+        everything = (transforms and not sparse) or unsharded
+        _fill_what_is_read(buffer, layout, written, field_shape, everything=everything)
         assembled = AssembledVariable(job, data_var, layout, buffer, results, delivered, written, decodes)
-        if job.transforms_region(data_var):
+        if transforms:
             data_array = xr.DataArray(
                 assembled.region_values(), coords=template.coords, dims=template.dims, name=data_var.name
             )
-            job.apply_data_transformations(data_array, data_var)
-            holding_data = slabs_holding_data(buffer, delivered)
             region = assembled.region_values()
             in_template = tuple(slice(0, n) for n in region.shape[:-2])
+            if sparse:
+                holding = job.apply_data_transformations_sparse(data_array, data_var, written[in_template].copy())
+                if holding.shape != region.shape[:-2] or holding.dtype != np.bool_:
+                    raise ValueError(
+                        f"{type(job).__name__}.apply_data_transformations_sparse returned {holding.dtype} "
+                        f"{holding.shape}; expected bool over the data array's leading dims {region.shape[:-2]}"
+                    )
+                holding_data = np.zeros_like(written)
+                holding_data[in_template] = holding
+                # Fields the hook wrote where no file did: their padding is read with them.
+                _fill_padding(buffer, layout, holding_data & ~written, field_shape)
+            else:
+                job.apply_data_transformations(data_array, data_var)
+                holding_data = slabs_holding_data(buffer, delivered)
             for slab in zip(*np.nonzero(holding_data[in_template]), strict=True):
                 round_to_keep_bits(region[slab], data_var)
         else:
@@ -407,31 +423,34 @@ def _encode_in_scratch(
 def _fill_what_is_read(
     buffer: npt.NDArray[np.float32],
     layout: RegionLayout,
-    chunks: Sequence[int],
     written: npt.NDArray[np.bool_],
     field_shape: tuple[int, int],
     *,
     everything: bool,
 ) -> None:
-    """NaN into the parts of the scratch file the encoder (or the transform hook, or the partial merge, if
-    `everything`) reads that no field wrote: every slab without a field if `everything`; else, row-major, the
-    slabs without a field that share an inner chunk with one that has one, and the padding of the fields.
-    Chunk-major, the encoder never reads a slab without a field (`unwritten_unread`). The rest stays a hole."""
-    nan = float(np.nan)
-    if not layout.chunk_major:
-        rows, columns = field_shape
-        for slab in zip(*np.nonzero(written), strict=True):
-            buffer[(*slab, slice(rows, None))] = nan
-            buffer[(*slab, slice(0, rows), slice(columns, None))] = nan
+    """NaN into the parts of the scratch file something reads that no field wrote: the padding of the fields
+    (row-major: an edge chunk copies its slabs whole), and, if `everything` (a transform hook that reads the
+    whole region, or chunks encoded as they lie), every slab without a field. The encoder never reads a slab
+    without a field (`unwritten_unread`), nor does the partial-shard merge; the rest stays a hole."""
+    _fill_padding(buffer, layout, written, field_shape)
     if everything:
+        nan = float(np.nan)
         for slab in zip(*np.nonzero(~written), strict=True):
             layout.fill_slab(buffer, slab, nan)
-        return
+
+
+def _fill_padding(
+    buffer: npt.NDArray[np.float32],
+    layout: RegionLayout,
+    slabs: npt.NDArray[np.bool_],
+    field_shape: tuple[int, int],
+) -> None:
+    """NaN into the shard padding beside the fields of `slabs` (row-major; chunk-major fields are written with
+    their padding)."""
     if layout.chunk_major:
         return
-    blocks_with_data = {
-        tuple(i // c for i, c in zip(slab, chunks[:-2], strict=True)) for slab in zip(*np.nonzero(written), strict=True)
-    }
-    for slab in zip(*np.nonzero(~written), strict=True):
-        if tuple(i // c for i, c in zip(slab, chunks[:-2], strict=True)) in blocks_with_data:
-            layout.fill_slab(buffer, slab, nan)
+    nan = float(np.nan)
+    rows, columns = field_shape
+    for slab in zip(*np.nonzero(slabs), strict=True):
+        buffer[(*slab, slice(rows, None))] = nan
+        buffer[(*slab, slice(0, rows), slice(columns, None))] = nan

@@ -439,11 +439,17 @@ class PollingReader:
 
 
 @pytest.mark.slow
-def test_update_completes_the_previous_init_and_appends_the_next(archive: GefsArchiveManifest, tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", ["memory", "scratch"])
+def test_update_completes_the_previous_init_and_appends_the_next(
+    archive: GefsArchiveManifest, tmp_path: Path, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A backfill ingests what the source has (c00 to 246 h, its 252 h file missing; p30 to 252 h); later the source
     has 252 h for c00, 258 h for both, and the next day's init. The update re-ingests the published init, fetching
     only the leads past each member's `ingested_forecast_length` and keeping the published fields (merged, not
-    fetched again), and appends the new init; a reader polling throughout sees only whole states."""
+    fetched again), and appends the new init; a reader polling throughout sees only whole states. Through the
+    scratch, the merge fills the fields the scratch file never held (holes) from the published ones."""
+    if path == "scratch":
+        monkeypatch.setattr(GefsForecast35DayRegionJob, "scratch_region_bytes", 0)
     config = gefs_forecast_35_day_template_config(
         ensemble_members=MEMBERS,
         resolution=SMALL_RESOLUTION,
@@ -480,8 +486,11 @@ def test_update_completes_the_previous_init_and_appends_the_next(archive: GefsAr
     assert min(h for m, h in fetched if m == 0) == 252 and min(h for m, h in fetched if m == 30) == 258
     reader = PollingReader(store)
     with ArchiveServer(later.root) as second, reader:
-        dataset.update(store_url=store, source_url=second.url, now="2020-10-02T07:00", n_workers=2, show_progress=False)
+        summary = dataset.update(
+            store_url=store, source_url=second.url, now="2020-10-02T07:00", n_workers=2, show_progress=False
+        )
         requested = {rel for rel in second.requests if not rel.endswith(".idx")}
+    assert (summary.variables["temperature_2m"].scratch_bytes > 0) == (path == "scratch")
     assert not reader.errors, reader.errors[:3]
     assert reader.opens >= 2, reader.opens
     assert reader.states_seen[0] == (1, [[246, 252]]), reader.states_seen
@@ -612,9 +621,13 @@ def test_scratch_path_store_is_the_in_memory_store(
     for key, data in memory_objects.items():
         assert scratch_objects[key] == data, key
     assert list(scratch.iterdir()) == []
+    # The scratch file is sparse: the fields read take disk, the rest of the region stays a hole, also for the
+    # variables whose transform reads the region (precipitation's rate, the categorical type's average).
+    region_bytes = len(MEMBERS) * 192 * 184 * 360 * 4
     for name in VARIABLES:
         memory_entry, scratch_entry = in_memory.variables[name], through_scratch.variables[name]
         assert scratch_entry.scratch_bytes > 0 and memory_entry.scratch_bytes == 0, name
+        assert scratch_entry.scratch_bytes < region_bytes / 8, (name, scratch_entry.scratch_bytes, region_bytes)
         assert scratch_entry.files_ok == memory_entry.files_ok > 0, name
         # Each field read is decoded once: by the shard write in memory, by the scratch task otherwise.
         assert scratch_entry.decodes == scratch_entry.files_ok + scratch_entry.files_read_failed, name
