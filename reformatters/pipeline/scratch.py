@@ -320,8 +320,7 @@ def _encode_in_scratch(
     plan = ShardPlan.of(job, data_var, encoder, var_metadata)
     layout = choose_layout(job, data_var, encoder, coords, bool(plan.partial))
     region_path = directory / "region.f32"
-    # A sparse file: only pages written (fields, and the fill the encoder reads) take disk.
-    buffer: npt.NDArray[np.float32] = np.memmap(region_path, dtype=np.float32, mode="w+", shape=layout.memory_shape)
+    buffer = _mapped_region(region_path, layout.memory_shape)
     try:
         template = job.template_ds[data_var.name]
         field_shape = (template.shape[-2], template.shape[-1])
@@ -407,6 +406,10 @@ def _encode_in_scratch(
     finally:
         del buffer
         region_bytes = region_path.stat().st_blocks * 512  # what the file took on disk, not its (sparse) length
+        # Emptied while it has a name: the last unmapping of an unlinked file frees its scattered pages and blocks
+        # one by one (measured 1.2 ms per page here: 25 s for 20k pages, against 0.1 s truncated first). Nothing
+        # reads the mapping any more.
+        os.truncate(region_path, 0)
         region_path.unlink(missing_ok=True)
     encoded = EncodedVariable(
         data_var.name,
@@ -418,6 +421,19 @@ def _encode_in_scratch(
         upload_threads=1,  # each object is read whole from its file to be put
     )
     return encoded, region_bytes
+
+
+def _mapped_region(path: Path, shape: tuple[int, ...]) -> npt.NDArray[np.float32]:
+    """A new sparse file of `shape` float32, memory-mapped: only pages written take disk. Random access advised:
+    a write to a page not yet cached would otherwise read around it (32 pages zero-filled into the page cache for a
+    field's slab, ~1 ms per fault measured, the unmapping as slow again)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * 4
+    with path.open("w+b") as file:
+        file.truncate(nbytes)
+        mapped = mmap.mmap(file.fileno(), nbytes)
+    if hasattr(mmap, "MADV_RANDOM"):
+        mapped.madvise(mmap.MADV_RANDOM)
+    return np.ndarray(shape, dtype=np.float32, buffer=mapped)
 
 
 def _fill_what_is_read(
