@@ -13,7 +13,8 @@ terms. Reported per run, from the run summary: the highest RssAnon of a worker w
 inside the task every 10 ms; the page cache of the scratch file is not in it), its growth over the task, the
 scratch bytes one variable-region took on disk, decodes per field read, wall time, fields per second. The
 machine's bound is measured as `benchmarks/backfill.py` does (decode + rounding + compression of the archive's
-fields on one core, times the cores) before, between and after the runs; each run is judged against the two
+fields on one core, times the cores; compression on the dataset's inner chunks as a complete forecast fills them)
+before, between and after the runs; each run is judged against the two
 measurements around it, and the marginal throughput (the larger run's extra fields over its extra time) against
 their mean.
 """
@@ -43,14 +44,14 @@ def parse_leads(text: str) -> list[int]:
 
 
 def measure_bound(archive: Any, variables: list[str], members: int, leads: list[int], cores: int) -> dict[str, Any]:
-    """Per-field seconds of decode + rounding + compression of the archive's fields on one core, the dataset's
-    encoding (compressed a few leads deep, all members)."""
+    """Per-field seconds of decode + rounding + compression of the archive's fields on one core. Compression is
+    measured on inner chunks of the dataset's shape holding the archive's leads (all members x the leads x 17 x 16;
+    the dataset's are 64 leads deep, but repeating leads would flatter the compressor), with the array's Blosc
+    settings on one thread: a sample of chunk positions, scaled to the chunks a field spans."""
+    import numcodecs
     import numpy as np
-    import zarr
-    import zarr.storage
     from reformatters_datasets.noaa.gefs.forecast_35_day.region_job import fine_grid, step_text
     from reformatters_datasets.noaa.gefs.forecast_35_day.template_config import gefs_forecast_35_day_template_config
-    from zarr.codecs import BloscCodec
 
     from reformatters.common.binary_rounding import round_float32_inplace
     from reformatters.pipeline.kernels import limit_library_threads
@@ -58,13 +59,15 @@ def measure_bound(archive: Any, variables: list[str], members: int, leads: list[
     from reformatters.sources.grib_index import find_message, parse_ncep_idx
 
     limit_library_threads()
+    numcodecs.blosc.set_nthreads(1)
     by_name = {v.name: v for v in gefs_forecast_35_day_template_config().data_vars}
     grid = fine_grid(0.25)
-    depth = min(3, len(leads))
+    depth = len(leads)
+    rng = np.random.default_rng(0)
     per_variable: dict[str, dict[str, float]] = {}
     for name in variables:
         var = by_name[name]
-        cube = np.empty((1, members, depth, grid.nj, grid.ni), dtype=np.float32)
+        cube = np.empty((members, depth, grid.nj, grid.ni), dtype=np.float32)
         decode_seconds: list[float] = []
         round_seconds: list[float] = []
         for member in range(members):
@@ -82,33 +85,40 @@ def measure_bound(archive: Any, variables: list[str], members: int, leads: list[
                     file.seek(entry.start)
                     message = file.read() if entry.end is None else file.read(entry.end - entry.start)
                 t0 = time.perf_counter()
-                decode_message(message, grid, out=cube[0, member, i])
+                decode_message(message, grid, out=cube[member, i])
                 t1 = time.perf_counter()
                 keep = var.internal_attrs.keep_mantissa_bits
                 if isinstance(keep, int):
-                    round_float32_inplace(cube[0, member, i], keep)
+                    round_float32_inplace(cube[member, i], keep)
                 round_seconds.append(time.perf_counter() - t1)
                 decode_seconds.append(t1 - t0)
-        encoding = var.encoding
-        compressors = [BloscCodec(cname=c.cname, clevel=c.clevel, shuffle=c.shuffle) for c in encoding.compressors]
-        array = zarr.create_array(
-            zarr.storage.MemoryStore(),
-            shape=cube.shape,
-            chunks=(1, members, depth, *encoding.chunks[3:]),
-            shards=(1, members, depth, *(encoding.shards or encoding.chunks)[3:]),
-            dtype="float32",
-            compressors=compressors,
-            fill_value=float("nan"),
+        _, chunk_members, chunk_leads, chunk_rows, chunk_columns = var.encoding.chunks
+        (compressor,) = var.encoding.compressors
+        blosc = numcodecs.Blosc(
+            cname=compressor.cname,
+            clevel=compressor.clevel,
+            shuffle={"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[compressor.shuffle],
         )
-        t0 = time.perf_counter()
-        array[...] = cube
-        fields = members * depth
+        chunk_leads = min(chunk_leads, depth)
+        chunk = np.empty((chunk_members, chunk_leads, chunk_rows, chunk_columns), dtype=np.float32)
+        samples = 200
+        compress = 0.0
+        for _ in range(samples):
+            row = int(rng.integers(0, grid.nj // chunk_rows)) * chunk_rows
+            column = int(rng.integers(0, grid.ni // chunk_columns)) * chunk_columns
+            rows, columns = slice(row, row + chunk_rows), slice(column, column + chunk_columns)
+            chunk[:members] = cube[:chunk_members, :chunk_leads, rows, columns]
+            chunk[members:] = np.nan
+            t0 = time.perf_counter()
+            blosc.encode(chunk)
+            compress += time.perf_counter() - t0
+        chunks_per_field = -(-grid.nj // chunk_rows) * -(-grid.ni // chunk_columns)
         per_variable[name] = {
             "decode_seconds": statistics.median(decode_seconds),
             "round_seconds": statistics.median(round_seconds),
-            "compress_seconds": (time.perf_counter() - t0) / fields,
+            "compress_seconds": compress / samples * chunks_per_field / (chunk_members * chunk_leads),
         }
-        del cube, array
+        del cube
     per_field = statistics.fmean(sum(p.values()) for p in per_variable.values())
     return {
         "per_variable": per_variable,
