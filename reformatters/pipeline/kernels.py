@@ -855,7 +855,11 @@ def upload_kernel(encoded: EncodedVariable, final_store: ObjectStore) -> Variabl
         data = encoded.objects[key]
         if final_store.holds(key, data):
             return None
-        final_store.put(key, data)
+        file_of: Callable[[str], Path] | None = getattr(encoded.objects, "file", None)
+        if file_of is not None and not final_store.is_local:
+            final_store.put_file(key, file_of(key))  # streamed in parts, not copied into memory whole
+        else:
+            final_store.put(key, data)
         return len(data)
 
     keys = sorted(encoded.objects)

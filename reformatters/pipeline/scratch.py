@@ -20,8 +20,9 @@ upload tasks:
 
 The objects written are the in-memory path's, byte for byte. The region's pages are file-backed: the kernel may
 evict them, so the worker's anonymous memory holds the download window, one field and one encoded chunk while
-the region is decoded and encoded (each shard is written to its file chunk by chunk), then one shard's compressed
-bytes while it is uploaded (`ObjectStore.put` takes bytes): whatever the member count, but not whatever the
+the region is decoded and encoded (each shard is written to its file chunk by chunk), and the source files'
+outcomes packed (`pipeline.source_results`); uploads read each shard file memory-mapped (a local store copies it
+from the page cache, a remote one gets it in parts of `ObjectStore.put_file`): whatever the member count and the
 shard size.
 
 Disk: the file is sparse. Fields read take their slabs; a slab no file delivered stays a hole (the encoder and
@@ -233,6 +234,10 @@ class ScratchObjects(Mapping[str, bytes]):
                 return b""
             mapped: Any = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
             return cast(bytes, mapped)
+
+    def file(self, key: str) -> Path:
+        """The file holding the object `key` (a remote store's upload streams it from there)."""
+        return self._paths[key]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._paths)
