@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -23,10 +24,12 @@ from reformatters.progress import RunProgress
 from reformatters.publish import (
     DEFAULT_LEASE_WAIT_SECONDS,
     Publisher,
+    RunCannotStartError,
     check_publishable,
     hold_lease,
     publication_template,
     published_dataset,
+    region_span,
     tmp_metadata_store,
     variable_metadata,
 )
@@ -120,7 +123,14 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         config = self.template_config
         append_dim = config.append_dim
         final_store = self.store(store_url)
+        final_store.check_access()
         end = parse_utc(append_dim_end)
+        if end <= config.append_dim_start:
+            raise RunCannotStartError(
+                f"nothing to backfill: the end {end.isoformat()} is at or before {self.dataset_id}'s first "
+                f"{append_dim} {config.append_dim_start.isoformat()}; give an end after it (it is exclusive), "
+                f"e.g. {(config.append_dim_start + config.append_dim_frequency).isoformat()}"
+            )
         now = utc_now()
         run_id = f"backfill-{now:%Y%m%dT%H%M}-{uuid.uuid4().hex[:8]}"
         due = self.source_file_due(now)
@@ -180,6 +190,10 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
                             fence=lease.fence(),
                         )
 
+                    jobs_left = Counter(region_span(job) for job in to_run)
+                    for span in publisher.pending_regions():
+                        if not jobs_left[span]:
+                            publisher.complete(slice(*span))  # every variable of it resumed
                     with RunProgress(
                         f"backfill {self.dataset_id}", len(to_run), client, enabled=show_progress
                     ) as progress:
@@ -187,7 +201,13 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
                         def region_done(outcome: RegionOutcome) -> None:
                             summary.regions_done += 1
                             summary.add(outcome.results, due)
-                            publisher.add(outcome.job.region, {r.var_name: r.results for r in outcome.results})
+                            span = region_span(outcome.job)
+                            jobs_left[span] -= 1
+                            publisher.add(
+                                outcome.job.region,
+                                {r.var_name: r.results for r in outcome.results},
+                                complete=jobs_left[span] == 0,
+                            )
                             progress.region_done(outcome)
                             pause_at("backfill_region_done")
 
@@ -200,6 +220,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
                             on_region_done=region_done,
                             upload_for=upload_for,
                             drain_on_failure=True,
+                            keep_outcomes=False,
                         )
                 # The workers shut down while the results are published.
                 session.close_in_background()
@@ -242,7 +263,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
             reused, remaining = resume_job(job, records[key], var_metadata)
             if reused:
                 skipped += len(reused)
-                publisher.add(job.region, {r.var_name: r.results for r in reused})
+                publisher.add(job.region, {r.var_name: r.results for r in reused}, complete=False)
                 summary.add((replace(r, bytes_fetched=0, bytes_written=0, objects_written=0) for r in reused), due)
             if remaining:
                 job = job.model_copy(update={"data_vars": remaining})

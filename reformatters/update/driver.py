@@ -84,6 +84,7 @@ def run_operational_update(
     append_dim: str = config.append_dim
     job_class: type[RegionJob[Any, Any]] = dataset.region_job_class
     final_store: ObjectStore = dataset.store(store_url)
+    final_store.check_access()
     summary = RunSummary(
         dataset_id=dataset.dataset_id,
         kind="update",
@@ -267,6 +268,7 @@ def _run_and_publish(
             publisher.publisher.final_store,
             on_region_done=region_done,
             upload_for=upload_for,
+            keep_outcomes=False,
         )
 
 
@@ -313,6 +315,7 @@ class _RegionPublisher:
         log.info("region %s done, %.1f s since start", plan.key, time.perf_counter() - self.started)
         self.tracker.clear(plan.key)
         self.summary.regions_done += 1
+        plan.results = []  # folded into the publisher: an update of many regions holds no file outcomes
 
 
 def _log_variable(key: str, result: VariableResult) -> None:
