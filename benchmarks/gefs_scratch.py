@@ -184,7 +184,7 @@ def run(
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import os
 
     from reformatters.testing.gefs_archive import generate_gefs_archive
@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None, help="where runs write (default: a temporary dir)")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     leads = parse_leads(args.leads)
     variables = args.variables.split(",")
     member_counts = sorted(int(n) for n in args.members.split(","))
