@@ -249,6 +249,22 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
         """Transform one variable over the processing region in place (deaccumulation, gap filling...).
         Default: nothing. Binary rounding is the framework's, after this hook (see `transforms_region`)."""
 
+    def apply_data_transformations_sparse(
+        self, data_array: xr.DataArray, data_var: DataVarT, written: npt.NDArray[np.bool_]
+    ) -> npt.NDArray[np.bool_]:
+        """`apply_data_transformations` for a region whose fields no file delivered were never written: in a
+        scratch file (`pipeline.scratch`) they read as zeros, not NaN. `written` marks, over the data array's
+        leading dims, the 2-D fields that were; read only those, treat the others as missing, and return which
+        fields hold values afterwards (the framework writes fill for the others without reading them).
+
+        A dataset whose variable-regions take the scratch path and have a transform overrides this beside
+        `apply_data_transformations` (same result); otherwise the framework writes NaN into every field not read
+        first (the whole region's bytes to disk) and calls `apply_data_transformations`."""
+        raise NotImplementedError(f"{type(self).__name__} has no sparse transform")
+
+    def has_sparse_transform(self) -> bool:
+        return type(self).apply_data_transformations_sparse is not RegionJob.apply_data_transformations_sparse
+
     @classmethod
     def source_file_due(cls, coord: SourceFileCoordT, now: pd.Timestamp) -> bool:
         """Whether the source should hold `coord`'s file by `now`: a file not found that is not due counts as

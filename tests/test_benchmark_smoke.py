@@ -164,3 +164,22 @@ def test_driver_memory_benchmark(tmp_path: Path) -> None:
     result = json.loads(report.read_text())
     assert [run["regions"] for run in result["runs"]] == [100, 1100]
     assert all(run["driver_peak_rss_mb"] > 50 for run in result["runs"])
+
+
+@pytest.mark.benchmark
+def test_gefs_scratch_benchmark(tmp_path: Path) -> None:
+    """The GEFS scratch benchmark at 1 and 2 members, two leads (about 2 minutes): every number is reported, each
+    field decoded once, the bound measured around each run."""
+    from benchmarks.gefs_scratch import main as gefs_scratch
+
+    report = tmp_path / "gefs_scratch.json"
+    gefs_scratch(["--members", "1,2", "--leads", "0,3", "--json", str(report)])
+    result = json.loads(report.read_text())
+    assert [run["members"] for run in result["runs"]] == [1, 2]
+    assert len(result["bounds"]) == 3
+    for run in result["runs"]:
+        assert run["fields_read"] == run["members"] * 2 * 2 and run["decodes_per_field"] == 1.0
+        assert run["peak_rss_anon_mb"] > run["rss_anon_growth_mb"] > 0
+        assert run["scratch_mb_per_worker"] > 0 and run["vs_bound"] > 0 and math.isfinite(run["vs_bound"])
+    derived = result["derived"]
+    assert {"marginal_fields_per_second", "marginal_vs_bound", "peak_rss_anon_spread"} <= set(derived)

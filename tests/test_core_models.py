@@ -129,6 +129,26 @@ def test_deaccumulation_of_window_averages_and_missing_previous_step() -> None:
     assert np.isnan(values[4, 0]) and values[2, 0] == pytest.approx(200.0)
 
 
+@pytest.mark.parametrize("kind", ["accumulation", "average"])
+def test_deaccumulation_of_present_steps_leaves_the_others_unread_and_unwritten(kind: str) -> None:
+    """`present`: steps without a field hold garbage (a scratch file's holes read as zeros) and stay as they are;
+    the present ones come out as they do when the missing steps are NaN."""
+    leads = np.array([0, 3, 6, 9, 12, 15, 18], dtype=float)
+    rng = np.random.default_rng(3)
+    fields = (rng.random((leads.size, 2, 3)) * 10).astype(np.float32)
+    present = np.array([True, True, False, True, True, False, True])
+    dense = fields.copy()
+    dense[~present] = np.nan
+    deaccumulate_along_axis(dense, leads, 0, kind, 6)  # type: ignore[arg-type]
+    sparse = fields.copy()
+    sparse[~present] = 0.0
+    deaccumulate_along_axis(sparse, leads, 0, kind, 6, present=present)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(sparse[present], dense[present])
+    assert (sparse[~present] == 0.0).all()
+    # 9 h begins a window (computed without 6 h); 18 h follows the missing 15 h in its window (NaN).
+    assert not np.isnan(dense[3]).any() and np.isnan(dense[6]).all()
+
+
 def test_clearly_negative_rates_become_nan_and_are_counted() -> None:
     leads = np.array([0, 1, 2], dtype=float)
     values = np.array([[0.0, 0.0], [3.6, 3.6], [3.6 - 1e-6, 0.0]], dtype=np.float32)

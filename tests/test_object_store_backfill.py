@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 from reformatters_datasets.example.dataset import ExampleDataset
+from reformatters_datasets.example.region_job import ExampleRegionJob
 
 from reformatters.common.storage import ObjectStore
 from reformatters.region_job import RegionJobFilters
@@ -20,9 +21,16 @@ from reformatters.testing.object_store_server import S3Server
 INITS = pd.date_range("2024-01-01", periods=4, freq="6h")
 
 
-def test_backfill_into_s3_reads_back_as_the_source_says(s3: S3Server, example_source, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("path", ["memory", "scratch"])
+def test_backfill_into_s3_reads_back_as_the_source_says(  # type: ignore[no-untyped-def]
+    s3: S3Server, example_source, tmp_path: Path, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also through the scratch path, whose shard files go up with `ObjectStore.put_file`."""
+    if path == "scratch":
+        monkeypatch.setattr(ExampleRegionJob, "scratch_region_bytes", 0)
     src = example_source(INITS, missing=[(INITS[1], 3), (INITS[3], 0)], corrupt=[(INITS[2], 2)])
-    store_url = s3.url("object-store-backfill/example.zarr")
+    prefix = f"object-store-backfill-{path}/example.zarr"
+    store_url = s3.url(prefix)
     with s3.environment():
         # Environment set before the LocalCluster starts: the worker processes inherit it.
         summary = ExampleDataset().backfill(
@@ -38,9 +46,8 @@ def test_backfill_into_s3_reads_back_as_the_source_says(s3: S3Server, example_so
 
     # Everything went to the server, nothing to a local path of that name.
     assert not Path("s3:").exists() and not (tmp_path / "bucket").exists()
-    assert set(s3.list_keys("object-store-backfill/example.zarr/")) == {
-        f"object-store-backfill/example.zarr/{k}" for k in keys
-    }
+    assert set(s3.list_keys(f"{prefix}/")) == {f"{prefix}/{k}" for k in keys}
+    assert all((entry.scratch_bytes > 0) == (path == "scratch") for entry in summary.variables.values())
     # Two regions x one shard per variable (shards are 2 init times long), plus metadata.
     assert [k for k in keys if k.startswith("temperature_2m/c/")] == [
         "temperature_2m/c/0/0/0/0",

@@ -9,7 +9,10 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +32,7 @@ from reformatters.pipeline.scratch import SCRATCH_DIR_ENVIRON, SCRATCH_PREFIX, r
 from reformatters.region_job import RegionJobFilters
 from reformatters.summary import RunSummary
 from reformatters.testing.archive_server import ArchiveServer
+from reformatters.update.pause import PAUSE_ENV, PAUSE_FILE_ENV, PAUSE_ONCE_ENV, PAUSE_SKIP_ENV
 
 INITS = pd.date_range("2024-01-01", periods=4, freq="6h")
 MISSING = [(INITS[1], 3)]
@@ -116,6 +120,74 @@ def test_scratch_of_dead_processes_is_removed_at_worker_start(tmp_path: Path, mo
         assert len(client.scheduler_info()["workers"]) == 2
         assert not dead.exists()
     assert alive.is_dir() and unrelated.is_dir()
+
+
+def test_a_scratch_task_whose_worker_dies_is_redone_whole_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker SIGKILLed in the middle of a scratch task (fields already in its scratch file): Dask runs the task
+    again on a live worker, which downloads and decodes the whole variable-region again; the store is the in-memory
+    run's, byte for byte, and the dead worker's scratch is removed (its restarted successor cleans up at start)."""
+    source.generate_source(tmp_path / "source", INITS)
+    dataset = ExampleDataset()
+    scratch = tmp_path / "scratch"
+    marker = tmp_path / "paused"
+    with ArchiveServer(tmp_path / "source") as server:
+        common = {"store_url": "", "source_url": server.url, "show_progress": False}
+        reference = dataset.backfill(
+            "2024-01-02T00:00", cluster="local", n_workers=2, **{**common, "store_url": str(tmp_path / "memory.zarr")}
+        )
+        in_memory_requests = dict(server.requests)
+        server.reset_counters()
+        monkeypatch.setattr(ExampleRegionJob, "scratch_region_bytes", 0)
+        # Workers inherit these: the first to have decoded four fields into its scratch file parks there; the others
+        # pass.
+        monkeypatch.setenv(SCRATCH_DIR_ENVIRON, str(scratch))
+        monkeypatch.setenv(PAUSE_ENV, "scratch-field")
+        monkeypatch.setenv(PAUSE_SKIP_ENV, "3")
+        monkeypatch.setenv(PAUSE_FILE_ENV, str(marker))
+        monkeypatch.setenv(PAUSE_ONCE_ENV, "1")
+        killed: list[int] = []
+
+        def kill_the_paused_worker() -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                text = marker.read_text() if marker.exists() else ""
+                if text.endswith("\n"):
+                    pid = int(text.split()[1])
+                    dead_scratch.extend(scratch.glob(f"{SCRATCH_PREFIX}{pid}/*/region.f32"))
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+                time.sleep(0.01)
+
+        dead_scratch: list[Path] = []
+        killer = threading.Thread(target=kill_the_paused_worker, daemon=True)
+        killer.start()
+        through_scratch = dataset.backfill(
+            "2024-01-02T00:00",
+            cluster="local",
+            n_workers=2,
+            scratch_dir=str(scratch),
+            **{**common, "store_url": str(tmp_path / "scratch.zarr")},
+        )
+        killer.join(timeout=5)
+        scratch_requests = dict(server.requests)
+    assert killed and killed[0] != os.getpid(), "no worker paused in its scratch task"
+    assert dead_scratch, "the killed task had no scratch file yet"
+    memory_objects = store_objects(tmp_path / "memory.zarr")
+    scratch_objects = store_objects(tmp_path / "scratch.zarr")
+    assert sorted(scratch_objects) == sorted(memory_objects)
+    for key, data in memory_objects.items():
+        assert scratch_objects[key] == data, key
+    # Each scratch task fetches its variable's files (two variables: twice each file the in-memory run fetched
+    # once); the four files the killed task had decoded were fetched once more: its variable-region redone.
+    refetched = [key for key in in_memory_requests if scratch_requests.get(key, 0) > 2 * in_memory_requests[key]]
+    assert len(refetched) >= 4, (sorted(in_memory_requests.items()), sorted(scratch_requests.items()))
+    assert_decoded_once(through_scratch)
+    assert through_scratch.decodes == reference.decodes
+    assert not any(path.exists() for path in dead_scratch)
+    assert not list(scratch.glob(f"{SCRATCH_PREFIX}*")), list(scratch.iterdir())
 
 
 def test_remove_dead_scratch_keeps_running_processes(tmp_path: Path) -> None:

@@ -30,8 +30,10 @@ def deaccumulate_along_axis(
     axis: int,
     kind: Literal["accumulation", "average"],
     reset_hours: float | None,
+    present: npt.NDArray[np.bool_] | None = None,
 ) -> int:
-    """In place. Returns how many clearly negative rates became NaN.
+    """In place. Returns how many clearly negative rates became NaN. `present` (one per lead): the steps that
+    hold a field; the others are missing and neither read nor written (a scratch file's holes read as zeros).
 
     accumulation -> rate per second: (A(h) - A(h_prev)) / seconds, or A(h) / seconds at a window's first step.
     average -> average over the last step: (A(h)(h-w) - A(h_prev)(h_prev-w)) / (h - h_prev).
@@ -45,6 +47,9 @@ def deaccumulate_along_axis(
     original = np.empty_like(previous)
     previous_missing = True
     for i, hour in enumerate(lead_hours):
+        if present is not None and not present[i]:
+            previous_missing = True
+            continue
         current = moved[i]
         if i == 0:
             np.copyto(previous, current)

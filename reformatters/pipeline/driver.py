@@ -101,7 +101,9 @@ def run_region_jobs(
     completed = completion_queue()
     future_region: dict[Any, int] = {}  # future key -> region index
     variables_in_flight = 0
-    store_ref = client.scatter(final_store, hash=False)
+    # Scattered to every worker, not one: the data of a scatter is lost with its worker, and every task needing it
+    # would fail instead of running again elsewhere (a worker killed mid-task, its task retried on another).
+    store_ref = client.scatter(final_store, hash=False, broadcast=True)
     affinity = WorkerAffinity(client)
 
     def finish(outcome: RegionOutcome) -> None:
@@ -119,7 +121,7 @@ def run_region_jobs(
                     return
                 index, job = pending_regions.popleft()
                 extra = {"upload": upload_for(job)} if upload_for is not None else {}
-                job_ref = client.scatter(job.for_workers(), hash=False)
+                job_ref = client.scatter(job.for_workers(), hash=False, broadcast=True)
                 shared: list[Future[Any]] = []
 
                 def hold_shared(tasks: list[Any], shared: list[Future[Any]] = shared, index: int = index) -> list[Any]:

@@ -25,6 +25,7 @@ from reformatters.common.storage import ObjectStore
 from reformatters.pipeline.published_fields import PublishedShard, keep_published_fields
 from reformatters.pipeline.region_layout import RegionLayout
 from reformatters.pipeline.shard_encoding import ShardEncoder, padded_shape
+from reformatters.pipeline.source_results import SourceFileResults
 from reformatters.region_job import FieldShapeError, RegionJob, SourceFileCoord, SourceFileStatus
 from reformatters.sources.download import FetchedIndexes, prefetch_indexes, seed_indexes
 from reformatters.sources.errors import SOURCE_FILE_FAILURES
@@ -74,7 +75,7 @@ class ReadOutcome:
 class EncodedVariable:
     var_name: str
     objects: dict[str, bytes]
-    results: list[SourceFileCoord]
+    results: Sequence[SourceFileCoord]
     bytes_fetched: int
     kept_published_fields: int = 0  # fields the run had no values for, kept from the published shards
     decodes: int = 0  # messages handed to the decoder for this variable
@@ -85,7 +86,7 @@ class EncodedVariable:
 @dataclass(frozen=True)
 class VariableResult:
     var_name: str
-    results: list[SourceFileCoord]
+    results: Sequence[SourceFileCoord]
     bytes_fetched: int
     bytes_written: int
     objects_written: int
@@ -365,7 +366,7 @@ class AssembledVariable:
     data_var: Any
     layout: RegionLayout
     buffer: npt.NDArray[np.float32]  # position 0 along the append dim is the processing region's start
-    results: list[SourceFileCoord]
+    results: Sequence[SourceFileCoord]
     delivered: npt.NDArray[np.bool_]  # over the layout's leading dims: slabs that received a whole field
     written: npt.NDArray[np.bool_]  # over the layout's leading dims: slabs a read wrote any value into
     decodes: int = 0  # messages this assembly handed to the decoder
@@ -584,12 +585,14 @@ class ShardPlan:
         return cls(array_shape, axis, whole, partial)
 
 
-def in_region(job: RegionJob[Any, Any], results: Sequence[SourceFileCoord]) -> list[SourceFileCoord]:
+def in_region(job: RegionJob[Any, Any], results: Sequence[SourceFileCoord]) -> Sequence[SourceFileCoord]:
     """The results of the region itself, not of the processing region's extra positions."""
     processing = job.get_processing_region()
     region = job.region
     offset = region.start - processing.start
     in_region = set(job.template_ds.get_index(job.append_dim)[offset : offset + region.stop - region.start])
+    if isinstance(results, SourceFileResults):
+        return results.where(lambda c: c.out_loc().get(job.append_dim) in in_region)
     return [c for c in results if c.out_loc().get(job.append_dim) in in_region]
 
 
@@ -611,8 +614,8 @@ def encode_assembled(
     """Encode the shard objects of one variable-region, handing each to `sink(key, bytes)` as it is done;
     returns how many fields they keep from the published shards (`holding_data` is updated where they do).
     `partial_by_chunk`: partial shards are merged one inner chunk at a time (`merge_partial_shards_by_chunk`), not
-    through zarr with the shard in memory. `unwritten_unread`: a chunk-major buffer's slabs without values are
-    never read, only written as fill into the copy of their chunk (the scratch path leaves them holes).
+    through zarr with the shard in memory. `unwritten_unread`: slabs without values are never read, only written
+    as fill into the copy of their chunk (the scratch path leaves them holes).
     `stream(key)`: a file each shard is written into chunk by chunk instead of going to `sink` whole."""
     processing = job.get_processing_region()
     region = job.region
@@ -655,7 +658,7 @@ def encode_assembled(
                 kept += keep_published_fields(encoder, published, shard_chunk, slab_map)
                 if stream is not None:
                     with stream(key) as out:
-                        encoder.write_chunks(out, shard_chunk, slab_map)
+                        encoder.write_chunks(out, shard_chunk, slab_map, others_unread=unwritten_unread)
                 else:
                     sink(key, encoder.encode(shard, slab_map, others_hold_fill=True))
     if plan.partial:
@@ -853,7 +856,11 @@ def upload_kernel(encoded: EncodedVariable, final_store: ObjectStore) -> Variabl
         data = encoded.objects[key]
         if final_store.holds(key, data):
             return None
-        final_store.put(key, data)
+        file_of: Callable[[str], Path] | None = getattr(encoded.objects, "file", None)
+        if file_of is not None and not final_store.is_local:
+            final_store.put_file(key, file_of(key))  # streamed in parts, not copied into memory whole
+        else:
+            final_store.put(key, data)
         return len(data)
 
     keys = sorted(encoded.objects)

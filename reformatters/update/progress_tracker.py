@@ -15,6 +15,7 @@ now. The records of a region are removed once the region is published.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import time
@@ -124,27 +125,32 @@ class UpdateProgressTracker:
         return f"{self.prefix}/{key}/{var_name}.json"
 
     def record(self, key: str, result: VariableResult, digest: str) -> None:
-        body = {
-            "schema": PROGRESS_SCHEMA,
-            **ProgressRecord(
-                run_id=self.run_id,
-                region=key,
-                variable=result.var_name,
-                metadata_digest=digest,
-                recorded_at=time.time(),
-                files=tuple(
-                    FileRecord(
-                        coord=coord_key(c), url=_url(c), status=c.status, reason=c.status_reason, not_found=c.not_found
-                    )
-                    for c in result.results
-                ),
-                bytes_fetched=result.bytes_fetched,
-                bytes_written=result.bytes_written,
-                objects_written=result.objects_written,
-                extra=json.loads(json.dumps(result.extra, default=str)),
-            ).model_dump(mode="json"),
-        }
-        self.store.put(self._key(key, result.var_name), json.dumps(body, indent=1).encode())
+        """Write the record, its file entries one at a time: an ensemble's variable-region has thousands, and the
+        whole record as objects (a model per file, its dict, the indented text) took several KB per file."""
+        head = ProgressRecord(
+            run_id=self.run_id,
+            region=key,
+            variable=result.var_name,
+            metadata_digest=digest,
+            recorded_at=time.time(),
+            files=(),
+            bytes_fetched=result.bytes_fetched,
+            bytes_written=result.bytes_written,
+            objects_written=result.objects_written,
+            extra=json.loads(json.dumps(result.extra, default=str)),
+        ).model_dump(mode="json")
+        del head["files"]
+        body = io.BytesIO()
+        body.write(json.dumps({"schema": PROGRESS_SCHEMA, **head})[:-1].encode())
+        body.write(b', "files": [')
+        for index, c in enumerate(result.results):
+            entry = FileRecord(
+                coord=coord_key(c), url=_url(c), status=c.status, reason=c.status_reason, not_found=c.not_found
+            )
+            body.write(b",\n" if index else b"\n")
+            body.write(json.dumps(entry.model_dump(mode="json")).encode())
+        body.write(b"]}\n")
+        self.store.put(self._key(key, result.var_name), body.getvalue())
 
     def load(self, key: str) -> dict[str, ProgressRecord]:
         """The records of region `key` by variable; records that are not this release's data are skipped, each

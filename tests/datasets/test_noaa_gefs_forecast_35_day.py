@@ -108,11 +108,13 @@ def live_server() -> Iterator[ArchiveServer]:
         yield archive_server
 
 
-def decode(archive: GefsArchiveManifest, name: str, member: int, lead: int) -> npt.NDArray[np.float64] | None:
+def decode(
+    archive: GefsArchiveManifest, name: str, member: int, lead: int, init: datetime = INIT
+) -> npt.NDArray[np.float64] | None:
     """ecCodes' decode of the message the dataset reads, on its own grid (longitudes 0..360); None if absent."""
     var = BY_NAME[name]
     product = product_at(var.internal_attrs.products, lead)
-    path = archive.path(INIT, member, product, lead)
+    path = archive.path(init, member, product, lead)
     step = step_text(var, lead)
     if step is None or not path.exists():
         return None
@@ -167,9 +169,9 @@ def to_target_grid(field: npt.NDArray[np.float64], resolution: float, method: st
 
 
 def on_dataset_grid(
-    archive: GefsArchiveManifest, name: str, member: int, lead: int, resolution: float
+    archive: GefsArchiveManifest, name: str, member: int, lead: int, resolution: float, init: datetime = INIT
 ) -> npt.NDArray[np.float64] | None:
-    values = decode(archive, name, member, lead)
+    values = decode(archive, name, member, lead, init)
     if values is None:
         return None
     var = BY_NAME[name]
@@ -364,15 +366,18 @@ def test_reads_at_the_published_resolution(tmp_path: Path) -> None:
                         np.testing.assert_array_equal(out[::2, 720::2], values[:, :360].astype(np.float32))
 
 
+NEXT_INIT = datetime(2020, 10, 2, 0)
+
+
 class PollingReader:
     """Opens the store again and again in a thread while an update runs, as a notebook user would, and checks each
-    view: one init, and for each member every lead up to its visible `ingested_forecast_length` that the archive
-    holds has temperature values."""
+    view: the inits visible never go down, nor any (init, member)'s visible `ingested_forecast_length`, and every
+    lead up to it that the archive holds has temperature values (the previous init's published fields too)."""
 
     def __init__(self, store: str) -> None:
         self.store = store
         self.opens = 0
-        self.lengths_seen: list[list[int]] = []
+        self.states_seen: list[tuple[int, list[list[int]]]] = []  # (inits, lengths per init and member)
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -397,8 +402,9 @@ class PollingReader:
             try:
                 self._check()
                 return
-            except RuntimeError as error:  # a partial read across a shard replaced in between: read again once
-                if attempt or "blosc" not in str(error):
+            except (RuntimeError, ValueError) as error:  # a partial read across a shard replaced in between
+                retryable = "blosc" in str(error) or "checksum" in str(error)
+                if attempt or not retryable:
                     self.errors.append(f"{type(error).__name__}: {error}")
                     return
             except Exception as error:  # noqa: BLE001 - every failure is reported to the test
@@ -407,28 +413,43 @@ class PollingReader:
 
     def _check(self) -> None:
         ds = xr.open_zarr(self.store, decode_timedelta=True, chunks=None)  # no dask: the update has a Client
-        assert ds.sizes["init_time"] == 1, ds.sizes
-        lengths = [int(v / np.timedelta64(1, "h")) for v in ds["ingested_forecast_length"].values[0]]
-        values = ds["temperature_2m"].isel(init_time=0).values
+        inits = ds.sizes["init_time"]
+        assert inits in (1, 2), ds.sizes
+        lengths = [
+            [-1 if np.isnat(v) else int(v / np.timedelta64(1, "h")) for v in row]
+            for row in ds["ingested_forecast_length"].values
+        ]
+        values = ds["temperature_2m"].values
         leads = [int(h) for h in LEAD_HOURS]
-        for m, member in enumerate(MEMBERS):
-            for lead in [*ARCHIVE_LEADS, 258]:
-                absent = (member, lead) in {(30, 3), (0, 252)} and lengths[m] < 258
-                if lead <= lengths[m] and not absent and (member, lead) != (30, 3):
-                    assert not np.isnan(values[m, leads.index(lead)]).any(), (member, lead, lengths)
-        if not self.lengths_seen or self.lengths_seen[-1] != lengths:
-            assert not self.lengths_seen or all(
-                new >= old for new, old in zip(lengths, self.lengths_seen[-1], strict=True)
-            ), (self.lengths_seen, lengths)
-            self.lengths_seen.append(lengths)
+        for i in range(inits):
+            for m, member in enumerate(MEMBERS):
+                for lead in [*ARCHIVE_LEADS, 258]:
+                    absent = i == 0 and (member, lead) == (30, 3)  # missing from both archives
+                    if lead <= lengths[i][m] and not absent:
+                        assert not np.isnan(values[i, m, leads.index(lead)]).any(), (i, member, lead, lengths)
+        state = (inits, lengths)
+        if not self.states_seen or self.states_seen[-1] != state:
+            if self.states_seen:
+                old_inits, old_lengths = self.states_seen[-1]
+                assert inits >= old_inits, (self.states_seen, state)
+                for old_row, new_row in zip(old_lengths, lengths, strict=False):
+                    assert all(new >= old for new, old in zip(new_row, old_row, strict=True)), (self.states_seen, state)
+            self.states_seen.append(state)
         self.opens += 1
 
 
 @pytest.mark.slow
-def test_update_completes_the_previous_init_from_published_fields(archive: GefsArchiveManifest, tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", ["memory", "scratch"])
+def test_update_completes_the_previous_init_and_appends_the_next(
+    archive: GefsArchiveManifest, tmp_path: Path, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A backfill ingests what the source has (c00 to 246 h, its 252 h file missing; p30 to 252 h); later the source
-    has 252 h for c00 and 258 h for both. The update re-ingests that init: it fetches only the leads past each
-    member's `ingested_forecast_length`, keeps the published fields (merged, not fetched again) and publishes both."""
+    has 252 h for c00, 258 h for both, and the next day's init. The update re-ingests the published init, fetching
+    only the leads past each member's `ingested_forecast_length` and keeping the published fields (merged, not
+    fetched again), and appends the new init; a reader polling throughout sees only whole states. Through the
+    scratch, the merge fills the fields the scratch file never held (holes) from the published ones."""
+    if path == "scratch":
+        monkeypatch.setattr(GefsForecast35DayRegionJob, "scratch_region_bytes", 0)
     config = gefs_forecast_35_day_template_config(
         ensemble_members=MEMBERS,
         resolution=SMALL_RESOLUTION,
@@ -445,7 +466,7 @@ def test_update_completes_the_previous_init_from_published_fields(archive: GefsA
             "2020-10-02T00:00", cluster="local", n_workers=2, store_url=store, source_url=first.url, show_progress=False
         )
     later = generate_gefs_archive(
-        [INIT],
+        [INIT, NEXT_INIT],
         MEMBERS,
         [*ARCHIVE_LEADS, 258],
         variables=("temperature_2m",),
@@ -465,29 +486,38 @@ def test_update_completes_the_previous_init_from_published_fields(archive: GefsA
     assert min(h for m, h in fetched if m == 0) == 252 and min(h for m, h in fetched if m == 30) == 258
     reader = PollingReader(store)
     with ArchiveServer(later.root) as second, reader:
-        dataset.update(store_url=store, source_url=second.url, now="2020-10-01T23:00", n_workers=2, show_progress=False)
+        summary = dataset.update(
+            store_url=store, source_url=second.url, now="2020-10-02T07:00", n_workers=2, show_progress=False
+        )
         requested = {rel for rel in second.requests if not rel.endswith(".idx")}
-    # A reader polling throughout saw only whole states: the published fields never went missing, and once the new
-    # lengths were visible, their leads held data.
+    assert (summary.variables["temperature_2m"].scratch_bytes > 0) == (path == "scratch")
     assert not reader.errors, reader.errors[:3]
-    assert reader.opens >= 2 and reader.lengths_seen[-1] == [258, 258], (reader.opens, reader.lengths_seen)
-    assert reader.lengths_seen[0] == [246, 252]
-    assert all(rel.endswith(("f252", "f258")) for rel in requested), sorted(requested)
+    assert reader.opens >= 2, reader.opens
+    assert reader.states_seen[0] == (1, [[246, 252]]), reader.states_seen
+    assert reader.states_seen[-1] == (2, [[258, 258], [258, 258]]), reader.states_seen
+    # The previous init: only the leads it lacked were fetched; the new init: every file the archive holds.
+    previous = {rel for rel in requested if rel.startswith(f"gefs.{INIT:%Y%m%d}/")}
+    assert previous and all(rel.endswith(("f252", "f258")) for rel in previous), sorted(previous)
+    appended = {rel for rel in requested if rel.startswith(f"gefs.{NEXT_INIT:%Y%m%d}/")}
+    assert len(appended) == len(MEMBERS) * (len(ARCHIVE_LEADS) + 1), sorted(appended)
     published = xr.open_zarr(store, decode_timedelta=True)
-    assert published.sizes["init_time"] == 1
+    assert published.sizes["init_time"] == 2
     assert (
-        published["ingested_forecast_length"].values[0].tolist()
-        == [np.timedelta64(258, "h").astype("timedelta64[ns]")] * 2
+        published["ingested_forecast_length"].values.tolist()
+        == [[np.timedelta64(258, "h").astype("timedelta64[ns]")] * 2] * 2
     )
-    actual = published["temperature_2m"].values[0]
+    actual = published["temperature_2m"].values
     leads = [int(h) for h in LEAD_HOURS]
-    for m, member in enumerate(MEMBERS):
-        for lead in (0, 246, 252, 258):
-            if (member, lead) == (30, 3):
-                continue
-            expected = on_dataset_grid(later, "temperature_2m", member, lead, SMALL_RESOLUTION)
-            assert expected is not None
-            np.testing.assert_allclose(actual[m, leads.index(lead)], expected, rtol=0.004, atol=1e-4)
+    for i, init in enumerate((INIT, NEXT_INIT)):
+        for m, member in enumerate(MEMBERS):
+            for lead in [*ARCHIVE_LEADS, 258]:
+                field = actual[i, m, leads.index(lead)]
+                if (init, member, lead) == (INIT, 30, 3):
+                    assert np.isnan(field).all()
+                    continue
+                expected = on_dataset_grid(later, "temperature_2m", member, lead, SMALL_RESOLUTION, init)
+                assert expected is not None
+                np.testing.assert_allclose(field, expected, rtol=0.004, atol=1e-4, err_msg=f"{init} {member} {lead}")
 
 
 def test_recent_nans_are_judged_per_member(tmp_path: Path) -> None:
@@ -591,9 +621,13 @@ def test_scratch_path_store_is_the_in_memory_store(
     for key, data in memory_objects.items():
         assert scratch_objects[key] == data, key
     assert list(scratch.iterdir()) == []
+    # The scratch file is sparse: the fields read take disk, the rest of the region stays a hole, also for the
+    # variables whose transform reads the region (precipitation's rate, the categorical type's average).
+    region_bytes = len(MEMBERS) * 192 * 184 * 360 * 4
     for name in VARIABLES:
         memory_entry, scratch_entry = in_memory.variables[name], through_scratch.variables[name]
         assert scratch_entry.scratch_bytes > 0 and memory_entry.scratch_bytes == 0, name
+        assert scratch_entry.scratch_bytes < region_bytes / 8, (name, scratch_entry.scratch_bytes, region_bytes)
         assert scratch_entry.files_ok == memory_entry.files_ok > 0, name
         # Each field read is decoded once: by the shard write in memory, by the scratch task otherwise.
         assert scratch_entry.decodes == scratch_entry.files_ok + scratch_entry.files_read_failed, name

@@ -83,7 +83,7 @@ def requested_lead_hours(lead_hours: Sequence[int], init_time: pd.Timestamp, now
     return [lead for lead in lead_hours if lead < EXTENSION_FIRST_LEAD_HOURS]
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=256)  # coords are handled in order; a larger cache only holds memory
 def gefs_file_url(source_url: str, init_time: pd.Timestamp, member: int, product: str, lead_hours: int) -> str:
     dir_res, res = ("p25", "0p25") if product == "s" else ("p5", "0p50")
     return (
@@ -244,25 +244,40 @@ class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
         return attrs.deaccumulate_to_rate or attrs.deaccumulate_average or self.merge_published_store is not None
 
     def apply_data_transformations(self, data_array: xr.DataArray, data_var: GefsDataVar) -> None:
+        self._transform(data_array, data_var, None)
+
+    def apply_data_transformations_sparse(
+        self, data_array: xr.DataArray, data_var: GefsDataVar, written: npt.NDArray[np.bool_]
+    ) -> npt.NDArray[np.bool_]:
+        holding = written.copy()
+        self._transform(data_array, data_var, holding)
+        return holding
+
+    def _transform(
+        self, data_array: xr.DataArray, data_var: GefsDataVar, holding: npt.NDArray[np.bool_] | None
+    ) -> None:
+        """`holding` (init, member, lead): the fields written (the others read as zeros, never as NaN), updated
+        where the published fields merged in arrive; None: a region with NaN where no field was read."""
         attrs = data_var.internal_attrs
         values = data_array.values
+        if data_array.dims[:3] != ("init_time", "ensemble_member", "lead_time"):
+            raise ValueError(f"{data_var.name}: dims {data_array.dims}, expected init_time, ensemble_member, lead_time")
         if attrs.deaccumulate_to_rate or attrs.deaccumulate_average:
             lead_hours = data_array["lead_time"].values / np.timedelta64(1, "h")
-            axis = data_array.dims.index("lead_time")
-            member_axis = data_array.dims.index("ensemble_member")
             # One (init, member) at a time: the scratch is two fields, whatever the ensemble size.
             for init in range(values.shape[0]):
-                for member in range(values.shape[member_axis]):
+                for member in range(values.shape[1]):
                     deaccumulate_along_axis(
                         values[init, member],
                         lead_hours,
-                        axis - 2,
+                        0,
                         "accumulation" if attrs.deaccumulate_to_rate else "average",
                         WINDOW_RESET_HOURS,
+                        present=None if holding is None else holding[init, member],
                     )
         if self.merge_published_store is not None:
             # After deaccumulation: published values are rates already.
-            merge_published(data_array, data_var, ObjectStore(self.merge_published_store))
+            merge_published(data_array, data_var, ObjectStore(self.merge_published_store), holding)
 
     @classmethod
     def update_template_with_results(
@@ -324,9 +339,16 @@ class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
         return jobs, template_ds
 
 
-def merge_published(data_array: xr.DataArray, data_var: GefsDataVar, store: ObjectStore) -> None:
+def merge_published(
+    data_array: xr.DataArray,
+    data_var: GefsDataVar,
+    store: ObjectStore,
+    holding: npt.NDArray[np.bool_] | None = None,
+) -> None:
     """Fill the positions this job did not fetch (NaN) with the store's published values, one block of whole
-    chunks (all members x a chunk of leads x a chunk row x a shard's columns) at a time."""
+    chunks (all members x a chunk of leads x a chunk row x a shard's columns) at a time. With `holding` (init,
+    member, lead: the fields written; the others read as zeros): a field not written is NaN-filled where a
+    published value first arrives for it, and marked."""
     published = store.open_dataset(chunks=None)
     if data_var.name not in published:
         return
@@ -346,4 +368,12 @@ def merge_published(data_array: xr.DataArray, data_var: GefsDataVar, store: Obje
                     block = (slice(lead, lead + chunks[2]), slice(lat, lat + chunks[3]), slice(lon, lon + shards[4]))
                     target = values[(i, slice(None), *block)]
                     stored = row.isel(lead_time=block[0], latitude=block[1], longitude=block[2]).values
-                    np.copyto(target, stored, where=np.isnan(target))
+                    if holding is None:
+                        np.copyto(target, stored, where=np.isnan(target))
+                        continue
+                    written = holding[i, :, block[0]]  # a view: (member, lead)
+                    arriving = ~written & ~np.isnan(stored).all(axis=(-2, -1))
+                    for member, step in zip(*np.nonzero(arriving), strict=True):
+                        values[i, member, lead + step] = np.nan
+                        written[member, step] = True
+                    np.copyto(target, stored, where=np.isnan(target) & written[:, :, None, None])
