@@ -103,9 +103,7 @@ def test_levelist_and_number_and_type_tell_messages_apart(archive: EcmwfArchiveM
     assert t850 is not None and t500 is not None and t850.offset != t500.offset
     with pytest.raises(GribMessageNotFoundError, match="2 messages match param=t levtype=pl type=pf number=1"):
         index.find(EcmwfMessageKey("t", "pl", "144", "pf", number=1))
-    members = {
-        n: index.find(EcmwfMessageKey("2t", "sfc", "144", "pf" if n else "cf", number=n)) for n in (0, 1, 50)
-    }
+    members = {n: index.find(EcmwfMessageKey("2t", "sfc", "144", "pf" if n else "cf", number=n)) for n in (0, 1, 50)}
     assert len({e.offset for e in members.values() if e is not None}) == 3
     # After 50r1 the ensemble file has no control; the deterministic file has it, without a member number.
     after = EcmwfIndex.parse(Path(index_path(str(archive.path(AFTER, "enfo", 144)))).read_text())
@@ -154,7 +152,13 @@ def test_generated_messages_are_ccsds_with_ecmwf_keys(archive: EcmwfArchiveManif
         assert eccodes.codes_get(handle, "dataRepresentationTemplateNumber") == 42
     finally:
         eccodes.codes_release(handle)
-    assert keys == {"centre": "ecmf", "shortName": "tp", "stepRange": "0-150", "number": 50, "packingType": "grid_ccsds"}
+    assert keys == {
+        "centre": "ecmf",
+        "shortName": "tp",
+        "stepRange": "0-150",
+        "number": 50,
+        "packingType": "grid_ccsds",
+    }
 
 
 @pytest.mark.parametrize("first_longitude", [-180.0, 0.0])
