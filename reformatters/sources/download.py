@@ -151,7 +151,8 @@ def _host_slot(url: str, config: DownloadConfig) -> AbstractContextManager[Any]:
             sem = _host_semaphores[key] = threading.BoundedSemaphore(config.per_host_concurrency)
     if capped is None:
         return sem
-    return _both(capped, sem)
+    # The process's slot first, then the cluster's lease: a thread holding a lease never waits on its process.
+    return _both(sem, capped)
 
 
 @contextmanager
@@ -506,8 +507,37 @@ INDEX_CACHE = IndexCache()
 def fetch_index(
     idx_url: str, *, config: DownloadConfig | None = None, cache: IndexCache = INDEX_CACHE
 ) -> list[IndexEntry]:
-    """The parsed inventory (NCEP `.idx` or ECMWF JSON lines) at `idx_url`, fetched once per process."""
+    """The parsed inventory (NCEP `.idx` or ECMWF JSON lines) at `idx_url`, fetched once per process: threads
+    asking for the same one at once (an ECMWF step file's members, downloaded side by side) wait for one request."""
     entries = cache.get(idx_url)
+    if entries is not None:
+        return entries
+    with _index_fetch_lock(idx_url):
+        return _fetch_index_once(idx_url, config, cache)
+
+
+_index_fetch_locks: dict[str, tuple[threading.Lock, int]] = {}
+
+
+@contextmanager
+def _index_fetch_lock(url: str) -> Iterator[None]:
+    with _state_lock:
+        lock, users = _index_fetch_locks.get(url, (threading.Lock(), 0))
+        _index_fetch_locks[url] = (lock, users + 1)
+    try:
+        with lock:
+            yield
+    finally:
+        with _state_lock:
+            lock, users = _index_fetch_locks[url]
+            if users == 1:
+                del _index_fetch_locks[url]
+            else:
+                _index_fetch_locks[url] = (lock, users - 1)
+
+
+def _fetch_index_once(idx_url: str, config: DownloadConfig | None, cache: IndexCache) -> list[IndexEntry]:
+    entries = cache.get(idx_url)  # another thread may have fetched it (or found it missing) while this one waited
     if entries is None:
         try:
             data = fetch_bytes(idx_url, config=config)

@@ -322,3 +322,56 @@ def test_update_reprocesses_an_incomplete_newest_init_and_appends_newer(tmp_path
             str(store), template, "init_time", SMALL_CONFIG.data_vars, "http://unused"
         )
         assert sorted({job.region.start for job in jobs}) == list(range(first_region, 3)), ingested_hours
+
+
+def test_variables_share_the_gfs_and_gefs_names_and_units() -> None:
+    from reformatters_datasets.noaa.gefs.forecast_35_day.template_config import data_vars as gefs_vars
+    from reformatters_datasets.noaa.gfs.forecast.template_config import DATA_VARS as GFS_VARS
+
+    noaa = {v.name: v.attrs.units for v in (*GFS_VARS, *gefs_vars())}
+    ours = {v.name: v.attrs.units for v in SMALL_CONFIG.data_vars}
+    assert len(ours) == 11
+    shared = {name: units for name, units in ours.items() if name in noaa}
+    assert set(ours) - set(shared) == {"dew_point_temperature_2m"}  # neither NOAA dataset has it
+    assert all(noaa[name] == units for name, units in shared.items()), shared
+
+
+@pytest.mark.slow
+def test_update_completes_an_init_the_backfill_found_incomplete(tmp_path: Path) -> None:
+    """A backfill sees AFTER's steps to 144 h; later the source holds them to 360 h: the update re-ingests AFTER
+    (its `ingested_forecast_length` was short) and publishes the late steps, the control from `oper`."""
+    config = SMALL_CONFIG.model_copy(
+        update={
+            "data_vars": (SMALL_CONFIG.data_var("temperature_2m"),),
+            "variant_templates_dir": tmp_path / "templates",
+            "append_dim_start": pd.Timestamp(AFTER),
+        }
+    )
+    config.update_template()
+    dataset = EcmwfIfsEnsForecast15DayDataset(template_config=config)
+    store = str(tmp_path / "ecmwf.zarr")
+    early = generate_ecmwf_archive(
+        [AFTER], [0, 144], members=MEMBERS, params=("2t",), grid=ecmwf_grid(RESOLUTION), workers=2
+    )
+    later = generate_ecmwf_archive(
+        [AFTER], [0, 144, 360], members=MEMBERS, params=("2t",), grid=ecmwf_grid(RESOLUTION), workers=2
+    )
+    with ArchiveServer(early.root) as first:
+        dataset.backfill(
+            "2026-05-13T00:00", cluster="local", n_workers=2, store_url=store, source_url=first.url, show_progress=False
+        )
+    published = xr.open_zarr(store, decode_timedelta=True)
+    assert published["ingested_forecast_length"].values.tolist() == [np.timedelta64(144, "h").astype("m8[ns]")]
+    with ArchiveServer(later.root) as second:
+        dataset.update(store_url=store, source_url=second.url, now="2026-05-13T12:00", n_workers=2, show_progress=False)
+    published = xr.open_zarr(store, decode_timedelta=True)
+    assert published.sizes["init_time"] == 1
+    assert published["ingested_forecast_length"].values.tolist() == [np.timedelta64(360, "h").astype("m8[ns]")]
+    for member in MEMBERS:
+        for lead in (144, 360):
+            expected = source_field(later, "temperature_2m", AFTER, member, lead)
+            actual = published["temperature_2m"].sel(
+                init_time=AFTER, ensemble_member=member, lead_time=pd.Timedelta(hours=lead)
+            )
+            assert expected is not None
+            np.testing.assert_allclose(actual.values, expected, rtol=2**-8, atol=1e-4, err_msg=f"{member} {lead}")

@@ -61,7 +61,8 @@ FLUX = (
 )
 MEMBER_0 = (
     "Member 0 (the control) comes from the ensemble files before IFS cycle 50r1 (inits before 2026-05-12) and from "
-    "the deterministic forecast, which is the control from then on."
+    "the deterministic forecast, which is the control from then on; a lead the deterministic files do not hold is NaN "
+    "for member 0."
 )
 
 
