@@ -375,3 +375,46 @@ def test_update_completes_an_init_the_backfill_found_incomplete(tmp_path: Path) 
             )
             assert expected is not None
             np.testing.assert_allclose(actual.values, expected, rtol=2**-8, atol=1e-4, err_msg=f"{member} {lead}")
+
+
+def _store_objects(store: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(store)): path.read_bytes()
+        for path in sorted(store.rglob("*"))
+        if path.is_file() and not str(path.relative_to(store)).startswith("_internal")
+    }
+
+
+def test_scratch_path_store_is_the_in_memory_store(
+    tmp_path: Path, server: ArchiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The published dataset's variable-regions take the scratch path: the same bytes as in memory, precipitation's
+    deaccumulation (lead by lead for each member, on the memory-mapped region) included."""
+    from reformatters.cluster import open_client
+    from reformatters.region_job import RegionJobFilters
+
+    with open_client("local", n_workers=2) as client:
+        address = str(client.scheduler_info()["address"])
+
+        def backfill(store: Path, scratch_dir: Path | None) -> RunSummary:
+            return SMALL_DATASET.backfill(
+                "2026-05-13T00:00",
+                cluster=address,
+                store_url=str(store),
+                source_url=server.url,
+                filters=RegionJobFilters.parse(variable_names=VARIABLES),
+                show_progress=False,
+                scratch_dir=None if scratch_dir is None else str(scratch_dir),
+            )
+
+        in_memory = backfill(tmp_path / "memory.zarr", None)
+        monkeypatch.setattr(EcmwfIfsEnsRegionJob, "scratch_region_bytes", 0)
+        through_scratch = backfill(tmp_path / "scratch.zarr", tmp_path / "scratch")
+    memory_objects = _store_objects(tmp_path / "memory.zarr")
+    scratch_objects = _store_objects(tmp_path / "scratch.zarr")
+    assert sorted(scratch_objects) == sorted(memory_objects)
+    for key, data in memory_objects.items():
+        assert scratch_objects[key] == data, key
+    for name in VARIABLES:
+        assert through_scratch.variables[name].scratch_bytes > 0 and in_memory.variables[name].scratch_bytes == 0
+        assert through_scratch.variables[name].files_ok == in_memory.variables[name].files_ok > 0
