@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from reformatters.publish import (
     hold_lease,
     publication_template,
     published_dataset,
+    region_span,
     tmp_metadata_store,
     variable_metadata,
 )
@@ -180,6 +182,10 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
                             fence=lease.fence(),
                         )
 
+                    jobs_left = Counter(region_span(job) for job in to_run)
+                    for span in publisher.pending_regions():
+                        if not jobs_left[span]:
+                            publisher.complete(slice(*span))  # every variable of it resumed
                     with RunProgress(
                         f"backfill {self.dataset_id}", len(to_run), client, enabled=show_progress
                     ) as progress:
@@ -187,7 +193,13 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
                         def region_done(outcome: RegionOutcome) -> None:
                             summary.regions_done += 1
                             summary.add(outcome.results, due)
-                            publisher.add(outcome.job.region, {r.var_name: r.results for r in outcome.results})
+                            span = region_span(outcome.job)
+                            jobs_left[span] -= 1
+                            publisher.add(
+                                outcome.job.region,
+                                {r.var_name: r.results for r in outcome.results},
+                                complete=jobs_left[span] == 0,
+                            )
                             progress.region_done(outcome)
                             pause_at("backfill_region_done")
 
@@ -200,6 +212,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
                             on_region_done=region_done,
                             upload_for=upload_for,
                             drain_on_failure=True,
+                            keep_outcomes=False,
                         )
                 # The workers shut down while the results are published.
                 session.close_in_background()
@@ -242,7 +255,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
             reused, remaining = resume_job(job, records[key], var_metadata)
             if reused:
                 skipped += len(reused)
-                publisher.add(job.region, {r.var_name: r.results for r in reused})
+                publisher.add(job.region, {r.var_name: r.results for r in reused}, complete=False)
                 summary.add((replace(r, bytes_fetched=0, bytes_written=0, objects_written=0) for r in reused), due)
             if remaining:
                 job = job.model_copy(update={"data_vars": remaining})

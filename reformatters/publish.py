@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +182,11 @@ class Publisher:
 
     `template_ds` must cover the published extent (see `publication_template`); `data_var_names` are every
     variable of the dataset (a position's derived coordinates are recomputed only where all of them ran).
+
+    Results are folded as each region completes: `RegionJob.update_template_with_results` runs on that region's
+    slice of the template with that region's results, and only what it returns is kept (the coordinates along the
+    append dimension, per position, and how far the results reach). The file outcomes themselves are dropped, so a
+    backfill of millions of files holds a few numbers per position, not an object per file.
     """
 
     job_class: type[RegionJob[Any, Any]]
@@ -192,7 +197,6 @@ class Publisher:
     data_var_names: Sequence[str]
     published_ds: xr.Dataset | None
     refuse_shorter: bool = False  # an update fails instead of keeping the published extent
-    results: dict[str, list[SourceFileCoord]] = field(default_factory=dict)
     published_length: int = 0
 
     def __post_init__(self) -> None:
@@ -200,22 +204,67 @@ class Publisher:
             self.published_length = int(self.published_ds.sizes[self.append_dim])
         self._ran = np.zeros((len(self.data_var_names), self.template_ds.sizes[self.append_dim]), dtype=bool)
         self._var_index = {name: i for i, name in enumerate(self.data_var_names)}
+        # Per position along the append dimension: each derived coordinate as the run's results make it.
+        self._coordinate_values = {
+            str(name): np.array(coord.values, copy=True)
+            for name, coord in self.template_ds.coords.items()
+            if name != self.append_dim and self.append_dim in coord.dims
+        }
+        self._run_length = 0  # positions up to the last one the results filled
+        self._pending: dict[tuple[int, int], dict[str, list[SourceFileCoord]]] = {}
 
-    def add(self, region: slice, results: Mapping[str, Sequence[SourceFileCoord]]) -> None:
-        """The results of one region job (its variables' file outcomes): all its variables are uploaded."""
+    def add(self, region: slice, results: Mapping[str, Sequence[SourceFileCoord]], *, complete: bool = True) -> None:
+        """The results of a region job (its variables' file outcomes): all its variables are uploaded.
+
+        A region whose jobs finish one by one (variable groups, variables resumed from an earlier run) is added
+        with `complete=False` until its last job: the hook then sees the whole region's results at once.
+        """
+        pending = self._pending.setdefault((region.start, region.stop), {})
         for name, coords in results.items():
-            self.results.setdefault(name, []).extend(coords)
+            pending.setdefault(name, []).extend(coords)
             self._ran[self._var_index[name], region] = True
+        if complete:
+            self.complete(region)
+
+    def pending_regions(self) -> list[tuple[int, int]]:
+        """The (start, stop) of each region added but not complete yet."""
+        return list(self._pending)
+
+    def complete(self, region: slice) -> None:
+        """Fold the region's results into per-position coordinates and drop them."""
+        results = self._pending.pop((region.start, region.stop), None)
+        if results is None:
+            return
+        region_template = self.template_ds.isel({self.append_dim: region})
+        updated = self.job_class.update_template_with_results(region_template, self.append_dim, results)
+        length = int(updated.sizes[self.append_dim])
+        if length == 0:
+            return
+        self._run_length = max(self._run_length, region.start + length)
+        filled = slice(region.start, region.start + length)
+        for name, values in self._coordinate_values.items():
+            if name in updated.coords:
+                axis = self.template_ds[name].dims.index(self.append_dim)
+                np.moveaxis(values, axis, 0)[filled] = np.moveaxis(np.asarray(updated[name].values), axis, 0)
 
     def merged(self) -> tuple[xr.Dataset, int]:
         """What publishing now would publish, and the length the run's own results reach."""
-        updated = with_template_encodings(
-            self.job_class.update_template_with_results(self.template_ds, self.append_dim, self.results),
-            self.template_ds,
+        for region in list(self._pending):
+            self.complete(slice(*region))
+        run_length = self._run_length
+        trimmed = self.template_ds.isel({self.append_dim: slice(0, run_length)})
+        updated = trimmed.assign_coords(
+            {
+                name: (
+                    self.template_ds[name].dims,
+                    np.take(values, np.arange(run_length), axis=self.template_ds[name].dims.index(self.append_dim)),
+                )
+                for name, values in self._coordinate_values.items()
+            }
         )
         covered_by_all = np.asarray(self._ran.all(axis=0), dtype=bool)
         merged = merge_with_published(updated, self.template_ds, self.published_ds, self.append_dim, covered_by_all)
-        return merged, int(updated.sizes[self.append_dim])
+        return merged, run_length
 
     def publish(self, what: str) -> xr.Dataset:
         """Publish everything added so far; `what` names it in logs and errors."""
@@ -254,6 +303,11 @@ class Publisher:
         )
         self.published_length = new_length
         return merged
+
+
+def region_span(job: RegionJob[Any, Any]) -> tuple[int, int]:
+    """A region job's (start, stop) along the append dimension: the key its region's jobs share."""
+    return (job.region.start, job.region.stop)
 
 
 def published_dataset(final_store: ObjectStore) -> xr.Dataset | None:

@@ -72,8 +72,12 @@ def run_region_jobs(
     upload_for: UploadFactory | None = None,
     completion_queue: Callable[[], CompletionQueue] = as_completed,
     drain_on_failure: bool = False,
+    keep_outcomes: bool = True,
 ) -> list[RegionOutcome]:
     """Run every job and return one outcome per job, in job order, or raise `RegionFailedError`.
+
+    Without `keep_outcomes` nothing is kept once `on_region_done` has seen an outcome and the list is empty: the
+    driver's memory then does not grow with the number of jobs.
 
     `on_region_done` is called in completion order. A task that fails (after its retries) raises at once,
     cancelling the rest; with `drain_on_failure` nothing more is submitted, the variable-regions in flight
@@ -93,11 +97,19 @@ def run_region_jobs(
     pending_units: deque[tuple[int, list[Any]]] = deque()  # (region index, delayed uploads submitted together)
     regions: dict[int, _RegionInFlight] = {}
     outcomes: dict[int, RegionOutcome] = {}
+    done: set[int] = set()
     completed = completion_queue()
     future_region: dict[Any, int] = {}  # future key -> region index
     variables_in_flight = 0
     store_ref = client.scatter(final_store, hash=False)
     affinity = WorkerAffinity(client)
+
+    def finish(outcome: RegionOutcome) -> None:
+        done.add(outcome.index)
+        if keep_outcomes:
+            outcomes[outcome.index] = outcome
+        if on_region_done is not None:
+            on_region_done(outcome)
 
     def submit_next() -> None:
         nonlocal variables_in_flight
@@ -127,9 +139,7 @@ def run_region_jobs(
                     **extra,
                 )
                 if not graphs:
-                    outcomes[index] = RegionOutcome(index, job, [], 0.0)
-                    if on_region_done is not None:
-                        on_region_done(outcomes[index])
+                    finish(RegionOutcome(index, job, [], 0.0))
                     continue
                 regions[index] = _RegionInFlight(job, len(graphs), time.perf_counter(), job_ref, shared)
                 weight = _unit_weight(job)
@@ -176,9 +186,7 @@ def run_region_jobs(
                 del regions[index]
                 outcome = RegionOutcome(index, region.job, results, time.perf_counter() - region.started)
                 log_region_outcome(outcome)
-                outcomes[index] = outcome
-                if on_region_done is not None:
-                    on_region_done(outcome)
+                finish(outcome)
             if failure is None:
                 submit_next()
     finally:
@@ -186,7 +194,7 @@ def run_region_jobs(
             client.cancel(region.futures + region.shared)
     if failure is not None:
         raise failure
-    unfinished = [job.describe() for i, job in enumerate(jobs) if i not in outcomes]
+    unfinished = [job.describe() for i, job in enumerate(jobs) if i not in done]
     if unfinished:
         raise RegionFailedError(
             f"{len(unfinished)} of {len(jobs)} regions never completed (first: {unfinished[0]}); nothing is "

@@ -267,6 +267,7 @@ def _run_and_publish(
             publisher.publisher.final_store,
             on_region_done=region_done,
             upload_for=upload_for,
+            keep_outcomes=False,
         )
 
 
@@ -313,6 +314,7 @@ class _RegionPublisher:
         log.info("region %s done, %.1f s since start", plan.key, time.perf_counter() - self.started)
         self.tracker.clear(plan.key)
         self.summary.regions_done += 1
+        plan.results = []  # folded into the publisher: an update of many regions holds no file outcomes
 
 
 def _log_variable(key: str, result: VariableResult) -> None:
