@@ -112,7 +112,13 @@ class _Coord(ForecastSourceFileCoord):
 
 
 def _region_results(
-    template: xr.Dataset, region: slice, var_names: list[str], rng: np.random.Generator, *, arrived: bool = True, shorter: int = 0
+    template: xr.Dataset,
+    region: slice,
+    var_names: list[str],
+    rng: np.random.Generator,
+    *,
+    arrived: bool = True,
+    shorter: int = 0,
 ) -> dict[str, list[SourceFileCoord]]:
     """Each file of the region for each variable: each init's run reaches a lead of its own (none for some inits,
     all of them if not `arrived`), `shorter` leads less for these variables; files before it are ok or, now and
