@@ -240,10 +240,12 @@ def _bind_cap_semaphore(host: str, *, rebind: bool = True) -> tuple[int, int | N
     cap = host_request_cap(host)
     if cap is None:
         return None
-    context = _distributed_context()
-    context_id = None if context is None else id(context)
     with _state_lock:
         held = _cap_semaphores.get(host)
+    if held is not None and held[0] == cap and not rebind:
+        return held
+    context = _distributed_context()
+    context_id = None if context is None else id(context)
     # A thread that sees no worker (one a task started) never trades a cluster-wide semaphore for a local one.
     if held is not None and held[0] == cap and (not rebind or held[1] == context_id or context_id is None):
         return held
