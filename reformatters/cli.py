@@ -102,9 +102,10 @@ def _run_failure(error: Exception) -> typer.Exit:
 
 # What a run raises when it cannot start or must not publish; everything else is a bug and keeps its traceback.
 def _run_failures() -> tuple[type[Exception], ...]:
+    from reformatters.common.storage import StoreAccessError
     from reformatters.sources.reachability import SourceUnreachableError
 
-    return (ClusterUnavailableError, RunCannotStartError, SourceUnreachableError, ValueError)
+    return (ClusterUnavailableError, RunCannotStartError, SourceUnreachableError, StoreAccessError, ValueError)
 
 
 P = ParamSpec("P")
@@ -406,7 +407,10 @@ def update(
 def validate(dataset_id: str, store: StoreOption = None, now: NowOption = None) -> None:
     """Check DATASET_ID's published store: current data, recent NaNs, expected shards. Non-zero exit on failure."""
     dataset = _dataset(dataset_id)
-    report = dataset.run_validators(store_url=store, now=parse_utc(now) if now else None)
+    try:
+        report = dataset.run_validators(store_url=store, now=parse_utc(now) if now else None)
+    except _run_failures() as error:
+        raise _run_failure(error) from None
     for line in report.lines():
         typer.echo(line)
     if not report.ok:

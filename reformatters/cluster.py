@@ -74,6 +74,17 @@ HOUSEKEEPING_INTERVALS: dict[str, tuple[str, str]] = {  # key: (Dask's default, 
 }
 
 
+# Every comm keeps its recent messages for debugging, and each message to a worker holds a task with its region
+# job's arguments: in the driver (the client's comm, a local scheduler's comms to its workers) those logs were most
+# of what grew with the length of a backfill (`benchmarks/driver_memory.py`). Kept only while at Dask's default.
+DRIVER_LOG_LENGTHS: dict[str, tuple[int, int]] = {"distributed.admin.low-level-log-length": (1000, 100)}
+
+
+def driver_config() -> dict[str, object]:
+    """The dask config of the driver process while it holds a client."""
+    return {key: ours for key, (default, ours) in DRIVER_LOG_LENGTHS.items() if dask.config.get(key) == default}
+
+
 def local_worker_config() -> dict[str, object]:
     """The dask config this project's local cluster (scheduler, workers, client) starts with."""
     config: dict[str, object] = dict(WORKER_MALLOC_CONFIG)
@@ -87,6 +98,12 @@ def local_worker_config() -> dict[str, object]:
 def open_client(
     spec: str = "local", *, n_workers: int | None = None, kube_sizing: BackfillSizing | None = None
 ) -> Iterator[Client]:
+    with dask.config.set(driver_config()), _open_client(spec, n_workers=n_workers, kube_sizing=kube_sizing) as client:
+        yield client
+
+
+@contextmanager
+def _open_client(spec: str, *, n_workers: int | None, kube_sizing: BackfillSizing | None) -> Iterator[Client]:
     if spec == "local":
         workers, threads, memory = local_cluster_size(n_workers)
         with (

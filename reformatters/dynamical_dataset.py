@@ -24,6 +24,7 @@ from reformatters.progress import RunProgress
 from reformatters.publish import (
     DEFAULT_LEASE_WAIT_SECONDS,
     Publisher,
+    RunCannotStartError,
     check_publishable,
     hold_lease,
     publication_template,
@@ -122,7 +123,14 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         config = self.template_config
         append_dim = config.append_dim
         final_store = self.store(store_url)
+        final_store.check_access()
         end = parse_utc(append_dim_end)
+        if end <= config.append_dim_start:
+            raise RunCannotStartError(
+                f"nothing to backfill: the end {end.isoformat()} is at or before {self.dataset_id}'s first "
+                f"{append_dim} {config.append_dim_start.isoformat()}; give an end after it (it is exclusive), "
+                f"e.g. {(config.append_dim_start + config.append_dim_frequency).isoformat()}"
+            )
         now = utc_now()
         run_id = f"backfill-{now:%Y%m%dT%H%M}-{uuid.uuid4().hex[:8]}"
         due = self.source_file_due(now)

@@ -170,6 +170,7 @@ class ExpectedShards(Validator):
 
 def run_validation(dataset: Any, *, store_url: str | None = None, now: pd.Timestamp | None = None) -> ValidationReport:
     store: ObjectStore = dataset.store(store_url)
+    store.check_access()
     config = dataset.template_config
     report = ValidationReport(dataset_id=dataset.dataset_id, store=store.url)
     if not store.exists("zarr.json"):

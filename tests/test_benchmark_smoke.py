@@ -152,3 +152,15 @@ def test_backfill_benchmark_full(tmp_path: Path) -> None:
     """The full benchmark (about 10-15 minutes); prints the results table."""
     report = run_cli(tmp_path, [])
     check_report(report, (1, 3), fields_per_init=4 * 49 - 1)  # precipitation has no lead-0 field
+
+
+@pytest.mark.benchmark
+def test_driver_memory_benchmark(tmp_path: Path) -> None:
+    """Driver peak RSS for 1,100 regions against 100 (a few minutes); prints the line and checks its parts."""
+    from benchmarks.driver_memory import main as driver_memory
+
+    report = tmp_path / "driver_memory.json"
+    driver_memory(["--regions", "100,1100", "--json", str(report)])
+    result = json.loads(report.read_text())
+    assert [run["regions"] for run in result["runs"]] == [100, 1100]
+    assert all(run["driver_peak_rss_mb"] > 50 for run in result["runs"])

@@ -47,6 +47,10 @@ def test_verbose_shows_the_runs_own_steps_and_not_dasks_housekeeping(tmp_path: P
     assert not [line for line in lines if " distributed." in line], verbose.stderr[-3000:]
 
 
+def _sigint_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_a_backfill_with_one_line_and_exit_130(tmp_path: Path) -> None:
     (tmp_path / "empty-source").mkdir()
     # Every source file missing: about a thousand fast regions, still running when the signal comes.
@@ -65,6 +69,9 @@ def test_ctrl_c_stops_a_backfill_with_one_line_and_exit_130(tmp_path: Path) -> N
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a terminal's foreground job
+        # A foreground job gets Ctrl-C; a test run started with `&` by a non-interactive shell ignores SIGINT, its
+        # children inherit that and Python then installs no KeyboardInterrupt handler (the run went on to the end).
+        preexec_fn=_sigint_as_in_a_terminal,
     )
     assert process.stderr is not None
     stderr_lines: list[str] = []

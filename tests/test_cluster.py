@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from reformatters.cluster import (
+    DRIVER_LOG_LENGTHS,
     HOUSEKEEPING_INTERVALS,
     WORKER_MALLOC_ENVIRON,
     ClusterSession,
@@ -444,3 +445,18 @@ def test_kubernetes_workers_get_the_projects_malloc_settings(monkeypatch: pytest
         spawned = _get_env_variables("distributed.nanny.pre-spawn-environ")
     assert {k: v for k, v in spawned.items() if k.startswith("MALLOC_")} == WORKER_MALLOC_ENVIRON
     assert spawned["OMP_NUM_THREADS"] == "1"
+
+
+def _driver_comm_log_lengths(dask_scheduler: Any) -> list[int | None]:
+    return [comm.recent_message_log.maxlen for comm in dask_scheduler.stream_comms.values()]
+
+
+def test_the_drivers_comms_keep_short_message_logs() -> None:
+    """Each message logged holds a task's arguments: Dask's 1,000 per comm grew the driver with the backfill."""
+    (key, (default, ours)), *_ = DRIVER_LOG_LENGTHS.items()
+    assert dask.config.get(key) == default, "Dask's default changed: re-measure with benchmarks/driver_memory.py"
+    with open_client("local", n_workers=2) as client:
+        scheduler_side = client.run_on_scheduler(_driver_comm_log_lengths)
+        client_side = client.scheduler_comm.recent_message_log.maxlen
+    assert scheduler_side == [ours, ours] and client_side == ours
+    assert dask.config.get(key) == default, "the driver's setting lasts only while it holds the client"

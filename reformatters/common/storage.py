@@ -34,6 +34,10 @@ import fsspec
 REMOTE_PROTOCOLS = ("s3", "gs", "gcs")
 
 
+class StoreAccessError(RuntimeError):
+    """The store's bucket is missing, or its credentials are missing or refused: nothing was written."""
+
+
 class PreconditionFailedError(Exception):
     """A conditional write found the object absent, present or at another version than required."""
 
@@ -158,6 +162,75 @@ class ObjectStore:
         else:
             client = gcs.Client()
         return client.bucket(bucket)
+
+    def check_access(self) -> None:
+        """Raise `StoreAccessError`, saying what to fix, if the bucket does not exist or refuses this process's
+        credentials. One request; a local store always passes (its writes fail with their own path error)."""
+        if self.protocol == "s3":
+            self._check_s3_access()
+        elif self.protocol in ("gs", "gcs"):
+            self._check_gcs_access()
+
+    def _check_s3_access(self) -> None:
+        import botocore.exceptions
+
+        bucket, _ = self.bucket_and_prefix
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+        try:
+            self._s3_client.head_bucket(Bucket=bucket)
+        except botocore.exceptions.ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise StoreAccessError(
+                    f"the bucket {bucket!r} of the store {self.url} does not exist at {endpoint}; create it, or fix "
+                    "the bucket name in --store (or AWS_ENDPOINT_URL if it points at the wrong server)"
+                ) from None
+            if code in ("403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise StoreAccessError(
+                    self._refused(
+                        code,
+                        found=_aws_credentials_found(
+                            os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE")
+                        ),
+                    )
+                ) from None
+            raise StoreAccessError(f"the store {self.url} answered {code or error}; check --store") from None
+        except botocore.exceptions.BotoCoreError as error:
+            raise StoreAccessError(f"cannot reach the store {self.url} at {endpoint}: {error}") from None
+
+    def _check_gcs_access(self) -> None:
+        from google.api_core import exceptions as gexc
+        from google.auth import exceptions as auth_exceptions
+
+        bucket, _ = self.bucket_and_prefix
+        try:
+            self._gcs_bucket.reload()
+        except gexc.NotFound:
+            raise StoreAccessError(
+                f"the bucket {bucket!r} of the store {self.url} does not exist; create it, or fix the bucket name "
+                "in --store"
+            ) from None
+        except (gexc.Forbidden, gexc.Unauthorized) as error:
+            raise StoreAccessError(self._refused(type(error).__name__, found=True)) from None
+        except auth_exceptions.DefaultCredentialsError:
+            raise StoreAccessError(self._refused("no credentials", found=False)) from None
+
+    def _refused(self, code: str, *, found: bool) -> str:
+        bucket, _ = self.bucket_and_prefix
+        how = (
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+            if self.protocol == "s3"
+            else "set GOOGLE_APPLICATION_CREDENTIALS (or run where a service account is attached)"
+        )
+        if found:
+            return (
+                f"the store {self.url} refused this process's credentials ({code}); {how} to an identity that may "
+                f"read and write the bucket {bucket!r}"
+            )
+        return (
+            f"no credentials were found for the store {self.url}, and the bucket {bucket!r} refused unsigned "
+            f"requests ({code}); {how}"
+        )
 
     # ---- conditional writes ----
     def get_with_version(self, key: str) -> tuple[bytes, str] | None:

@@ -84,6 +84,7 @@ def run_operational_update(
     append_dim: str = config.append_dim
     job_class: type[RegionJob[Any, Any]] = dataset.region_job_class
     final_store: ObjectStore = dataset.store(store_url)
+    final_store.check_access()
     summary = RunSummary(
         dataset_id=dataset.dataset_id,
         kind="update",
