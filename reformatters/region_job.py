@@ -194,6 +194,12 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
         `download_file` then finds them in `reformatters.sources.download.fetch_index`'s cache."""
         return None
 
+    def source_request_caps(self) -> Mapping[str, int]:
+        """Per source host (`host` or `host:port`, as in its URLs), the most requests to it at once across the
+        whole cluster; {} (the default): no cap beyond each process's own. Every worker holds a lease of a
+        `distributed.Semaphore` named after the host around each request (`reformatters.sources.download`)."""
+        return {}
+
     def read_data(
         self, coord: SourceFileCoordT, data_var: DataVarT, payload: bytes | Mapping[str, bytes]
     ) -> npt.NDArray[np.float32]:

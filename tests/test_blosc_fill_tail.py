@@ -113,3 +113,31 @@ def test_frames_laid_out_otherwise_are_not_joined() -> None:
     assert join_frames(head, tail[:2] + bytes([tail[2] ^ 0x01]) + tail[3:], 65536) is None  # other flags
     assert join_frames(head, tail, 32768) is None  # another blocksize
     assert join_frames(head[:-1], tail, 65536) is None  # a truncated frame
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"cname": "zstd", "clevel": 3, "shuffle": 1, "blocksize": 0, "typesize": 4},
+        {"cname": "lz4", "clevel": 5, "shuffle": 2, "blocksize": 0, "typesize": 4},
+    ],
+)
+def test_a_chunk_larger_than_the_probe_gets_the_frames_of_the_whole_chunk(config: dict) -> None:
+    """An ensemble chunk (85 leads x 51 members of 32 x 32, 17.8 MB, not a whole number of Blosc blocks): the
+    blocksize probed on 4 MiB and the fill run's frame joined from one block's are those of compressing it whole."""
+    from reformatters.pipeline.blosc_fill_tail import _HEADER, _fill_frame, _probe_blocksize
+
+    shape = (85 * 51, 32, 32)
+    nbytes = int(np.prod(shape)) * 4
+    whole = Blosc.from_config(config)
+    fill_tail = BloscFillTail(config, nbytes, np.float32(np.nan).tobytes())
+    everything_nan = np.full(shape, np.nan, dtype=np.float32)
+    whole_frame = bytes(whole.encode(everything_nan))
+    assert fill_tail.blocksize == _HEADER.unpack_from(whole_frame)[5] and nbytes % fill_tail.blocksize
+    rng = np.random.default_rng(3)
+    for data_slabs in (1, 51 * 6, 51 * 40 + 7):
+        chunk = everything_nan.copy()
+        chunk[:data_slabs] = rng.normal(280, 5, (data_slabs, 32, 32)).astype(np.float32)
+        frame = fill_tail.encode(chunk, data_slabs * 32 * 32 * 4)
+        assert frame is not None and frame == bytes(whole.encode(chunk)), data_slabs
+    assert _probe_blocksize.cache_info().currsize >= 1 and _fill_frame.cache_info().currsize >= 1

@@ -153,7 +153,15 @@ def test_dask_cluster_resource_validates_against_the_operator_crd(crd_validator:
     assert plain["image"] == f"{DEFAULT_IMAGE_REPOSITORY}:{package_version()}"
 
 
-@pytest.mark.parametrize("dataset_id", ["noaa-gfs-forecast", "noaa-gefs-forecast-35-day", "noaa-hrrr-forecast-48-hour"])
+@pytest.mark.parametrize(
+    "dataset_id",
+    [
+        "noaa-gfs-forecast",
+        "noaa-gefs-forecast-35-day",
+        "noaa-hrrr-forecast-48-hour",
+        "ecmwf-ifs-ens-forecast-15-day-0-25-degree",
+    ],
+)
 def test_each_datasets_backfill_cluster_validates_and_is_sized_from_its_code(
     crd_validator: Any, dataset_id: str
 ) -> None:

@@ -54,7 +54,12 @@ from reformatters.registry import all_datasets, get_dataset
 REPO = Path(__file__).resolve().parents[1]
 RENDERED_DIR = REPO / "cluster" / "rendered"
 K8S_VERSION = kubernetes_validate.utils.latest_version()
-DEPLOYED = ["noaa-gefs-forecast-35-day", "noaa-gfs-forecast", "noaa-hrrr-forecast-48-hour"]
+DEPLOYED = [
+    "ecmwf-ifs-ens-forecast-15-day-0-25-degree",
+    "noaa-gefs-forecast-35-day",
+    "noaa-gfs-forecast",
+    "noaa-hrrr-forecast-48-hour",
+]
 RERENDER = "reformatters deploy --output-dir cluster/rendered"
 
 

@@ -215,3 +215,69 @@ def test_slabs_marked_as_data_cost_no_scan_and_change_no_byte(tmp_path: Path) ->
     assert encoder.encode(shard, marked) != reference
     with pytest.raises(ValueError, match="needs slabs_with_data"):
         encoder.encode(shard, others_hold_fill=True)
+
+
+@pytest.mark.parametrize("checksum", [True, False])
+def test_unread_slabs_of_many_slab_chunks_are_fill_whatever_the_scratch_held(tmp_path: Path, checksum: bool) -> None:
+    """Chunks of 120 slabs (40 leads x 3 members, as an ensemble's chunk spans every member) with their slabs
+    marked unread holding garbage: chunks with data in their first leads (only the slabs the fill-tail compressor
+    reads are copied), to a lead past what the fill tail can skip (the whole chunk compressed: the rest filled
+    then), after a chunk whose copy filled the scratch with values, and a chunk with no data: the bytes zarr writes
+    for the same values."""
+    limit_library_threads()
+    shape = chunks = (1, 40, 3, 32, 32)
+    shards = (1, 40, 3, 32, 64)
+    full_shape = (4, 40, 3, 32, 64)
+    rng = np.random.default_rng(7)
+    values = np.full(full_shape, np.nan, dtype=np.float32)
+    marked = np.zeros(full_shape[:3], dtype=bool)
+    values[0, :3] = rng.normal(280, 5, (3, 3, 32, 64))  # first leads
+    marked[0, :3] = True
+    values[1] = rng.normal(280, 5, (40, 3, 32, 64))  # every slab: the scratch copy fills with values
+    marked[1] = True
+    # Data to slab 70 of 120 (lead 23, member 1): the fill-tail compressor would read 3 of the 3.75 Blosc blocks
+    # and gives up (its fill frame needs a whole block), so the whole chunk is compressed.
+    values[2, 23, 1] = rng.normal(280, 5, (32, 64))
+    marked[2, 23, 1] = True
+    values[2, 0, 0, :, :32] = rng.normal(280, 5, (32, 32))  # and the first slab of the first chunk
+    marked[2, 0, 0] = True
+    assert shape == chunks
+    direct = tmp_path / "direct.zarr"
+    zarr.create_array(
+        str(direct),
+        shape=full_shape,
+        chunks=chunks,
+        shards=shards,
+        dtype="float32",
+        fill_value=float("nan"),
+        compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), *([Crc32cCodec()] if checksum else [])],
+    )
+    encoder = ShardEncoder(array_metadata(direct))
+    garbage = np.where(marked[..., None, None], values, np.float32(7.0))  # what unread slabs hold in a scratch file
+    for init in range(full_shape[0]):
+
+        def chunk_at(within: tuple[int, ...], init: int = init) -> np.ndarray:
+            column = slice(within[-1] * 32, (within[-1] + 1) * 32)
+            return np.ascontiguousarray(garbage[init : init + 1, :, :, :, column])
+
+        key = direct / "c" / f"{init}" / "0" / "0" / "0" / "0"
+        key.parent.mkdir(parents=True, exist_ok=True)
+        key.write_bytes(encoder.encode_chunks(chunk_at, marked[init : init + 1], others_unread=True))
+    reference = tmp_path / "reference.zarr"
+    with zarr.config.set({"array.write_empty_chunks": False}):
+        zarr.create_array(
+            str(reference),
+            shape=full_shape,
+            chunks=chunks,
+            shards=shards,
+            dtype="float32",
+            fill_value=float("nan"),
+            compressors=[
+                BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
+                *([Crc32cCodec()] if checksum else []),
+            ],
+        )[...] = values
+    for init in range(3):
+        relative = Path("c") / f"{init}" / "0" / "0" / "0" / "0"
+        assert (direct / relative).read_bytes() == (reference / relative).read_bytes(), relative
+    np.testing.assert_array_equal(zarr.open_array(str(direct), mode="r")[...], values)

@@ -31,27 +31,11 @@ from reformatters.deploy.staging import (
     template_in_repo,
 )
 from reformatters.monitoring import MAX_SLUG_LENGTH
-from reformatters.registry import EXTRA_DATASETS_ENV, get_dataset
+from reformatters.registry import get_dataset
 from tests.test_deploy import KUBECTL_STAND_IN, container, kubectl_calls
 
 GFS = "noaa-gfs-forecast"
-LONGEST = "ecmwf-ifs-ens-forecast-15-day-0-25-degree"
-PLUGIN = f"""
-from reformatters_datasets.example.dataset import ExampleDataset
-from reformatters_datasets.example.template_config import example_template_config
-from reformatters_datasets.noaa.gfs.forecast.dataset import OPERATIONAL_RESOURCES
-
-
-class LongestDataset(ExampleDataset):
-    def operational_resources(self):
-        return OPERATIONAL_RESOURCES
-
-
-def longest():
-    config = example_template_config()
-    attrs = config.dataset_attributes.model_copy(update={{"dataset_id": "{LONGEST}"}})
-    return LongestDataset(template_config=config.model_copy(update={{"dataset_attributes": attrs}}))
-"""
+LONGEST = "ecmwf-ifs-ens-forecast-15-day-0-25-degree"  # the longest id of the datasets declared
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -94,13 +78,11 @@ def run_cli(tmp_path: Path, cwd: Path, *args: str, **extra: str) -> subprocess.C
     stand_in = bin_dir / "kubectl"
     stand_in.write_text(KUBECTL_STAND_IN.format(python=sys.executable))
     stand_in.chmod(0o755)
-    (tmp_path / "staging_plugin.py").write_text(PLUGIN)
     env = {k: v for k, v in os.environ.items() if k not in ("REFORMATTERS_IMAGE", "SENTRY_AUTH_TOKEN", "SENTRY_ORG")}
     env |= {
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",  # the stand-in before any real kubectl; git after
         "KUBECTL_RECORD": str(tmp_path / "kubectl.jsonl"),
         "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]),
-        EXTRA_DATASETS_ENV: f"{os.environ.get(EXTRA_DATASETS_ENV, '')} staging_plugin:longest".strip(),
         **extra,
     }
     return subprocess.run(

@@ -53,7 +53,9 @@ class BloscFillTail:
             return None
         flat = chunk.reshape(-1).view(np.uint8)
         head = self._head_codec.encode(flat[:head_nbytes])
-        tail = _fill_frame(self._config, self._forced_blocksize, self._nbytes - head_nbytes, self._fill_item)
+        tail = _fill_frame(
+            self._config, self._forced_blocksize, self._nbytes - head_nbytes, self._fill_item, self.blocksize
+        )
         return join_frames(bytes(head), tail, self.blocksize)
 
 
@@ -88,21 +90,62 @@ def join_frames(head: bytes, tail: bytes, blocksize: int) -> bytes | None:
     return b"".join((header, starts.tobytes(), head_blocks, tail_blocks))
 
 
+# Blosc 1 derives its blocksize from the settings alone and then caps it at the buffer's size: a probe of this
+# many bytes that answers less than its own size answers for any larger buffer too, without a whole large chunk of
+# fill in memory (an ensemble chunk of 51 members x 85 leads is 17.8 MB).
+_PROBE_BYTES = 4 << 20
+
+
 @functools.lru_cache(maxsize=64)
 def _probe_blocksize(config: tuple[tuple[str, Any], ...], nbytes: int, fill_item: bytes) -> tuple[int, int]:
     """The blocksize Blosc picks for `nbytes` under `config` (it depends on the size and settings only), and
     the blocksize to ask for to get it again: Blosc multiplies a requested blocksize by the typesize when it
     splits blocks into one stream per byte of the type."""
-    frame = Blosc.from_config(dict(config)).encode(_fill_bytes(nbytes, fill_item))
-    _, _, flags, typesize, _, blocksize, _ = _HEADER.unpack_from(frame)
+    for probe in dict.fromkeys((min(nbytes, _PROBE_BYTES), nbytes)):
+        frame = Blosc.from_config(dict(config)).encode(_fill_bytes(probe, fill_item))
+        _, _, flags, typesize, _, blocksize, _ = _HEADER.unpack_from(frame)
+        if blocksize < probe:
+            break
     split = not flags & _NO_SPLIT
     return int(blocksize), int(blocksize // typesize if split and blocksize % typesize == 0 else blocksize)
 
 
 @functools.lru_cache(maxsize=256)
-def _fill_frame(config: tuple[tuple[str, Any], ...], blocksize: int, nbytes: int, fill_item: bytes) -> bytes:
-    codec = Blosc.from_config({**dict(config), "blocksize": blocksize})
-    return bytes(codec.encode(_fill_bytes(nbytes, fill_item)))
+def _fill_frame(
+    config: tuple[tuple[str, Any], ...], forced_blocksize: int, nbytes: int, fill_item: bytes, blocksize: int
+) -> bytes:
+    """The frame of `nbytes` of fill compressed in blocks of `blocksize` (asked for as `forced_blocksize`). Blosc
+    compresses each block on its own, so a long run of fill blocks is one block's frame joined with itself (a few
+    joins of small frames), not a compression of a buffer as large as the chunk."""
+    codec = Blosc.from_config({**dict(config), "blocksize": forced_blocksize})
+    if nbytes <= 4 * blocksize:
+        return bytes(codec.encode(_fill_bytes(nbytes, fill_item)))
+    whole_blocks, leftover = divmod(nbytes, blocksize)
+    block = bytes(codec.encode(_fill_bytes(blocksize, fill_item)))
+    last = bytes(codec.encode(_fill_bytes(blocksize + leftover, fill_item)))  # the last whole block and the leftover
+    head = _repeat_frame(block, whole_blocks - 1, blocksize)
+    frame = None if head is None else join_frames(head, last, blocksize)
+    if frame is None:  # frames not laid out as expected: compress the whole run after all
+        return bytes(codec.encode(_fill_bytes(nbytes, fill_item)))
+    return frame
+
+
+def _repeat_frame(frame: bytes, times: int, blocksize: int) -> bytes | None:
+    """`frame` (whole blocks) joined with itself into `times` (>= 1) copies, by doubling; None if a join fails."""
+    result: bytes | None = None
+    power = frame
+    while True:
+        if times & 1:
+            result = power if result is None else join_frames(result, power, blocksize)
+            if result is None:
+                return None
+        times >>= 1
+        if not times:
+            return result
+        doubled = join_frames(power, power, blocksize)
+        if doubled is None:
+            return None
+        power = doubled
 
 
 def _fill_bytes(nbytes: int, fill_item: bytes) -> npt.NDArray[np.uint8]:

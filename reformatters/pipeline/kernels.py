@@ -27,7 +27,7 @@ from reformatters.pipeline.region_layout import RegionLayout
 from reformatters.pipeline.shard_encoding import ShardEncoder, padded_shape
 from reformatters.pipeline.source_results import SourceFileResults
 from reformatters.region_job import FieldShapeError, RegionJob, SourceFileCoord, SourceFileStatus
-from reformatters.sources.download import FetchedIndexes, prefetch_indexes, seed_indexes
+from reformatters.sources.download import FetchedIndexes, declare_host_request_caps, prefetch_indexes, seed_indexes
 from reformatters.sources.errors import SOURCE_FILE_FAILURES
 
 log = logging.getLogger("reformatters.pipeline")
@@ -107,6 +107,7 @@ def _payload_size(payload: bytes | Mapping[str, bytes]) -> int:
 
 def index_kernel(job: RegionJob[Any, Any], coords: Sequence[SourceFileCoord]) -> FetchedIndexes:
     """The inventories of a batch of source files (`RegionJob.source_index_url`), for every download of the batch."""
+    declare_host_request_caps(job.source_request_caps())
     return prefetch_indexes([url for coord in coords if (url := job.source_index_url(coord)) is not None])
 
 
@@ -117,6 +118,7 @@ def download_kernel(
     indexes: FetchedIndexes | None = None,
 ) -> list[DownloadOutcome]:
     """Download a batch of source files one after another (`RegionJob.download_batch_size` of them)."""
+    declare_host_request_caps(job.source_request_caps())
     if indexes is not None:
         seed_indexes(indexes)
     if group:

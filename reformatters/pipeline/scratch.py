@@ -79,6 +79,7 @@ from reformatters.pipeline.region_layout import RegionLayout
 from reformatters.pipeline.shard_encoding import ShardEncoder
 from reformatters.pipeline.source_results import packed
 from reformatters.region_job import FieldShapeError, RegionJob, SourceFileCoord
+from reformatters.sources.download import declare_host_request_caps
 from reformatters.update.pause import pause_at
 
 log = logging.getLogger("reformatters.pipeline")
@@ -273,6 +274,7 @@ def scratch_variable_kernel(
 ) -> VariableResult:
     """Download, decode, transform, encode and upload one variable-region through a worker-local scratch file."""
     limit_library_threads()
+    declare_host_request_caps(job.source_request_caps())  # here: the download threads it starts see no worker
     with AnonPeak() as peak, task_scratch_dir(job.scratch_dir, data_var.name) as directory:
         encoded, region_bytes = _encode_in_scratch(job, data_var, coords, var_metadata, final_store, directory)
         assert isinstance(encoded.objects, ScratchObjects)

@@ -276,25 +276,43 @@ class ShardEncoder:
             return None
         chunk = self._checked(chunk_at(chunk_coords))
         fill_from_byte: int | None = None
+        written_slabs: int | None = None  # a copy holding only its first slabs (the rest is fill by definition)
         if chunk_has_data.all():
             contiguous = self._copy_to_scratch(chunk)
         else:
             # Slabs without data hold fill (contiguous chunks as they lie, copies as written) and those after
             # the last slab with data need not be compressed.
-            contiguous = (
-                chunk
-                if chunk.flags.c_contiguous and not others_unread
-                else self._copy_data_slabs_to_scratch(chunk, chunk_has_data)
-            )
             fill_from_byte = (int(np.flatnonzero(chunk_has_data)[-1]) + 1) * self._slab_nbytes
+            if chunk.flags.c_contiguous and not others_unread:
+                contiguous = chunk
+            else:
+                # Only the slabs the fill-tail compressor reads are copied or filled: a chunk of many slabs (51
+                # members x 85 leads) with its first leads published touches a fraction of the scratch chunk.
+                written_slabs = self._slabs_read_by_fill_tail(fill_from_byte)
+                contiguous = self._copy_data_slabs_to_scratch(chunk, chunk_has_data, written_slabs)
         # A slab with data nearly always shows it at its first point: no scan of the chunk then.
         first_slab: tuple[int | slice, ...] = (
             tuple(int(i[0]) for i in np.nonzero(chunk_has_data)) if chunk_has_data.ndim else ()
         )
         first_point = contiguous[(*first_slab, slice(0, 1), slice(0, 1))]
-        if self._is_fill(first_point) and self._is_fill(contiguous):
+        scanned = contiguous if written_slabs is None else self._leading_slabs(contiguous, written_slabs)
+        if self._is_fill(first_point) and self._is_fill(scanned):
             return None
-        return self._encode_chunk(contiguous, fill_from_byte)
+        return self._encode_chunk(contiguous, fill_from_byte, written_slabs)
+
+    def _slabs_read_by_fill_tail(self, fill_from_byte: int) -> int | None:
+        """How many leading slabs the fill-tail compressor reads for a chunk whose data ends at `fill_from_byte`;
+        None (every slab) without one."""
+        if self._fill_tail is None:
+            return None
+        blocksize = self._fill_tail.blocksize
+        head_nbytes = -(-fill_from_byte // blocksize) * blocksize
+        total = int(np.prod(self.chunk_shape[:-2]))
+        return min(total, -(-head_nbytes // self._slab_nbytes))
+
+    def _leading_slabs(self, chunk: npt.NDArray[Any], slabs: int) -> npt.NDArray[Any]:
+        """The first `slabs` slabs of a C-contiguous chunk, as one flat view."""
+        return chunk.reshape(-1)[: slabs * (self._slab_nbytes // self.dtype.itemsize)]
 
     def encode_chunk(self, chunk: npt.NDArray[Any]) -> Any:
         """One whole chunk's encoded bytes (a zarr Buffer), as zarr's codecs write it."""
@@ -343,14 +361,25 @@ class ShardEncoder:
         np.copyto(scratch, block)
         return scratch
 
-    def _copy_data_slabs_to_scratch(self, block: npt.NDArray[Any], has_data: npt.NDArray[np.bool_]) -> npt.NDArray[Any]:
+    def _copy_data_slabs_to_scratch(
+        self, block: npt.NDArray[Any], has_data: npt.NDArray[np.bool_], up_to_slab: int | None = None
+    ) -> npt.NDArray[Any]:
         """`block` as a C-contiguous array, its slabs known to hold only fill written as fill, not read: a
-        forecast's last lead chunk is often mostly leads not published (yet), and filling costs half a copy."""
+        forecast's last lead chunk is often mostly leads not published (yet), and filling costs half a copy.
+        `up_to_slab`: only the slabs before it (in C order) are written; the others are left as they were."""
         scratch = self._scratch_like(block)
-        for outer in np.ndindex(has_data.shape[:-1]):
+        row_length = has_data.shape[-1] if has_data.ndim else 1
+        for n, outer in enumerate(np.ndindex(has_data.shape[:-1])):
             row = has_data[outer]
+            first = n * row_length
+            if up_to_slab is not None and first >= up_to_slab:
+                break
             bounds = [0, *(np.flatnonzero(row[1:] != row[:-1]) + 1).tolist(), row.size]
             for start, stop in itertools.pairwise(bounds):
+                if up_to_slab is not None:
+                    stop = min(stop, up_to_slab - first)
+                    if start >= stop:
+                        break
                 run = (*outer, slice(start, stop))
                 if row[start]:
                     np.copyto(scratch[run], block[run])
@@ -363,9 +392,13 @@ class ShardEncoder:
             self._scratch = np.empty(block.shape, dtype=self.dtype)
         return self._scratch
 
-    def _encode_chunk(self, chunk: npt.NDArray[Any], fill_from_byte: int | None = None) -> Any:
+    def _encode_chunk(
+        self, chunk: npt.NDArray[Any], fill_from_byte: int | None = None, written_slabs: int | None = None
+    ) -> Any:
         """One chunk's encoded bytes as a zarr Buffer that owns its memory (never a view of `chunk`).
-        `fill_from_byte`: every byte of the C-contiguous `chunk` from there on is the fill value."""
+        `fill_from_byte`: every byte of the C-contiguous `chunk` from there on is the fill value. `written_slabs`:
+        only the chunk's first slabs were written (a scratch chunk); the rest is written as fill here if the
+        whole chunk must be compressed after all."""
         from zarr.core.sync import sync
 
         if fill_from_byte is not None and self._fill_tail is not None:
@@ -374,6 +407,8 @@ class ShardEncoder:
                 if self._fill_tail_checksum:
                     frame = with_crc32c(frame)
                 return self._prototype.buffer.from_bytes(frame)
+        if written_slabs is not None:
+            chunk.reshape(-1)[written_slabs * (self._slab_nbytes // self.dtype.itemsize) :] = self.fill_value
 
         nd_buffer = self._prototype.nd_buffer.from_numpy_array(chunk)
         if self._direct_codecs is None:

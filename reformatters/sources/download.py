@@ -17,9 +17,9 @@ import threading
 import time
 import urllib.request
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -141,13 +141,156 @@ def _proxy_for(scheme: str, host: str, proxy_settings: tuple[str | None, ...]) -
     return proxy
 
 
-def _host_slot(url: str, config: DownloadConfig) -> threading.BoundedSemaphore:
-    key = (urlsplit(url).netloc or "local", config.per_host_concurrency)
+def _host_slot(url: str, config: DownloadConfig) -> AbstractContextManager[Any]:
+    host = urlsplit(url).netloc or "local"
+    capped = _capped_host_slot(host)
+    key = (host, config.per_host_concurrency)
     with _state_lock:
         sem = _host_semaphores.get(key)
         if sem is None:
             sem = _host_semaphores[key] = threading.BoundedSemaphore(config.per_host_concurrency)
+    if capped is None:
         return sem
+    # The process's slot first, then the cluster's lease: a thread holding a lease never waits on its process.
+    return _both(sem, capped)
+
+
+@contextmanager
+def _both(first: AbstractContextManager[Any], second: AbstractContextManager[Any]) -> Iterator[None]:
+    with first, second:
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-host request caps across the whole cluster
+#
+# A source host that slows down past some number of parallel requests per client (the ECMWF bucket: about 8) is
+# declared with its cap (`declare_host_request_caps`, called by the kernels with `RegionJob.source_request_caps()`,
+# or `REFORMATTERS_HOST_REQUEST_CAPS="host=N,host:port=N"`, which wins). Every request to it then holds a lease of a
+# `distributed.Semaphore` named after the host, shared by every worker of the cluster; a process without a
+# distributed client (a plain script, the synchronous scheduler) holds a process-local semaphore of the same size.
+
+HOST_REQUEST_CAPS_ENV = "REFORMATTERS_HOST_REQUEST_CAPS"
+_declared_caps: dict[str, int] = {}
+# host -> (cap, id of the worker or client it is bound to, the semaphore every request to the host holds)
+_cap_semaphores: dict[str, tuple[int, int | None, Any]] = {}
+
+
+class HostRequestCapError(ValueError):
+    """A request cap declaration that cannot be used."""
+
+
+def parse_host_request_caps(text: str) -> dict[str, int]:
+    """`host=N` pairs separated by commas or spaces (`data.ecmwf.int=8,127.0.0.1:8080=3`)."""
+    caps: dict[str, int] = {}
+    for item in text.replace(",", " ").split():
+        host, _, number = item.rpartition("=")
+        if not host or not number.isdigit() or int(number) < 1:
+            raise HostRequestCapError(
+                f"{HOST_REQUEST_CAPS_ENV}: expected host=N with N >= 1 (e.g. data.ecmwf.int=8), found {item!r}"
+            )
+        caps[host] = int(number)
+    return caps
+
+
+@functools.lru_cache(maxsize=8)
+def _caps_from_environment(text: str) -> dict[str, int]:
+    return parse_host_request_caps(text)
+
+
+def host_request_cap(host: str) -> int | None:
+    """The cap on parallel requests to `host` across the cluster, or None: the environment's, else declared."""
+    from_env = _caps_from_environment(os.environ.get(HOST_REQUEST_CAPS_ENV, ""))
+    if host in from_env:
+        return from_env[host]
+    return _declared_caps.get(host)
+
+
+def declare_host_request_caps(caps: Mapping[str, int]) -> None:
+    """Declare per-host caps in this process and bind their semaphores. Call it in a task's own thread (the
+    kernels do): a distributed client is found there, and threads the task starts use what was bound."""
+    for host, cap in caps.items():
+        if cap < 1:
+            raise HostRequestCapError(f"request cap of {host} must be at least 1, got {cap}")
+        with _state_lock:
+            _declared_caps[host] = cap
+    for host in {*caps, *_caps_from_environment(os.environ.get(HOST_REQUEST_CAPS_ENV, ""))}:
+        _bind_cap_semaphore(host)
+
+
+def _distributed_context() -> Any | None:
+    """This thread's Dask worker, else the process's default distributed client, else None."""
+    try:
+        from distributed import get_client, get_worker
+    except ImportError:
+        return None
+    try:
+        return get_worker()
+    except ValueError:
+        pass
+    try:
+        return get_client()
+    except ValueError:
+        return None
+
+
+def _bind_cap_semaphore(host: str, *, rebind: bool = True) -> tuple[int, int | None, Any] | None:
+    """(cap, id of the worker or client it is bound to, semaphore) for `host`, bound now if it was not (or, with
+    `rebind`, if this thread sees another worker or client than the one it was bound to)."""
+    cap = host_request_cap(host)
+    if cap is None:
+        return None
+    with _state_lock:
+        held = _cap_semaphores.get(host)
+    if held is not None and held[0] == cap and not rebind:
+        return held
+    context = _distributed_context()
+    context_id = None if context is None else id(context)
+    # A thread that sees no worker (one a task started) never trades a cluster-wide semaphore for a local one.
+    if held is not None and held[0] == cap and (not rebind or held[1] == context_id or context_id is None):
+        return held
+    if context is None:
+        semaphore: Any = _LocalCap(cap)
+    else:
+        from distributed import Semaphore
+
+        # Bound here to this thread's worker (or client) and its event loop; any thread of the process may use it.
+        semaphore = Semaphore(max_leases=cap, name=f"reformatters-host-requests/{host}")
+    bound = (cap, context_id, semaphore)
+    with _state_lock:
+        _cap_semaphores[host] = bound
+    return bound
+
+
+class _LocalCap:
+    """The fallback without a distributed client: the cap within this process."""
+
+    def __init__(self, cap: int) -> None:
+        self._semaphore = threading.BoundedSemaphore(cap)
+
+    def __enter__(self) -> None:
+        self._semaphore.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._semaphore.release()
+
+
+def _capped_host_slot(host: str) -> AbstractContextManager[Any] | None:
+    bound = _bind_cap_semaphore(host, rebind=False)
+    return None if bound is None else _lease(bound[2])
+
+
+@contextmanager
+def _lease(semaphore: Any) -> Iterator[None]:
+    if isinstance(semaphore, _LocalCap):
+        with semaphore:
+            yield
+        return
+    semaphore.acquire()
+    try:
+        yield
+    finally:
+        semaphore.release()
 
 
 def _rate_limit(url: str, config: DownloadConfig) -> None:
@@ -366,8 +509,37 @@ INDEX_CACHE = IndexCache()
 def fetch_index(
     idx_url: str, *, config: DownloadConfig | None = None, cache: IndexCache = INDEX_CACHE
 ) -> list[IndexEntry]:
-    """The parsed inventory (NCEP `.idx` or ECMWF JSON lines) at `idx_url`, fetched once per process."""
+    """The parsed inventory (NCEP `.idx` or ECMWF JSON lines) at `idx_url`, fetched once per process: threads
+    asking for the same one at once (an ECMWF step file's members, downloaded side by side) wait for one request."""
     entries = cache.get(idx_url)
+    if entries is not None:
+        return entries
+    with _index_fetch_lock(idx_url):
+        return _fetch_index_once(idx_url, config, cache)
+
+
+_index_fetch_locks: dict[str, tuple[threading.Lock, int]] = {}
+
+
+@contextmanager
+def _index_fetch_lock(url: str) -> Iterator[None]:
+    with _state_lock:
+        lock, users = _index_fetch_locks.get(url, (threading.Lock(), 0))
+        _index_fetch_locks[url] = (lock, users + 1)
+    try:
+        with lock:
+            yield
+    finally:
+        with _state_lock:
+            lock, users = _index_fetch_locks[url]
+            if users == 1:
+                del _index_fetch_locks[url]
+            else:
+                _index_fetch_locks[url] = (lock, users - 1)
+
+
+def _fetch_index_once(idx_url: str, config: DownloadConfig | None, cache: IndexCache) -> list[IndexEntry]:
+    entries = cache.get(idx_url)  # another thread may have fetched it (or found it missing) while this one waited
     if entries is None:
         try:
             data = fetch_bytes(idx_url, config=config)
@@ -470,7 +642,16 @@ def fetch_grib_messages(
     config = config or DownloadConfig()
     entries = fetch_index(idx_url, config=config)
     selected = {key: find_message(entries, el, lev, step, source=idx_url) for key, (el, lev, step) in wanted.items()}
-    ranges = merge_byte_ranges(selected, config.max_gap_bytes)
+    return fetch_message_ranges(file_url, selected, config=config)
+
+
+def fetch_message_ranges(
+    file_url: str, selected: Mapping[str, IndexEntry], *, config: DownloadConfig | None = None
+) -> dict[str, bytes]:
+    """The messages at `selected` byte ranges ({key: entry}) of a file: ranges closer than `config.max_gap_bytes`
+    merged, one single-range request per merged range, in parallel; each message checked to be `GRIB`...`7777`."""
+    config = config or DownloadConfig()
+    ranges = merge_byte_ranges(dict(selected), config.max_gap_bytes)
 
     def fetch(rng: MergedRange) -> dict[str, bytes]:
         data = _get_with_retries(file_url, rng.start, rng.end, config, validate=_split_checked(rng))
@@ -479,7 +660,7 @@ def fetch_grib_messages(
     out: dict[str, bytes] = {}
     for parts in _in_parallel(fetch, ranges, config.per_host_concurrency):
         out.update(parts)
-    return {key: out[key] for key in wanted}
+    return {key: out[key] for key in selected}
 
 
 def fetch_available_grib_messages(

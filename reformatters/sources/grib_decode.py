@@ -37,7 +37,17 @@ class GridSpec(BaseModel):
     j_scans_positively: bool = False
     # Roll 0..360 longitudes so the first column is -180 (GFS: 720 columns at 0.25°).
     roll_longitude_to_180: bool = False
+    # Take the first (and so the last) longitude from each message instead of checking it (ECMWF has published
+    # both -180 and 0); the roll to -180 then follows the message.
+    first_longitude_from_message: bool = False
     tolerance_degrees: float = 1e-4
+
+    def with_first_longitude(self, longitude: float) -> GridSpec:
+        """This grid starting at `longitude` (degrees east), its span unchanged."""
+        span = self.longitude_of_last_grid_point - self.longitude_of_first_grid_point
+        return self.model_copy(
+            update={"longitude_of_first_grid_point": longitude, "longitude_of_last_grid_point": longitude + span}
+        )
 
     @classmethod
     def global_regular(cls, resolution: float, *, roll_longitude_to_180: bool = False) -> GridSpec:
@@ -243,6 +253,11 @@ def decode_message(
     """
     handle = _new_handle(message)
     try:
+        if isinstance(grid, GridSpec) and grid.first_longitude_from_message:
+            first = _get(handle, "longitudeOfFirstGridPointInDegrees")
+            if first is None:
+                raise GridMismatchError(f"expected a regular_ll grid {grid.ni}x{grid.nj}, found no first longitude")
+            grid = grid.with_first_longitude(float(first))
         if grid is not None:
             _check_grid(handle, grid)
         ni = eccodes.codes_get(handle, "Ni")

@@ -82,6 +82,10 @@ class ArchiveServer:
         self.requests: Counter[str] = Counter()
         self.bytes_sent: Counter[str] = Counter()
         self.statuses: Counter[tuple[str, int]] = Counter()
+        # Requests being answered at once: from the request line read to the response started (the client holds
+        # its connection at least that long, so a client-side cap bounds this), and the most seen.
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -150,6 +154,7 @@ class ArchiveServer:
 
     def reset_counters(self) -> None:
         with self._lock:
+            self.max_in_flight = self.in_flight
             self.requests.clear()
             self.bytes_sent.clear()
             self.statuses.clear()
@@ -173,6 +178,15 @@ class ArchiveServer:
                         fault.times -= 1
                     return fault
         return None
+
+    def _enter(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def _count(self, rel: str, nbytes: int = 0, status: int | None = None, request: bool = False) -> None:
         with self._lock:
@@ -215,10 +229,27 @@ def _make_handler(server: ArchiveServer) -> type[BaseHTTPRequestHandler]:
             pass
 
         def do_HEAD(self) -> None:
-            self._serve(head=True)
+            self._answer(head=True)
 
         def do_GET(self) -> None:
-            self._serve(head=False)
+            self._answer(head=False)
+
+        def _answer(self, head: bool) -> None:
+            self._in_flight = True
+            server._enter()
+            try:
+                self._serve(head)
+            finally:
+                self._left()
+
+        def send_response(self, code: int, message: str | None = None) -> None:
+            self._left()  # before the first byte of the answer: the client cannot have let go of the request yet
+            super().send_response(code, message)
+
+        def _left(self) -> None:
+            if getattr(self, "_in_flight", False):
+                self._in_flight = False
+                server._leave()
 
         def _simple(
             self, rel: str, status: int, body: bytes, ctype: str = "text/plain", head: bool = False, **headers: str
