@@ -193,3 +193,65 @@ def run_validation(dataset: Any, *, store_url: str | None = None, now: pd.Timest
         except Exception as error:  # noqa: BLE001 - a broken check is a failed check, not a crash
             report.results.append(CheckResult(type(validator).__name__, False, f"{type(error).__name__}: {error}"))
     return report
+
+
+class RecentNaNsPerMember(Validator):
+    """NaN fraction, on sampled points of the newest inits, over the leads each init (or each init and member) has
+    ingested, judged per member of an ensemble: one member's missing files cannot hide among the others (ECMWF's
+    control, read from another file since IFS cycle 50r1, among fifty; a GEFS member among thirty).
+
+    `ingested_forecast_length` may be per init or per (init, member). Leads beyond it are not due yet; windowed
+    variables (`step_type` other than instant: accumulations, averages) have no value at lead 0 by construction.
+    """
+
+    threshold: float = Field(0.05, ge=0.0, le=1.0)
+    positions: int = Field(2, ge=1)
+    sample: int = Field(64, ge=1)
+    seed: int = 0
+    label: str = "recent NaNs per member"
+
+    def check(self, context: ValidationContext) -> CheckResult:
+        name = f"{self.label} (newest {self.positions}, threshold {self.threshold:.0%})"
+        recent = context.ds.isel({context.append_dim: slice(-self.positions, None)})
+        ingested_coord = recent["ingested_forecast_length"]
+        if "ensemble_member" not in ingested_coord.dims:
+            ingested_coord = ingested_coord.expand_dims(ensemble_member=recent["ensemble_member"].values, axis=1)
+        ingested = ingested_coord.transpose(context.append_dim, "ensemble_member").values  # (init, member)
+        if np.isnat(ingested).all():
+            return CheckResult(name, False, "no init (or member) in the newest positions records an ingested length")
+        rng = np.random.default_rng(self.seed)
+        picks = {
+            dim: xr.DataArray(rng.integers(0, recent.sizes[dim], self.sample), dims="sample")
+            for dim in ("latitude", "longitude")
+        }
+        lead = recent["lead_time"].values
+        members = recent["ensemble_member"].values
+        worst: dict[str, tuple[float, int]] = {}
+        for var_name in recent.data_vars:
+            array = recent[var_name]
+            if "ensemble_member" not in array.dims:
+                continue
+            values = array.isel(picks).transpose(context.append_dim, "ensemble_member", "lead_time", "sample").values
+            with np.errstate(invalid="ignore"):
+                due = lead[None, None, :] <= ingested[:, :, None]  # (init, member, lead)
+            if array.attrs.get("step_type", "instant") != "instant":
+                due &= lead[None, None, :] > np.timedelta64(0, "s")
+            for m, member in enumerate(members):
+                selected = values[:, m][due[:, m]]
+                if selected.size:
+                    fraction = float(np.isnan(selected).mean())
+                    if fraction > worst.get(str(var_name), (-1.0, 0))[0]:
+                        worst[str(var_name)] = (fraction, int(member))
+        over = {k: v for k, v in worst.items() if v[0] > self.threshold}
+        if over:
+            listed = ", ".join(
+                f"{k} {f:.1%} (member {m})" for k, (f, m) in sorted(over.items(), key=lambda kv: -kv[1][0])
+            )
+            return CheckResult(
+                name,
+                False,
+                f"expected at most {self.threshold:.0%} NaN per member within the ingested leads, found {listed}; "
+                "the update's summary lists the files that failed",
+            )
+        top = max(worst.values(), default=(0.0, 0))
+        return CheckResult(name, True, f"{len(worst)} variables, worst {top[0]:.1%} (member {top[1]})")

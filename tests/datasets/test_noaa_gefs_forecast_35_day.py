@@ -32,7 +32,6 @@ from reformatters_datasets.noaa.gefs.forecast_35_day.template_config import (
     LEAD_HOURS,
     gefs_forecast_35_day_template_config,
 )
-from reformatters_datasets.noaa.gefs.forecast_35_day.validators import RecentNaNsPerMember
 
 from reformatters.cluster import open_client
 from reformatters.common.storage import ObjectStore
@@ -44,7 +43,7 @@ from reformatters.template_config import template_differences
 from reformatters.testing.archive_server import ArchiveServer
 from reformatters.testing.dataset_kit import DatasetTestKit
 from reformatters.testing.gefs_archive import GefsArchiveManifest, generate_gefs_archive
-from reformatters.validation import ValidationContext
+from reformatters.validation import RecentNaNsPerMember, ValidationContext
 
 INIT = datetime(2020, 10, 1, 0)
 MEMBERS = (0, 30)

@@ -14,11 +14,10 @@ from reformatters.deploy.models import (
     OperationalResources,
 )
 from reformatters.dynamical_dataset import DynamicalDataset
-from reformatters.validation import CurrentData, ExpectedShards, Validator
+from reformatters.validation import CurrentData, ExpectedShards, RecentNaNsPerMember, Validator
 
 from .region_job import EcmwfIfsEnsRegionJob
 from .template_config import ecmwf_ifs_ens_template_config
-from .validators import IngestedLeadsHaveDataPerMember
 
 # ECMWF publishes the 00z ensemble to 360 h in open data within about 8-9 h of init (ECMWF's dissemination
 # schedule plus the open-data delay); the daily update at 09:30 UTC appends it, and reprocesses the newest init
@@ -66,7 +65,7 @@ class EcmwfIfsEnsForecast15DayDataset(DynamicalDataset[EcmwfIfsEnsRegionJob]):
     def validators(self) -> Sequence[Validator]:
         return (
             CurrentData(max_delay=MAX_PUBLICATION_DELAY),
-            IngestedLeadsHaveDataPerMember(threshold=0.05, positions=2),
+            RecentNaNsPerMember(threshold=0.05, positions=2, label="ingested leads have data per member"),
             ExpectedShards(positions=2),
         )
 

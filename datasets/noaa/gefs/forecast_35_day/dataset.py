@@ -14,11 +14,10 @@ from reformatters.deploy.models import (
     OperationalResources,
 )
 from reformatters.dynamical_dataset import DynamicalDataset
-from reformatters.validation import CurrentData, ExpectedShards, Validator
+from reformatters.validation import CurrentData, ExpectedShards, RecentNaNsPerMember, Validator
 
 from .region_job import GefsForecast35DayRegionJob
 from .template_config import gefs_forecast_35_day_template_config
-from .validators import RecentNaNsPerMember
 
 # The 00z run's leads to 384 h are on the bucket about 6 h after init, its extension about 21 h later; a daily
 # update at 06:45 UTC appends today's init and completes yesterday's.
