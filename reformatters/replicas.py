@@ -134,10 +134,11 @@ def publish_on_replica(
     store = target.store
     try:
         target.lease.verify()
-        changed = [key for key, data in metadata.items() if store.get(key) != data]
         if isinstance(store, IcechunkStore):
             from reformatters.publish import icechunk_order
 
+            # All of it: the metadata of a node the repository lacks is no object to compare with.
+            changed = list(metadata)
             for key in icechunk_order(changed):  # the arrays' new extent first: it must cover the new chunks
                 store.put(key, metadata[key])
             copied = _copy(source, store, shard_keys)
@@ -145,6 +146,7 @@ def publish_on_replica(
                 snapshot = store.commit(f"publish {what}", metadata={"holder": target.lease.owner, "run": what})
                 target.lease.record_commit(store.url, snapshot)
         else:
+            changed = [key for key, data in metadata.items() if store.get(key) != data]
             copied = _copy(source, store, shard_keys)
             for key in changed:
                 if key == ROOT_METADATA_KEY:

@@ -259,6 +259,8 @@ def _first_difference(expected: xr.DataArray, found: xr.DataArray) -> str | None
         label = expected[dim].values[i] if dim in expected.coords else i
         if isinstance(label, np.datetime64):
             label = pd.Timestamp(label).isoformat()
+        elif isinstance(label, np.timedelta64):
+            label = str(pd.Timedelta(label))
         labels.append(f"{dim}={label}")
     return f"{', '.join(labels) or 'the scalar'} (primary {a[position]!r}, replica {b[position]!r})"
 
