@@ -262,7 +262,7 @@ def _first_difference(expected: xr.DataArray, found: xr.DataArray) -> str | None
         elif isinstance(label, np.timedelta64):
             label = str(pd.Timedelta(label))
         labels.append(f"{dim}={label}")
-    return f"{', '.join(labels) or 'the scalar'} (primary {a[position]!r}, replica {b[position]!r})"
+    return f"{', '.join(labels) or 'the scalar'} (primary {a[position].item()}, replica {b[position].item()})"
 
 
 def run_validation(
