@@ -134,11 +134,10 @@ def publish_on_replica(
     store = target.store
     try:
         target.lease.verify()
+        changed = [key for key, data in metadata.items() if _current(store, key) != data]
         if isinstance(store, IcechunkStore):
             from reformatters.publish import icechunk_order
 
-            # All of it: the metadata of a node the repository lacks is no object to compare with.
-            changed = list(metadata)
             for key in icechunk_order(changed):  # the arrays' new extent first: it must cover the new chunks
                 store.put(key, metadata[key])
             copied = _copy(source, store, shard_keys)
@@ -146,7 +145,6 @@ def publish_on_replica(
                 snapshot = store.commit(f"publish {what}", metadata={"holder": target.lease.owner, "run": what})
                 target.lease.record_commit(store.url, snapshot)
         else:
-            changed = [key for key, data in metadata.items() if store.get(key) != data]
             copied = _copy(source, store, shard_keys)
             for key in changed:
                 if key == ROOT_METADATA_KEY:
@@ -170,12 +168,22 @@ def publish_on_replica(
     )
 
 
+def _current(store: ObjectStore, key: str) -> bytes | None:
+    """The object's bytes, None when absent (an Icechunk repository raises for a key of a node it lacks)."""
+    if not isinstance(store, IcechunkStore):
+        return store.get(key)
+    try:
+        return store.get(key)
+    except Exception:  # noqa: BLE001 - icechunk's own error type for "no such node"
+        return None
+
+
 def _copy(source: ObjectStore, target: ObjectStore, keys: Sequence[str]) -> int:
     copied = 0
     for key in keys:
         data = source.get(key)
         if data is None:
-            if target.exists(key):  # no object on the primary: the fill value there, so here too
+            if _current(target, key) is not None:  # no object on the primary: the fill value there, so here too
                 target.delete(key)
             continue
         target.put(key, data)

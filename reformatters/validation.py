@@ -6,8 +6,6 @@ Datasets declare theirs in `DynamicalDataset.validators()`.
 
 from __future__ import annotations
 
-import itertools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +18,7 @@ from pydantic import Field, field_validator
 from reformatters.common.config_models import FrozenModel
 from reformatters.common.storage import ObjectStore
 from reformatters.common.time_utils import utc_now
-from reformatters.replicas import Replica
+from reformatters.replicas import Replica, chunk_keys, consolidated_arrays
 
 
 @dataclass(frozen=True)
@@ -139,25 +137,18 @@ class ExpectedShards(Validator):
 
     def check(self, context: ValidationContext) -> CheckResult:
         name = f"expected shards (newest {self.positions})"
-        root = json.loads(context.store.get("zarr.json") or b"{}")
-        metadata = (root.get("consolidated_metadata") or {}).get("metadata") or {}
+        arrays = consolidated_arrays(context.store.get("zarr.json") or b"{}")
         missing: list[str] = []
         checked = 0
         for var in context.ds.data_vars:
-            meta = metadata.get(str(var), {})
+            meta = arrays.get(str(var), {})
             dims = meta.get("dimension_names") or []
             if context.append_dim not in dims:
                 continue
-            shape = meta["shape"]
-            shard = meta["chunk_grid"]["configuration"]["chunk_shape"]
-            axis = dims.index(context.append_dim)
-            length = shape[axis]
-            first = max(length - self.positions, 0)
-            grid = [range(-(-n // s)) for n, s in zip(shape, shard, strict=True)]
-            grid[axis] = range(first // shard[axis], -(-length // shard[axis]))
+            length = meta["shape"][dims.index(context.append_dim)]
+            span = (context.append_dim, max(length - self.positions, 0), length)
             present = set(context.store.list(f"{var}/c/"))
-            for index in itertools.product(*grid):
-                key = f"{var}/c/" + "/".join(map(str, index))
+            for key in chunk_keys(str(var), meta, span):
                 checked += 1
                 if key not in present:
                     missing.append(key)

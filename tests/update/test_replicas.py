@@ -111,6 +111,7 @@ def test_a_replica_whose_server_stops_fails_the_run_before_the_primary_moves_and
         env = {
             **replicas_env(replica),
             **server_env,
+            "AWS_MAX_ATTEMPTS": "1",  # the stopped server fails the run at the first refused connection
             PAUSE_ENV: "before_replicas",
             PAUSE_MODE_ENV: "stop",
             PAUSE_ONCE_ENV: "1",
