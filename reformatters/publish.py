@@ -225,7 +225,7 @@ class Publisher:
         }
         self._run_length = 0  # positions up to the last one the results filled
         self._pending: dict[tuple[int, int], dict[str, list[SourceFileCoord]]] = {}
-        self._unreplicated: dict[str, set[tuple[int, int]]] = {}  # per variable: regions not copied to replicas
+        self._unreplicated = np.zeros_like(self._ran)  # per variable and position: not yet copied to replicas
 
     def add(self, region: slice, results: Mapping[str, Sequence[SourceFileCoord]], *, complete: bool = True) -> None:
         """The results of a region job (its variables' file outcomes): all its variables are uploaded.
@@ -237,7 +237,7 @@ class Publisher:
         for name, coords in results.items():
             pending.setdefault(name, []).extend(coords)
             self._ran[self._var_index[name], region] = True
-            self._unreplicated.setdefault(name, set()).add((region.start, region.stop))
+            self._unreplicated[self._var_index[name], region] = True
         if complete:
             self.complete(region)
 
@@ -296,7 +296,7 @@ class Publisher:
             contents = {key: (tmp_store / key).read_bytes() for key in metadata_keys(tmp_store)}
         if self.replicas:
             self._publish_on_replicas(what, contents)
-        self._unreplicated.clear()
+        self._unreplicated[:] = False
         changed = [key for key, data in contents.items() if self.final_store.get(key) != data]
         if isinstance(self.final_store, IcechunkStore):
             return self._commit_icechunk(what, merged, contents, changed)
@@ -328,14 +328,19 @@ class Publisher:
         """Every replica gets the shards of the regions added since the last publication, copied from the final
         store, and `contents` published, before the final store is touched."""
         pause_at("before_replicas")
-        shard_keys = [
-            key
-            for name, spans in sorted(self._unreplicated.items())
-            for start, stop in sorted(spans)
-            for key in chunk_keys(name, json.loads(contents[f"{name}/zarr.json"]), (self.append_dim, start, stop))
-        ]
+        shard_keys = []
+        for name, index in self._var_index.items():
+            positions = np.flatnonzero(self._unreplicated[index])
+            if not len(positions):
+                continue
+            metadata = json.loads(contents[f"{name}/zarr.json"])
+            shard = metadata["chunk_grid"]["configuration"]["chunk_shape"][
+                metadata["dimension_names"].index(self.append_dim)
+            ]
+            for first in np.unique(positions // shard) * shard:
+                shard_keys.extend(chunk_keys(name, metadata, (self.append_dim, int(first), int(first) + shard)))
         for target in self.replicas:
-            publish_on_replica(target, self.final_store, contents, list(dict.fromkeys(shard_keys)), what)
+            publish_on_replica(target, self.final_store, contents, shard_keys, what)
         pause_at("replicas_published")
 
     def _commit_icechunk(
