@@ -488,7 +488,10 @@ def dataset_urls(
         dataset = dataset.model_copy(update={"store_base": store_base})
     urls = [(url, "") for url in store or [dataset.default_store_url("zarr"), dataset.default_store_url("icechunk")]]
     if not store:
-        urls += [(r.url, f" (replica {r.name}; credentials {r.env_prefix}AWS_*)") for r in dataset.selected_replicas()]
+        urls += [
+            (r.url, f" (replica {r.name}" + (f"; credentials {r.env_prefix}AWS_*)" if "://" in r.url else ")"))
+            for r in dataset.selected_replicas()
+        ]
     for index, (url, note) in enumerate(urls):
         if index:
             typer.echo("")

@@ -156,7 +156,7 @@ def test_the_command_line_chooses_replicas_and_lists_every_store(
     urls = runner.invoke(app, ["dataset-urls", "example"])
     assert urls.exit_code == 0, urls.output
     assert "# s3://far-bucket/example.zarr (replica far; credentials REFORMATTERS_REPLICA_FAR_AWS_*)" in urls.stdout
-    assert f"# {tmp_path / 'x.icechunk'} (replica ice" in urls.stdout
+    assert f"# {tmp_path / 'x.icechunk'} (replica ice)\n" in urls.stdout
     assert urls.stdout.count("# ") == 4  # the primary's two stores and the two replicas
 
     unknown = runner.invoke(app, ["backfill", "example", "2024-01-02", "--replica", "nearby"])
