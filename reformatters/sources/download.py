@@ -447,8 +447,8 @@ class IndexCache:
     Inventories of published files never change. Downloads that fetch one variable at a time ask for the same
     inventory once per variable; this keeps it to once per worker. A missing inventory is remembered for
     `not_found_seconds` only: the file may be published by the time a later task (or the next update) asks.
-    A line held costs about 1 KB (entry and text): an ECMWF step file lists every member's messages, so a few
-    hundred of its inventories would hold hundreds of MB; `max_lines` bounds that whatever the producer lists.
+    Each line is held as an entry and as text: an ECMWF step file's index lists every member's messages, so
+    `max_lines` bounds the memory whatever the producer lists (an inventory pushed out is fetched again if asked for).
     """
 
     def __init__(self, capacity: int = 256, not_found_seconds: float = 30.0, max_lines: int = 65_536) -> None:

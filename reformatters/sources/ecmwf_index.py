@@ -170,8 +170,8 @@ class EcmwfIndex:
 _parsed: OrderedDict[str, tuple[str, EcmwfIndex]] = OrderedDict()
 _parsed_lock = threading.Lock()
 _PARSED_CAPACITY = 64
-# Lines of the parsed indexes held together (~1 KB each; one step file lists every member's messages): the newest
-# index is kept whatever its size.
+# Lines of the parsed indexes held together (one step file lists every member's messages): the newest index is
+# kept whatever its size.
 _PARSED_MAX_LINES = 32_768
 
 
