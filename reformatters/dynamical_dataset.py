@@ -36,7 +36,7 @@ from reformatters.publish import (
     variable_metadata,
 )
 from reformatters.region_job import RegionJob, RegionJobFilters, SourceFileCoord
-from reformatters.replicas import Replica, catch_up, hold_replicas, select_replicas
+from reformatters.replicas import Replica, catch_up, check_replica_access, hold_replicas, select_replicas
 from reformatters.sources.reachability import check_source_reachable
 from reformatters.summary import RunSummary
 from reformatters.template_config import TemplateConfig
@@ -138,6 +138,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         final_store = self.store(store_url)
         final_store.check_access()
         replicas = self.selected_replicas(replica_names)
+        check_replica_access(replicas)
         end = parse_utc(append_dim_end)
         if end <= config.append_dim_start:
             raise RunCannotStartError(

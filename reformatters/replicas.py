@@ -79,21 +79,27 @@ class ReplicaTarget:
     lease: UpdateLease
 
 
+def check_replica_access(replicas: Sequence[Replica]) -> None:
+    """Raise `StoreAccessError`, naming the replica, if a replica's bucket is missing or refuses its credentials:
+    a run checks this before it starts anything."""
+    for replica in replicas:
+        try:
+            replica.store().check_access()
+        except StoreAccessError as error:
+            raise StoreAccessError(f"replica {replica.name}: {error}") from None
+
+
 @contextmanager
 def hold_replicas(
     replicas: Sequence[Replica], *, wait_seconds: float = 0.0, ttl_seconds: float | None = None
 ) -> Iterator[list[ReplicaTarget]]:
-    """Each replica's store, checked for access, with this run holding its publisher lease for the block."""
+    """Each replica's store, with this run holding its publisher lease for the block."""
     from reformatters.publish import hold_lease
 
     with ExitStack() as stack:
         targets = []
         for replica in replicas:
             store = replica.store()
-            try:
-                store.check_access()
-            except StoreAccessError as error:
-                raise StoreAccessError(f"replica {replica.name}: {error}") from None
             lease = stack.enter_context(hold_lease(store, wait_seconds=wait_seconds, ttl_seconds=ttl_seconds))
             targets.append(ReplicaTarget(replica, store, lease))
         yield targets

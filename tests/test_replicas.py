@@ -15,7 +15,7 @@ import xarray as xr
 from reformatters_datasets.example import source
 from reformatters_datasets.example.dataset import ExampleDataset
 
-from reformatters.common.storage import ObjectStore
+from reformatters.common.storage import ObjectStore, StoreAccessError
 from reformatters.replicas import Replica, chunk_keys, consolidated_arrays
 from reformatters.testing.object_store_server import (
     ObjectStoreServerError,
@@ -121,6 +121,23 @@ def test_two_s3_accounts_and_an_icechunk_replica_in_one_run_then_the_validator_f
     ), result.message
     # The other replicas still match: the check is per replica.
     assert dataset.run_validators(store_url=str(primary), now=INITS[-1], replica_names=["archive-a", "snapshots"]).ok
+
+
+def test_a_replica_whose_account_refuses_the_credentials_stops_the_run_before_anything_is_written(
+    accounts: S3Server, archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _replica_env(monkeypatch, accounts)
+    monkeypatch.setenv("REFORMATTERS_REPLICA_ARCHIVE_B_AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    dataset = ExampleDataset(replicas=(Replica(name="archive-b", url="s3://bucket-b/refused.zarr"),))
+    primary = tmp_path / "primary.zarr"
+    with pytest.raises(StoreAccessError) as raised:
+        dataset.backfill(END, store_url=str(primary), source_url=str(archive), n_workers=1, show_progress=False)
+    message = str(raised.value)
+    assert message.startswith("replica archive-b: the store s3://bucket-b/refused.zarr refused this process's")
+    assert (
+        "set REFORMATTERS_REPLICA_ARCHIVE_B_AWS_ACCESS_KEY_ID and REFORMATTERS_REPLICA_ARCHIVE_B_AWS_SECRET" in message
+    )
+    assert not primary.exists()  # not even the primary's lease: refused before the run starts
 
 
 def test_a_replica_left_out_of_a_run_is_caught_up_by_the_next(archive: Path, tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ from reformatters.publish import (
     variable_metadata,
 )
 from reformatters.region_job import RegionJob, SourceFileCoord, SourceFileStatus
-from reformatters.replicas import ReplicaTarget, catch_up, hold_replicas
+from reformatters.replicas import ReplicaTarget, catch_up, check_replica_access, hold_replicas
 from reformatters.sources.reachability import check_source_reachable
 from reformatters.summary import RunSummary
 from reformatters.update.drift import check_no_drift
@@ -89,6 +89,7 @@ def run_operational_update(
     final_store: ObjectStore = dataset.store(store_url)
     final_store.check_access()
     replicas = dataset.selected_replicas(replica_names)
+    check_replica_access(replicas)
     summary = RunSummary(
         dataset_id=dataset.dataset_id,
         kind="update",
