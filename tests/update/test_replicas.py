@@ -19,6 +19,7 @@ from reformatters.update.pause import PAUSE_ENV, PAUSE_FILE_ENV, PAUSE_MODE_ENV,
 from tests.replica_dataset import replicas_env
 
 from .conftest import (
+    NOW,
     REPO,
     UpdateFixture,
     assert_same_store,
@@ -96,6 +97,10 @@ def test_a_run_paused_between_replica_and_primary_shows_the_region_on_the_replic
     assert "catching it up" in err
     assert_same_store(primary, update_fixture.reference_store)
     assert_same_store(replica, update_fixture.reference_store)
+    validate = [*update_command(primary, update_fixture.source)[:4], "validate", "example", "--store", str(primary)]
+    checked = run_cli([*validate, "--now", NOW.isoformat()], env=replicas_env(Replica(name="copy", url=str(replica))))
+    assert checked.returncode == 0, checked.stdout + checked.stderr[-2000:]
+    assert "ok   replica copy matches primary: same extent and coordinates, 40 sampled chunks equal" in checked.stdout
 
 
 def test_a_replica_whose_server_stops_fails_the_run_before_the_primary_moves_and_is_caught_up_next(
