@@ -138,7 +138,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         final_store = self.store(store_url)
         final_store.check_access()
         replicas = self.selected_replicas(replica_names)
-        check_replica_access(replicas)
+        check_replica_access(replicas, final_store)
         end = parse_utc(append_dim_end)
         if end <= config.append_dim_start:
             raise RunCannotStartError(

@@ -57,9 +57,12 @@ class Replica(FrozenModel):
 
 def select_replicas(dataset_id: str, declared: Sequence[Replica], names: Sequence[str] | None) -> list[Replica]:
     """The replicas a run writes: all declared ones (`names` None), none (`[]`), or those named."""
+    by_name = {replica.name: replica for replica in declared}
+    if len(by_name) < len(declared):
+        twice = sorted({r.name for r in declared if sum(other.name == r.name for other in declared) > 1})
+        raise ValueError(f"{dataset_id} declares the replica name {twice[0]!r} twice; give each replica its own name")
     if names is None:
         return list(declared)
-    by_name = {replica.name: replica for replica in declared}
     unknown = [name for name in names if name not in by_name]
     if unknown:
         known = ", ".join(sorted(by_name)) or "none"
@@ -79,12 +82,17 @@ class ReplicaTarget:
     lease: UpdateLease
 
 
-def check_replica_access(replicas: Sequence[Replica]) -> None:
-    """Raise `StoreAccessError`, naming the replica, if a replica's bucket is missing or refuses its credentials:
-    a run checks this before it starts anything."""
+def check_replica_access(replicas: Sequence[Replica], primary: ObjectStore) -> None:
+    """Raise `StoreAccessError`, naming the replica, if a replica is the primary store itself or its bucket is
+    missing or refuses its credentials: a run checks this before it starts anything."""
     for replica in replicas:
+        store = replica.store()
+        if store.url == primary.url:
+            raise StoreAccessError(
+                f"replica {replica.name} is the primary store {primary.url}; pass another --store or --no-replicas"
+            )
         try:
-            replica.store().check_access()
+            store.check_access()
         except StoreAccessError as error:
             raise StoreAccessError(f"replica {replica.name}: {error}") from None
 
@@ -163,7 +171,7 @@ def publish_on_replica(
             f"replica {target.replica.name} ({store.url}) failed while publishing {what}: {type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}. Nothing more was published on the primary; "
             "fix the replica's store (server, credentials) and re-run: the next run catches it up first, or run "
-            f"with --no-replicas (or --replica for the others) to leave it out"
+            "with --no-replicas (or --replica for the others) to leave it out"
         ) from error
     log.info(
         "replica %s: published %s (%d shard objects copied, %d metadata objects changed)",

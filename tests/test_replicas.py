@@ -182,6 +182,14 @@ def test_the_command_line_chooses_replicas_and_lists_every_store(
         "error: unknown replica 'nearby' of example; its declared replicas: far, ice. Pass one of them to "
         "--replica, or --no-replicas"
     ]
+    itself = runner.invoke(
+        app, ["backfill", "example", "2024-01-02", "--store", str(tmp_path / "x.icechunk"), "--replica", "ice"]
+    )
+    assert itself.exit_code == 2
+    assert itself.stderr.strip().splitlines() == [
+        f"error: replica ice is the primary store {tmp_path / 'x.icechunk'}; pass another --store or --no-replicas"
+    ]
+    assert not (tmp_path / "x.icechunk").exists()
     both = runner.invoke(app, ["validate", "example", "--replica", "far", "--no-replicas"])
     assert both.exit_code == 2 and both.stderr.startswith("error: --replica and --no-replicas exclude each other")
 

@@ -89,7 +89,7 @@ def run_operational_update(
     final_store: ObjectStore = dataset.store(store_url)
     final_store.check_access()
     replicas = dataset.selected_replicas(replica_names)
-    check_replica_access(replicas)
+    check_replica_access(replicas, final_store)
     summary = RunSummary(
         dataset_id=dataset.dataset_id,
         kind="update",
