@@ -2,10 +2,11 @@
 to a replica (a whole catch-up, so every shard object) into a local Zarr store, a local Icechunk repository and a
 Zarr store on a local S3 server (SeaweedFS, else moto).
 
-    python -m benchmarks.replicas [--inits 40] [--repeats 2] [--json PATH]
+    python -m benchmarks.replicas [--inits 200] [--repeats 2] [--json PATH]
 
-The copy runs on the driver, one object at a time (`reformatters.replicas`): objects per second and MB per second
-of it are what bounds a replica's share of a run.
+The copy runs on the driver, `COPY_THREADS` objects at a time (`reformatters.replicas`; the S3 catch-up is also
+run with one thread to compare): objects per second and MB per second of it are what bounds a replica's share of
+a run.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def run(inits: int, repeats: int) -> dict[str, Any]:
     from reformatters_datasets.example import source as example_source
     from reformatters_datasets.example.dataset import ExampleDataset
 
+    from reformatters import replicas
     from reformatters.common.storage import ObjectStore
     from reformatters.replicas import Replica, catch_up, hold_replicas
     from reformatters.testing.object_store_server import s3_server
@@ -48,8 +50,8 @@ def run(inits: int, repeats: int) -> dict[str, Any]:
         for index in range(repeats):
             order = list(walls) if index % 2 == 0 else list(reversed(walls))
             for kind in order:
-                replicas = (Replica(name="copy", url=str(work / f"copy-{index}.zarr")),) if "one" in kind else ()
-                dataset = ExampleDataset(replicas=replicas)
+                declared = (Replica(name="copy", url=str(work / f"copy-{index}.zarr")),) if "one" in kind else ()
+                dataset = ExampleDataset(replicas=declared)
                 walls[kind].append(_backfill(dataset, end, work / f"{kind.replace(' ', '-')}-{index}.zarr", source))
                 print(f"backfill {inits} inits, {kind}: {walls[kind][-1]:.1f} s", flush=True)
         primary = ObjectStore(work / f"no-replica-{repeats - 1}.zarr")
@@ -58,16 +60,23 @@ def run(inits: int, repeats: int) -> dict[str, Any]:
         copies: dict[str, dict[str, float]] = {}
         with s3_server() as server, server.environment():
             targets = {
-                "local zarr": str(work / "catch-up.zarr"),
-                "local icechunk": str(work / "catch-up.icechunk"),
-                f"s3 zarr ({server.kind})": server.url("catch-up.zarr"),
+                "local zarr": (str(work / "catch-up.zarr"), replicas.COPY_THREADS),
+                "local icechunk": (str(work / "catch-up.icechunk"), replicas.COPY_THREADS),
+                f"s3 zarr ({server.kind})": (server.url("catch-up.zarr"), replicas.COPY_THREADS),
+                f"s3 zarr ({server.kind}), 1 copy thread": (server.url("catch-up-serial.zarr"), 1),
             }
-            for kind, url in targets.items():
-                with hold_replicas([Replica(name="bench", url=url)]) as (target,):
-                    started = time.perf_counter()
-                    catch_up(target, primary, "init_time")
-                    seconds = time.perf_counter() - started
+            default_threads = replicas.COPY_THREADS
+            for kind, (url, threads) in targets.items():
+                replicas.COPY_THREADS = threads
+                try:
+                    with hold_replicas([Replica(name="bench", url=url)]) as (target,):
+                        started = time.perf_counter()
+                        catch_up(target, primary, "init_time")
+                        seconds = time.perf_counter() - started
+                finally:
+                    replicas.COPY_THREADS = default_threads
                 copies[kind] = {
+                    "copy_threads": threads,
                     "seconds": seconds,
                     "objects_per_second": len(keys) / seconds,
                     "mb_per_second": total_bytes / MB / seconds,
@@ -87,7 +96,7 @@ def run(inits: int, repeats: int) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--inits", type=int, default=40)
+    parser.add_argument("--inits", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)

@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ log = logging.getLogger("reformatters.replicas")
 
 ROOT_METADATA_KEY = "zarr.json"
 REPLICA_ENV_PREFIX = "REFORMATTERS_REPLICA_"
+COPY_THREADS = 4
 
 
 class ReplicaError(RuntimeError):
@@ -193,16 +195,22 @@ def _current(store: ObjectStore, key: str) -> bytes | None:
 
 
 def _copy(source: ObjectStore, target: ObjectStore, keys: Sequence[str]) -> int:
-    copied = 0
-    for key in keys:
+    """Copy the objects, `COPY_THREADS` at a time (requests, not bytes, bound a copy between object stores); each
+    thread holds one object in memory. How many were copied."""
+
+    def copy_one(key: str) -> int:
         data = source.get(key)
         if data is None:
             if _current(target, key) is not None:  # no object on the primary: the fill value there, so here too
                 target.delete(key)
-            continue
+            return 0
         target.put(key, data)
-        copied += 1
-    return copied
+        return 1
+
+    if len(keys) <= 1:
+        return sum(map(copy_one, keys))
+    with ThreadPoolExecutor(max_workers=COPY_THREADS, thread_name_prefix="replica-copy") as pool:
+        return sum(pool.map(copy_one, keys))
 
 
 def published_length(store: ObjectStore, append_dim: str) -> int | None:
