@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import xarray as xr
 
 from reformatters.common.storage import ObjectStore
@@ -149,3 +150,32 @@ def test_a_replica_whose_server_stops_fails_the_run_before_the_primary_moves_and
             os.environ.update(saved)
     assert_same_store(primary, update_fixture.reference_store)
     assert replica_objects == store_objects(update_fixture.reference_store)
+
+
+@pytest.mark.slow
+def test_a_run_killed_between_replica_and_primary_is_finished_by_the_next(
+    update_fixture: UpdateFixture, tmp_path: Path
+) -> None:
+    """The replica is then a region ahead of the primary: the next run leaves it as it is, publishes the region on
+    it again and then on the primary; both end as the uninterrupted update."""
+    primary = copy_store(update_fixture.base_store, tmp_path / "primary.zarr")
+    replica = tmp_path / "copy.zarr"
+    declared = replicas_env(Replica(name="copy", url=str(replica)))
+    marker, log = tmp_path / "paused", tmp_path / "run.log"
+    env = {**declared, PAUSE_ENV: "replicas_published", PAUSE_FILE_ENV: str(marker)}
+    run = _start(update_command(primary, update_fixture.source), env, log)
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert run.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(timeout=30)
+    ahead = xr.open_zarr(replica, decode_timedelta=True).sizes["init_time"]
+    assert ahead == xr.open_zarr(primary, decode_timedelta=True).sizes["init_time"] + 1
+    second = run_cli(update_command(primary, update_fixture.source), env=declared)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "catching it up" not in second.stderr
+    assert_same_store(primary, update_fixture.reference_store)
+    assert_same_store(replica, update_fixture.reference_store)
