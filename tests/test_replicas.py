@@ -198,6 +198,10 @@ def test_the_command_line_chooses_replicas_and_lists_every_store(
         f"error: replica ice is the primary store {tmp_path / 'x.icechunk'}; pass another --store or --no-replicas"
     ]
     assert not (tmp_path / "x.icechunk").exists()
+    detach = ["--cluster", "k8s", "--store", "s3://b/x.zarr", "--detach", "--dry-run", "--replica", "far"]
+    detached = runner.invoke(app, ["backfill", "example", "2024-01-02", *detach])
+    assert detached.exit_code == 0, detached.output
+    assert '- "--replica"\n' in detached.stdout or "- --replica\n" in detached.stdout, detached.stdout
     both = runner.invoke(app, ["validate", "example", "--replica", "far", "--no-replicas"])
     assert both.exit_code == 2 and both.stderr.startswith("error: --replica and --no-replicas exclude each other")
 
