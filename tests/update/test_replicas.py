@@ -19,17 +19,8 @@ from reformatters.testing.object_store_server import moto_server
 from reformatters.update.pause import PAUSE_ENV, PAUSE_FILE_ENV, PAUSE_MODE_ENV, PAUSE_ONCE_ENV
 from tests.replica_dataset import replicas_env
 
-from .conftest import (
-    NOW,
-    REPO,
-    UpdateFixture,
-    assert_same_store,
-    cli_env,
-    copy_store,
-    run_cli,
-    store_objects,
-    update_command,
-)
+from . import conftest
+from .conftest import NOW, UpdateFixture, assert_same_store, copy_store, run_cli, store_objects, update_command
 from .test_fenced_publisher import _wait_stopped
 
 
@@ -37,8 +28,8 @@ def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pop
     with log.open("w") as err:  # a file, not a pipe: a stopped run must not block on a full pipe first
         return subprocess.Popen(
             command,
-            cwd=REPO,
-            env=cli_env(env),
+            cwd=conftest.REPO,
+            env=conftest.cli_env(env),
             stdout=subprocess.DEVNULL,
             stderr=err,
             text=True,
