@@ -13,7 +13,6 @@ added later, a restored server) is caught up from the primary before the run pub
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from pydantic import Field
 from reformatters.common.config_models import FrozenModel
 from reformatters.common.icechunk_store import IcechunkStore
 from reformatters.common.storage import ObjectStore, StoreAccessError, open_store
+from reformatters.update.drift import StructureDriftError, consolidated_arrays, structure_differences
 from reformatters.update.lease import UpdateLease
 
 log = logging.getLogger("reformatters.replicas")
@@ -133,13 +133,6 @@ def chunk_keys(name: str, metadata: Mapping[str, Any], axis_range: tuple[str, in
     return [f"{name}/" + separator.join(["c", *map(str, index)]) for index in itertools.product(*grid)]
 
 
-def consolidated_arrays(root: bytes) -> dict[str, Mapping[str, Any]]:
-    """Each array's metadata in a root `zarr.json`'s consolidated metadata."""
-    body = json.loads(root)
-    metadata = (body.get("consolidated_metadata") or {}).get("metadata") or {}
-    return {name: meta for name, meta in metadata.items() if meta.get("node_type") == "array"}
-
-
 # ---- publishing on a replica ----
 def publish_on_replica(
     target: ReplicaTarget, source: ObjectStore, metadata: Mapping[str, bytes], shard_keys: Sequence[str], what: str
@@ -226,12 +219,21 @@ def published_length(store: ObjectStore, append_dim: str) -> int | None:
 
 
 def catch_up(target: ReplicaTarget, primary: ObjectStore, append_dim: str) -> bool:
-    """Publish on the replica what the primary publishes beyond the replica's extent (a region an earlier run
-    published without it): the shards from the replica's last shard on, every coordinate and all metadata, root
-    last. A replica as long as the primary or longer is left alone. Whether anything was published."""
+    """Refuse a replica whose published structure differs from the primary's (`StructureDriftError`), then publish
+    on it what the primary publishes beyond its extent (a region an earlier run published without it): the shards
+    from the replica's last shard on, every coordinate and all metadata, root last. A replica as long as the primary
+    or longer is left alone. Whether anything was published."""
     primary_root = primary.get(ROOT_METADATA_KEY)
     if primary_root is None:
         return False
+    replica_root = target.store.get(ROOT_METADATA_KEY)
+    differences = [] if replica_root is None else structure_differences(primary_root, replica_root, append_dim)
+    if differences:
+        raise StructureDriftError(
+            f"replica {target.replica.name} at {target.store.url} holds a dataset of another structure than the "
+            f"primary {primary.url} ({'; '.join(differences[:3])}); nothing was published. Point the replica at "
+            "another location, or delete it and let the next run copy the primary there"
+        )
     primary_length = published_length(primary, append_dim) or 0
     replica_length = published_length(target.store, append_dim)
     if replica_length is not None and replica_length >= primary_length:

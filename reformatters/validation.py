@@ -18,7 +18,8 @@ from pydantic import Field, field_validator
 from reformatters.common.config_models import FrozenModel
 from reformatters.common.storage import ObjectStore
 from reformatters.common.time_utils import utc_now
-from reformatters.replicas import Replica, chunk_keys, consolidated_arrays
+from reformatters.replicas import Replica, chunk_keys
+from reformatters.update.drift import consolidated_arrays
 
 
 @dataclass(frozen=True)

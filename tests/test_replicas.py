@@ -17,7 +17,7 @@ from reformatters_datasets.example.dataset import ExampleDataset
 
 from reformatters.common.storage import ObjectStore, StoreAccessError
 from reformatters.region_job import RegionJobFilters
-from reformatters.replicas import Replica, chunk_keys, consolidated_arrays
+from reformatters.replicas import Replica, catch_up, chunk_keys, hold_replicas
 from reformatters.testing.object_store_server import (
     ObjectStoreServerError,
     S3Identity,
@@ -25,6 +25,7 @@ from reformatters.testing.object_store_server import (
     seaweedfs_server,
     weed_binary,
 )
+from reformatters.update.drift import consolidated_arrays
 from tests.replica_dataset import replicas_env
 
 INITS = pd.date_range("2024-01-01T00:00", periods=4, freq="6h")
@@ -221,3 +222,24 @@ def test_a_gcs_replica(archive: Path, tmp_path: Path) -> None:
             replica.store().open_dataset().load(), xr.open_zarr(primary, decode_timedelta=True).load()
         )
         assert dataset.run_validators(store_url=str(primary), now=INITS[-1]).ok
+
+
+def test_a_replica_of_another_structure_is_refused_before_anything_is_published(tmp_path: Path) -> None:
+    from reformatters.publish import publish_metadata
+    from reformatters.update.drift import StructureDriftError
+
+    template = ExampleDataset().template_config.get_template(END)
+    primary, replica = ObjectStore(tmp_path / "primary.zarr"), Replica(name="old", url=str(tmp_path / "old.zarr"))
+    publish_metadata(template, primary)
+    other = template.isel(init_time=slice(0, 2))
+    other["temperature_2m"].attrs["units"] = "K"
+    publish_metadata(other, replica.store())
+    store = replica.store()
+    before = {key: store.get(key) for key in store.list()}
+    with hold_replicas([replica]) as (target,), pytest.raises(StructureDriftError) as raised:
+        catch_up(target, primary, "init_time")
+    assert str(raised.value).startswith(f"replica old at {tmp_path / 'old.zarr'} holds a dataset of another structure")
+    assert "temperature_2m: attribute 'units'" in str(raised.value)
+    assert {
+        key: replica.store().get(key) for key in replica.store().list() if not key.startswith("_internal")
+    } == before
