@@ -8,9 +8,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import pandas as pd
 import typer
@@ -24,6 +24,9 @@ from reformatters.region_job import RegionJobFilters
 from reformatters.registry import DatasetRegistrationError, UnknownDatasetError, all_datasets, get_dataset
 from reformatters.summary import RunSummary
 from reformatters.update.lease import terminate_on_sigterm
+
+if TYPE_CHECKING:
+    from reformatters.replicas import Replica
 
 app = typer.Typer(
     name="reformatters",
@@ -312,6 +315,7 @@ def backfill(
                 *(["--no-replicas"] if replica_names == [] else []),
                 *[arg for name in replica_names or () for arg in ("--replica", name)],
             ],
+            replicas=dataset.selected_replicas(replica_names),
         )
     try:
         end = parse_utc(append_dim_end)
@@ -358,6 +362,7 @@ def _detach_backfill(
     docker_image: str | None,
     dry_run: bool,
     forwarded: list[str],
+    replicas: Sequence[Replica],
 ) -> None:
     from reformatters.deploy.backfill_job import detached_backfill_manifests
     from reformatters.deploy.render import DeployError, resolve_image
@@ -375,7 +380,7 @@ def _detach_backfill(
     try:
         parse_utc(append_dim_end)
         args = ["backfill", dataset_id, append_dim_end, "--cluster", "k8s", "--store", store, *forwarded]
-        manifests = detached_backfill_manifests(dataset_id, args, resolve_image(docker_image))
+        manifests = detached_backfill_manifests(dataset_id, args, resolve_image(docker_image), replicas=replicas)
     except (DeployError, ValueError) as error:
         raise _fail(str(error)) from None
     if not _apply_or_print(manifests, dry_run):
@@ -633,7 +638,9 @@ def deploy_staging(
     try:
         root = repo_root(repo)
         check_versions(staged, root, template_in_repo(dataset.template_config.template_path, root))
-        manifests = dataset_manifests(dataset_id, resources, resolve_image(docker_image), staged)
+        manifests = dataset_manifests(
+            dataset_id, resources, resolve_image(docker_image), staged, replicas=dataset.replicas
+        )
     except (StagingError, DeployError) as error:
         raise _fail(str(error)) from None
     if not _apply_or_print(manifests, dry_run):

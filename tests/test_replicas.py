@@ -5,10 +5,13 @@ variable and position of a drifted replica; the command line's replica flags and
 from __future__ import annotations
 
 import faulthandler
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import fsspec
 import pandas as pd
 import pytest
 import xarray as xr
@@ -243,3 +246,68 @@ def test_a_replica_of_another_structure_is_refused_before_anything_is_published(
     assert {
         key: replica.store().get(key) for key in replica.store().list() if not key.startswith("_internal")
     } == before
+
+
+def _rendered_env(container: dict[str, Any], configmap: dict[str, str]) -> dict[str, str]:
+    """A container's environment as Kubernetes sets it: literal values, ConfigMap keys that exist."""
+    env: dict[str, str] = {}
+    for item in container["env"]:
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        elif (ref := item.get("valueFrom", {}).get("configMapKeyRef")) and ref["key"] in configmap:
+            env[item["name"]] = configmap[ref["key"]]
+    return env
+
+
+def test_a_deployed_update_reaches_each_replica_with_its_own_profile_of_the_mounted_credentials(
+    accounts: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rendered CronJob's environment, applied as a pod gets it, with one credentials file holding a profile per
+    replica account (as cluster/README.md says to mount it): each replica store, through boto3 and through s3fs,
+    writes its own bucket with its own account, and a profile of the other account is refused."""
+    from reformatters.common.storage import storage_options_for
+    from reformatters.deploy.render import CREDENTIALS_FILE, dataset_manifests, replica_profile
+    from reformatters.registry import get_dataset
+
+    replicas = (
+        Replica(name="archive-a", url="s3://bucket-a/x.zarr"),
+        Replica(name="archive-b", url="s3://bucket-b/x.zarr"),
+    )
+    resources = get_dataset("noaa-gfs-forecast").operational_resources()
+    assert resources is not None
+    update, validate = dataset_manifests("noaa-gfs-forecast", resources, "r.example/x:abc1", replicas=replicas)
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        "".join(
+            f"[{replica_profile(r)}]\naws_access_key_id = {a.access_key_id}\n"
+            f"aws_secret_access_key = {a.secret_access_key}\n\n"
+            for r, a in zip(replicas, (ACCOUNT_A, ACCOUNT_B), strict=True)
+        )
+    )
+    configmap = {"aws-endpoint-url": accounts.endpoint_url}
+    for manifest in (update, validate):
+        box = manifest["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+        assert "--no-replicas" not in box["args"]
+        env = _rendered_env(box, configmap)
+        assert env["AWS_SHARED_CREDENTIALS_FILE"] == CREDENTIALS_FILE
+        for key in [k for k in os.environ if k.startswith(("AWS_", "REFORMATTERS_REPLICA_"))]:
+            monkeypatch.delenv(key)
+        for name, value in env.items():
+            if name.startswith(("AWS_", "REFORMATTERS_REPLICA_")):
+                monkeypatch.setenv(name, value)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+        monkeypatch.setenv("AWS_REGION", accounts.region)
+        for replica in replicas:
+            store = replica.store()
+            store.check_access()
+            key = f"{manifest['metadata']['name']}-probe"
+            store.put(key, replica.name.encode())
+            s3 = fsspec.filesystem("s3", **storage_options_for(replica.url, replica.env_prefix))
+            assert s3.cat(f"{replica.url.removeprefix('s3://')}/{key}") == replica.name.encode()
+        # The profiles are what is used: archive-a's profile pointed at archive-b's bucket is refused.
+        monkeypatch.setenv(f"{replicas[0].env_prefix}AWS_PROFILE", replica_profile(replicas[1]))
+        with pytest.raises(StoreAccessError, match="archive-a"):
+            from reformatters.replicas import check_replica_access
+
+            check_replica_access([Replica(name="archive-a", url="s3://bucket-a/x.zarr")], ObjectStore(tmp_path))
+        monkeypatch.setenv(f"{replicas[0].env_prefix}AWS_PROFILE", replica_profile(replicas[0]))

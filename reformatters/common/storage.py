@@ -81,7 +81,8 @@ def storage_options_for(url: str, credentials_env_prefix: str | None = None) -> 
         if endpoint:
             options["client_kwargs"] = {"endpoint_url": endpoint}
         key_id = store_env("AWS_ACCESS_KEY_ID", prefix)
-        if not _aws_credentials_found(key_id, store_env("AWS_PROFILE", prefix)):
+        profile = store_env("AWS_PROFILE", prefix)
+        if not _aws_credentials_found(key_id, profile):
             options["anon"] = True
         elif prefix and key_id:
             # Explicit: s3fs would otherwise take the process's plain AWS_* (another account's).
@@ -90,6 +91,8 @@ def storage_options_for(url: str, credentials_env_prefix: str | None = None) -> 
                 secret=store_env("AWS_SECRET_ACCESS_KEY", prefix),
                 token=store_env("AWS_SESSION_TOKEN", prefix),
             )
+        elif prefix and profile:
+            options["profile"] = profile
     else:
         _disable_gcsfs_experimental_features()
         if _gcs_emulator_host():
