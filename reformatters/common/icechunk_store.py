@@ -273,13 +273,22 @@ class IcechunkStore(ObjectStore):
         _sync(self._store.delete(key))
 
     def list(self, prefix: str = "") -> list[str]:
-        async def collect() -> list[str]:
-            return [key async for key in self._store.list_prefix(prefix)]
+        # Icechunk lists only under a group or an array ("var/c/" is refused): list the nearest node above the
+        # prefix and keep the keys under it.
+        node = prefix
 
-        try:
-            return sorted(_sync(collect()))
-        except FileNotFoundError:
-            return []
+        async def collect() -> list[str]:
+            return [key async for key in self._store.list_prefix(node)]
+
+        while True:
+            try:
+                return sorted(key for key in _sync(collect()) if key.startswith(prefix))
+            except FileNotFoundError:
+                return []
+            except Exception as error:
+                if "bad key prefix" not in str(error) or not node.strip("/"):
+                    raise
+                node = node.rstrip("/").rpartition("/")[0]
 
     def delete_prefix(self, prefix: str) -> None:
         for key in self.list(prefix):
