@@ -44,7 +44,7 @@ from reformatters.testing.ecmwf_archive import (
     ecmwf_grid,
     generate_ecmwf_archive,
 )
-from reformatters.validation import ValidationContext
+from reformatters.validation import RecentNaNsPerMember, ValidationContext
 
 BEFORE = datetime(2026, 5, 11)  # 49r1: member 0 from enfo/cf
 AFTER = datetime(2026, 5, 12)  # 50r1: member 0 from oper/fc
@@ -388,12 +388,12 @@ def test_update_completes_an_init_the_backfill_found_incomplete(tmp_path: Path) 
             "2026-05-13T00:00", cluster="local", n_workers=2, store_url=store, source_url=first.url, show_progress=False
         )
     published = xr.open_zarr(store, decode_timedelta=True)
-    assert published["ingested_forecast_length"].values.tolist() == [np.timedelta64(144, "h").astype("m8[ns]")]
+    assert published["ingested_forecast_length"].values.tolist() == [[np.timedelta64(144, "h").astype("m8[ns]")] * 3]
     with ArchiveServer(later.root) as second:
         dataset.update(store_url=store, source_url=second.url, now="2026-05-13T12:00", n_workers=2, show_progress=False)
     published = xr.open_zarr(store, decode_timedelta=True)
     assert published.sizes["init_time"] == 1
-    assert published["ingested_forecast_length"].values.tolist() == [np.timedelta64(360, "h").astype("m8[ns]")]
+    assert published["ingested_forecast_length"].values.tolist() == [[np.timedelta64(360, "h").astype("m8[ns]")] * 3]
     for member in MEMBERS:
         for lead in (144, 360):
             expected = source_field(later, "temperature_2m", AFTER, member, lead)
@@ -595,3 +595,47 @@ def test_update_completes_a_control_whose_oper_files_came_late(
 
 def archive_path(step: int) -> str:
     return f"{AFTER:%Y%m%d}/00z/ifs/3/oper/{AFTER:%Y%m%d%H}0000-{step}h-oper-fc.grib2"
+
+
+def test_recent_nans_are_judged_within_each_members_ingested_leads(tmp_path: Path) -> None:
+    """The dataset's own per-member check reads `ingested_forecast_length` per (init, member): a control whose
+    `oper` files stop at 144 h is not due past 144 h, while a perturbed member missing a field within its 360 h
+    fails the check by name. Judged against one length per init (the longest any member reached), the short
+    control would fail it."""
+    SMALL_CONFIG.update_template(templates_dir=SMALL_TEMPLATES)
+    template = SMALL_CONFIG.get_template("2026-05-13T00:00").sel(init_time=[pd.Timestamp(AFTER)])[list(VARIABLES)]
+    control_leads = LEADS.index(144) + 1
+    temperature = np.full(template["temperature_2m"].shape, 12.5, dtype=np.float32)
+    temperature[:, control_leads:, 0] = np.nan
+    precipitation = np.full(template["precipitation_surface"].shape, 1e-5, dtype=np.float32)
+    precipitation[:, 0] = np.nan  # no rate at lead 0
+    precipitation[:, control_leads:, 0] = np.nan
+    lengths = np.full((1, len(MEMBERS)), np.timedelta64(360, "h"), dtype="timedelta64[ns]")
+    lengths[0, 0] = np.timedelta64(144, "h")
+    ds = template.assign(
+        temperature_2m=template["temperature_2m"].copy(data=temperature),
+        precipitation_surface=template["precipitation_surface"].copy(data=precipitation),
+    ).assign_coords(ingested_forecast_length=template["ingested_forecast_length"].copy(data=lengths))
+    (per_member,) = (v for v in SMALL_DATASET.validators() if isinstance(v, RecentNaNsPerMember))
+
+    def check(dataset: xr.Dataset) -> tuple[bool, str]:
+        context = ValidationContext(
+            ds=dataset,
+            store=ObjectStore(tmp_path),
+            now=pd.Timestamp(AFTER) + pd.Timedelta(hours=10),
+            append_dim="init_time",
+            append_dim_start=SMALL_CONFIG.append_dim_start,
+            append_dim_frequency=SMALL_CONFIG.append_dim_frequency,
+        )
+        result = per_member.check(context)
+        return result.ok, result.message
+
+    assert check(ds) == (True, "2 variables, worst 0.0% (member 0)")
+    as_one_length = ds.assign_coords(
+        ingested_forecast_length=ds["ingested_forecast_length"].copy(data=np.full_like(lengths, lengths.max()))
+    )
+    ok, message = check(as_one_length)
+    assert not ok and "(member 0)" in message, message
+    temperature[0, 1:6, 1] = np.nan  # member 1's fields at 3-15 h, within its ingested leads: 5 of 85
+    ok, message = check(ds.assign(temperature_2m=ds["temperature_2m"].copy(data=temperature)))
+    assert not ok and "temperature_2m 5.9% (member 1)" in message, message
