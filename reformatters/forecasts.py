@@ -140,6 +140,25 @@ def leads_to_fetch(
     return remaining
 
 
+class TransformWithHolding:
+    """A region job's transform written once for both paths (a mixin placed before `RegionJob`): the in-memory
+    region (NaN where no field was read) and the scratch path's sparse region, where `holding` marks the fields
+    written and the transform updates it where fields arrive (the published ones it merges in)."""
+
+    def transform_fields(self, data_array: xr.DataArray, data_var: Any, holding: npt.NDArray[np.bool_] | None) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement transform_fields()")
+
+    def apply_data_transformations(self, data_array: xr.DataArray, data_var: Any) -> None:
+        self.transform_fields(data_array, data_var, None)
+
+    def apply_data_transformations_sparse(
+        self, data_array: xr.DataArray, data_var: Any, written: npt.NDArray[np.bool_]
+    ) -> npt.NDArray[np.bool_]:
+        holding = written.copy()
+        self.transform_fields(data_array, data_var, holding)
+        return holding
+
+
 def merge_published(
     data_array: xr.DataArray,
     data_var: DataVar[Any],

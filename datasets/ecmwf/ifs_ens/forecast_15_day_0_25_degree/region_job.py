@@ -21,6 +21,7 @@ import xarray as xr
 from reformatters.common.deaccumulation import deaccumulate_along_axis
 from reformatters.common.storage import ObjectStore
 from reformatters.forecasts import (
+    TransformWithHolding,
     leads_to_fetch,
     merge_published,
     update_jobs_completing_members,
@@ -107,7 +108,7 @@ def source_grid(resolution: float) -> GridSpec:
     )
 
 
-class EcmwfIfsEnsRegionJob(RegionJob[EcmwfDataVar, EcmwfSourceFileCoord]):
+class EcmwfIfsEnsRegionJob(TransformWithHolding, RegionJob[EcmwfDataVar, EcmwfSourceFileCoord]):
     max_vars_per_job = 4
     download_per_variable = True  # one member's message per download: a variable's shard write needs only its own
     download_batch_size = 16
@@ -193,17 +194,7 @@ class EcmwfIfsEnsRegionJob(RegionJob[EcmwfDataVar, EcmwfSourceFileCoord]):
     def transforms_region(self, data_var: EcmwfDataVar) -> bool:
         return data_var.internal_attrs.deaccumulate_to_rate or self.merge_published_store is not None
 
-    def apply_data_transformations(self, data_array: xr.DataArray, data_var: EcmwfDataVar) -> None:
-        self._transform(data_array, data_var, None)
-
-    def apply_data_transformations_sparse(
-        self, data_array: xr.DataArray, data_var: EcmwfDataVar, written: npt.NDArray[np.bool_]
-    ) -> npt.NDArray[np.bool_]:
-        holding = written.copy()
-        self._transform(data_array, data_var, holding)
-        return holding
-
-    def _transform(
+    def transform_fields(
         self, data_array: xr.DataArray, data_var: EcmwfDataVar, holding: npt.NDArray[np.bool_] | None
     ) -> None:
         """Accumulations since the start of the forecast become the average rate since the previous lead, one

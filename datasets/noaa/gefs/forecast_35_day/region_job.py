@@ -23,6 +23,7 @@ from reformatters.common.resample import regular_global_plan
 from reformatters.common.storage import ObjectStore
 from reformatters.common.time_utils import utc_now
 from reformatters.forecasts import (
+    TransformWithHolding,
     leads_to_fetch,
     merge_published,
     update_jobs_completing_members,
@@ -136,7 +137,7 @@ def clamp_window_accumulation(values: npt.NDArray[np.float32], window_hours: flo
     return int(np.count_nonzero(clearly))
 
 
-class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
+class GefsForecast35DayRegionJob(TransformWithHolding, RegionJob[GefsDataVar, GefsSourceFileCoord]):
     max_vars_per_job = 4
     download_per_variable = True  # byte ranges from the .idx: each variable's messages on their own
     download_batch_size = 16
@@ -239,17 +240,7 @@ class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
         attrs = data_var.internal_attrs
         return attrs.deaccumulate_to_rate or attrs.deaccumulate_average or self.merge_published_store is not None
 
-    def apply_data_transformations(self, data_array: xr.DataArray, data_var: GefsDataVar) -> None:
-        self._transform(data_array, data_var, None)
-
-    def apply_data_transformations_sparse(
-        self, data_array: xr.DataArray, data_var: GefsDataVar, written: npt.NDArray[np.bool_]
-    ) -> npt.NDArray[np.bool_]:
-        holding = written.copy()
-        self._transform(data_array, data_var, holding)
-        return holding
-
-    def _transform(
+    def transform_fields(
         self, data_array: xr.DataArray, data_var: GefsDataVar, holding: npt.NDArray[np.bool_] | None
     ) -> None:
         """`holding` (init, member, lead): the fields written (the others read as zeros, never as NaN), updated
