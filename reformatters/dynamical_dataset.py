@@ -160,7 +160,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         # The cluster starts while the template is expanded and the jobs are planned.
         resources = self.operational_resources()
         kube_sizing = resources.backfill if resources is not None else None
-        with ClusterSession(cluster, n_workers=n_workers, kube_sizing=kube_sizing) as session:
+        with ClusterSession(cluster, n_workers=n_workers, kube_sizing=kube_sizing, replicas=replicas) as session:
             jobs = self.region_job_class.get_jobs(
                 config.get_template(end), append_dim, config.data_vars, filters, source_url=source_url
             )

@@ -110,7 +110,7 @@ def run_operational_update(
 
     # A local cluster starts while the template is expanded; nothing is written before it is up and the
     # source answers.
-    with ClusterSession(cluster, n_workers=n_workers) as session:
+    with ClusterSession(cluster, n_workers=n_workers, replicas=replicas) as session:
         session.client()
         newest = slice(template_ds.sizes[append_dim] - 1, template_ds.sizes[append_dim])
         probe_jobs = job_class.jobs_for_regions(template_ds, append_dim, config.data_vars, [newest], source_url)
