@@ -261,6 +261,32 @@ def _rendered_env(container: dict[str, Any], configmap: dict[str, str]) -> dict[
     return env
 
 
+def _profiles_file(directory: Path, replicas: Sequence[Replica]) -> Path:
+    """A credentials file as cluster/README.md says to mount it: a profile per replica, of account A then B."""
+    from reformatters.deploy.render import replica_profile
+
+    credentials = directory / "credentials"
+    credentials.write_text(
+        "".join(
+            f"[{replica_profile(r)}]\naws_access_key_id = {a.access_key_id}\n"
+            f"aws_secret_access_key = {a.secret_access_key}\n\n"
+            for r, a in zip(replicas, (ACCOUNT_A, ACCOUNT_B), strict=True)
+        )
+    )
+    return credentials
+
+
+def _apply_pod_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], credentials: Path, server: S3Server) -> None:
+    """This process's AWS and replica variables replaced by a pod's `env`, the credentials file at `credentials`."""
+    for key in [k for k in os.environ if k.startswith(("AWS_", "REFORMATTERS_REPLICA_"))]:
+        monkeypatch.delenv(key)
+    for name, value in env.items():
+        if name.startswith(("AWS_", "REFORMATTERS_REPLICA_")):
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_REGION", server.region)
+
+
 def test_a_deployed_update_reaches_each_replica_with_its_own_profile_of_the_mounted_credentials(
     accounts: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -278,27 +304,14 @@ def test_a_deployed_update_reaches_each_replica_with_its_own_profile_of_the_moun
     resources = get_dataset("noaa-gfs-forecast").operational_resources()
     assert resources is not None
     update, validate = dataset_manifests("noaa-gfs-forecast", resources, "r.example/x:abc1", replicas=replicas)
-    credentials = tmp_path / "credentials"
-    credentials.write_text(
-        "".join(
-            f"[{replica_profile(r)}]\naws_access_key_id = {a.access_key_id}\n"
-            f"aws_secret_access_key = {a.secret_access_key}\n\n"
-            for r, a in zip(replicas, (ACCOUNT_A, ACCOUNT_B), strict=True)
-        )
-    )
+    credentials = _profiles_file(tmp_path, replicas)
     configmap = {"aws-endpoint-url": accounts.endpoint_url}
     for manifest in (update, validate):
         box = manifest["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
         assert "--no-replicas" not in box["args"]
         env = _rendered_env(box, configmap)
         assert env["AWS_SHARED_CREDENTIALS_FILE"] == CREDENTIALS_FILE
-        for key in [k for k in os.environ if k.startswith(("AWS_", "REFORMATTERS_REPLICA_"))]:
-            monkeypatch.delenv(key)
-        for name, value in env.items():
-            if name.startswith(("AWS_", "REFORMATTERS_REPLICA_")):
-                monkeypatch.setenv(name, value)
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
-        monkeypatch.setenv("AWS_REGION", accounts.region)
+        _apply_pod_env(monkeypatch, env, credentials, accounts)
         for replica in replicas:
             store = replica.store()
             store.check_access()
@@ -364,23 +377,9 @@ def test_the_workers_of_a_kubernetes_cluster_get_each_s3_replicas_own_profile(
     (worker,) = dask_cluster_resource(replicas=replicas)["spec"]["worker"]["spec"]["containers"]
     assert worker["env"][: len(plain)] == plain
     assert len(worker["env"]) == len(plain) + 4  # a profile and an endpoint for each S3 replica
-    credentials = tmp_path / "credentials"
-    credentials.write_text(
-        "".join(
-            f"[{replica_profile(r)}]\naws_access_key_id = {a.access_key_id}\n"
-            f"aws_secret_access_key = {a.secret_access_key}\n\n"
-            for r, a in zip(replicas, (ACCOUNT_A, ACCOUNT_B), strict=False)
-        )
-    )
     env = _rendered_env(worker, {"aws-endpoint-url": accounts.endpoint_url})
     assert env["AWS_SHARED_CREDENTIALS_FILE"] == CREDENTIALS_FILE
-    for key in [k for k in os.environ if k.startswith(("AWS_", "REFORMATTERS_REPLICA_"))]:
-        monkeypatch.delenv(key)
-    for name, value in env.items():
-        if name.startswith(("AWS_", "REFORMATTERS_REPLICA_")):
-            monkeypatch.setenv(name, value)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
-    monkeypatch.setenv("AWS_REGION", accounts.region)
+    _apply_pod_env(monkeypatch, env, _profiles_file(tmp_path, replicas[:2]), accounts)
     for replica in replicas[:2]:
         assert env[f"{replica.env_prefix}AWS_PROFILE"] == replica_profile(replica)
         store = replica.store()
