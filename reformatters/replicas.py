@@ -28,7 +28,7 @@ from reformatters.common.config_models import FrozenModel
 from reformatters.common.icechunk_store import IcechunkStore
 from reformatters.common.storage import ObjectStore, StoreAccessError, open_store
 from reformatters.update.drift import StructureDriftError, consolidated_arrays, structure_differences
-from reformatters.update.lease import Fence, UpdateLease
+from reformatters.update.lease import Fence, UpdateLease, cached_store
 
 log = logging.getLogger("reformatters.replicas")
 
@@ -93,21 +93,31 @@ class ReplicaTarget:
         return not isinstance(self.store, IcechunkStore)
 
     def upload(self) -> ReplicaUpload:
-        return ReplicaUpload(name=self.replica.name, store=self.store, fence=self.lease.fence())
+        return ReplicaUpload(
+            name=self.replica.name,
+            url=self.store.url,
+            credentials_env_prefix=self.store.credentials_env_prefix,
+            fence=self.lease.fence(),
+        )
 
 
 @dataclass(frozen=True)
 class ReplicaUpload:
-    """What an upload task needs to write a region's shards to a replica too: its store and its lease's fence,
-    checked before anything is written there."""
+    """What an upload task needs to write a region's shards to a plain Zarr replica too: where it is, and its
+    lease's fence, checked before anything is written there."""
 
     name: str
-    store: ObjectStore
+    url: str
+    credentials_env_prefix: str | None = None
     fence: Fence | None = None
+
+    @property
+    def store(self) -> ObjectStore:
+        return cached_store(self.url, self.credentials_env_prefix)
 
     def failed(self, what: str, error: BaseException) -> ReplicaError:
         return ReplicaError(
-            f"replica {self.name} ({self.store.url}) failed while uploading {what}: {type(error).__name__}: "
+            f"replica {self.name} ({self.url}) failed while uploading {what}: {type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}. Nothing was published on the primary for this "
             "region; fix the replica's store (server, credentials) and re-run, or run with --no-replicas (or "
             "--replica for the others) to leave it out"

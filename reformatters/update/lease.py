@@ -164,8 +164,9 @@ def commit_records(store: ObjectStore) -> list[CommitRecord]:
 
 
 @functools.lru_cache(maxsize=8)
-def _store_for(url: str, credentials_env_prefix: str | None = None) -> ObjectStore:
-    return ObjectStore(url, credentials_env_prefix)  # one per worker process and URL: its client is reused
+def cached_store(url: str, credentials_env_prefix: str | None = None) -> ObjectStore:
+    """One store per process, URL and credentials: a worker's tasks reuse its S3/GCS client."""
+    return ObjectStore(url, credentials_env_prefix)
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ class Fence:
     credentials_env_prefix: str | None = None  # a replica's own credentials (`Replica.env_prefix`)
 
     def check(self) -> None:
-        store = _store_for(self.store_url, self.credentials_env_prefix)
+        store = cached_store(self.store_url, self.credentials_env_prefix)
         current = read_lease(store)
         if current is None or current.released or current.owner != self.owner or current.generation != self.generation:
             raise LeaseLostError(_lost_message(store, self.owner, self.generation, current))
