@@ -348,7 +348,7 @@ def region_buffer_shape(job: RegionJob[Any, Any], data_var: Any, shards: Sequenc
         return tuple(template.shape)
     axis = template.dims.index(job.append_dim)
     shape = list(padded_shape(template.shape, shards, skip_axes=(axis,)))
-    processing = job.get_processing_region()
+    processing = job.processing_region()
     shape[axis] = max(shape[axis], -(-job.region.stop // shards[axis]) * shards[axis] - processing.start)
     return tuple(shape)
 
@@ -404,7 +404,7 @@ def choose_layout(
     axis = template.dims.index(job.append_dim)
     if job.transforms_region(data_var) or partial_shards or len(shape) < 3:
         return rows
-    if any(n % c for n, c in zip(shape, chunks, strict=True)) or job.get_processing_region().start % chunks[axis]:
+    if any(n % c for n, c in zip(shape, chunks, strict=True)) or job.processing_region().start % chunks[axis]:
         return rows
     leading = set(template.dims[:-2])
     if any(set(coord.out_loc()) != leading for coord in coords):
@@ -589,7 +589,7 @@ class ShardPlan:
 
 def in_region(job: RegionJob[Any, Any], results: Sequence[SourceFileCoord]) -> Sequence[SourceFileCoord]:
     """The results of the region itself, not of the processing region's extra positions."""
-    processing = job.get_processing_region()
+    processing = job.processing_region()
     region = job.region
     offset = region.start - processing.start
     in_region = set(job.template_ds.get_index(job.append_dim)[offset : offset + region.stop - region.start])
@@ -619,7 +619,7 @@ def encode_assembled(
     through zarr with the shard in memory. `unwritten_unread`: slabs without values are never read, only written
     as fill into the copy of their chunk (the scratch path leaves them holes).
     `stream(key)`: a file each shard is written into chunk by chunk instead of going to `sink` whole."""
-    processing = job.get_processing_region()
+    processing = job.processing_region()
     region = job.region
     axis = plan.axis
     shard_grid = [range(-(-n // s)) for n, s in zip(plan.array_shape, encoder.shard_shape, strict=True)]

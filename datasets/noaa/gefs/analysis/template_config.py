@@ -1,0 +1,166 @@
+"""NOAA GEFS analysis, 0.25 degree: structure of the `noaa-gefs-analysis` dataset.
+
+A 3-hourly series with `time` as its append dimension, stitched from the shortest leads of successive control (c00)
+runs of GEFS. The variables are `noaa-gefs-forecast-35-day`'s surface variables, defined there and used here
+under the same names and encodings' codecs, with the analysis's chunks and shards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from reformatters.common.config_models import Coordinate, CoordinateAttrs, DatasetAttributes, Encoding
+from reformatters.template_config import TemplateConfig
+
+from ..forecast_35_day.template_config import SPATIAL_REF_WKT, GefsDataVar
+from ..forecast_35_day.template_config import data_vars as forecast_data_vars
+
+DATASET_ID = "noaa-gefs-analysis"
+DIMS = ("time", "latitude", "longitude")
+CHUNKS = (1440, 32, 32)
+SHARDS = (2880, 384, 384)
+RESOLUTION = 0.25
+FREQUENCY = pd.Timedelta(hours=3)
+# The current source era (`pgrb2` `s`/`a`/`b` files of GEFS v12). The 1.0 degree era from 2020-01-01 and the
+# reforecast can be put in front later by moving the start back a whole number of shards (2880 steps, 360 days):
+# every shard then keeps its bytes and only its index along `time` moves.
+CURRENT_ERA_START = pd.Timestamp("2020-09-23T12:00")
+# The forecast dataset's variables that are not surface (or near-surface) fields.
+NOT_SURFACE = ("geopotential_height_500hpa",)
+
+STEP_RULE = (
+    "Each time is taken from the newest 6-hourly control (c00) run that has it at lead 0 or 3 hours; a variable "
+    "GEFS publishes only as a window accumulation or average (no lead-0 message) is taken from one run back, at lead "
+    "3 or 6 hours."
+)
+INTERVAL = "time: mean (interval: the 3 hours before this time)"
+WINDOWED = (
+    "Average over the 3 hours before this time, from the 6-hour window of the run the step comes from (lead 3 h: its "
+    "first 3 hours; lead 6 h: the difference of the 0-6 h and 0-3 h windows)."
+)
+GAPS = (
+    "A single missing time step is the linear interpolation (mean) of its two neighbours; two or more consecutive "
+    "missing steps stay NaN."
+)
+
+
+def is_categorical(var: GefsDataVar) -> bool:
+    """Flag-like variables (resampled by nearest neighbour): never interpolated across a missing step."""
+    return var.internal_attrs.resampling == "nearest"
+
+
+def data_vars(chunks: tuple[int, ...] = CHUNKS, shards: tuple[int, ...] = SHARDS) -> tuple[GefsDataVar, ...]:
+    """The forecast dataset's surface variables with the analysis's chunks, shards and interval wording."""
+    variables = []
+    for var in forecast_data_vars(chunks, shards):
+        if var.name in NOT_SURFACE:
+            continue
+        notes = [] if var.internal_attrs.window == "instant" else [WINDOWED]
+        if not is_categorical(var):
+            notes.append(GAPS)
+        attrs = var.attrs.model_copy(
+            update={
+                "comment": " ".join(notes) or None,
+                "cell_methods": None if var.internal_attrs.window == "instant" else INTERVAL,
+            }
+        )
+        variables.append(var.model_copy(update={"attrs": attrs}))
+    return tuple(variables)
+
+
+_TIME_UNITS = "seconds since 1970-01-01 00:00:00"
+
+
+class GefsAnalysisTemplateConfig(TemplateConfig[GefsDataVar]):
+    """`resolution` is the published dataset's by default; a coarser variant (its coarse source files then at twice
+    its resolution) keeps the same code paths at a size tests can hold, its template under `variant_templates_dir`."""
+
+    resolution: float = Field(RESOLUTION, gt=0)
+    variant_templates_dir: Path | None = None
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.variant_templates_dir or super().templates_dir
+
+    def update_template(self, templates_dir: Path | None = None) -> Path:
+        return super().update_template(templates_dir or self.variant_templates_dir)
+
+    def dimension_coordinates(self) -> dict[str, Any]:
+        return {
+            "latitude": np.linspace(90.0, -90.0, round(180 / self.resolution) + 1),
+            "longitude": -180.0 + np.arange(round(360 / self.resolution)) * self.resolution,
+        }
+
+    def derive_coordinates(self, ds: Any) -> dict[str, Any]:
+        return {"spatial_ref": ((), np.int64(0))}
+
+
+def gefs_analysis_template_config(
+    *,
+    resolution: float = RESOLUTION,
+    chunks: tuple[int, ...] = CHUNKS,
+    shards: tuple[int, ...] = SHARDS,
+    start: pd.Timestamp = CURRENT_ERA_START,
+    templates_dir: Path | None = None,
+) -> GefsAnalysisTemplateConfig:
+    n_lat, n_lon = round(180 / resolution) + 1, round(360 / resolution)
+    return GefsAnalysisTemplateConfig(
+        dims=DIMS,
+        append_dim="time",
+        append_dim_start=start,
+        append_dim_frequency=FREQUENCY,
+        template_append_length=8,
+        resolution=resolution,
+        variant_templates_dir=templates_dir,
+        dataset_attributes=DatasetAttributes(
+            dataset_id=DATASET_ID,
+            dataset_version="0.1.0",
+            name="NOAA GEFS analysis",
+            description="Weather analysis from the Global Ensemble Forecast System (GEFS) operated by NOAA NWS NCEP: "
+            f"a continuous 3-hourly series from the shortest leads of successive control runs. {STEP_RULE}",
+            attribution="NOAA NWS NCEP GEFS data processed by reformatters.",
+            spatial_domain="Global",
+            spatial_resolution="0.25 degrees (~20km); 100 m wind resampled from 0.5 degrees",
+            time_domain=f"{start:%Y-%m-%d %H:%M} UTC to present",
+            time_resolution="3 hours",
+        ),
+        coords=(
+            Coordinate(
+                name="time",
+                encoding=Encoding(
+                    dtype="int64",
+                    fill_value=0,
+                    chunks=(100_000,),
+                    units=_TIME_UNITS,
+                    calendar="proleptic_gregorian",
+                ),
+                attrs=CoordinateAttrs(long_name="Time", standard_name="time", axis="T"),
+            ),
+            Coordinate(
+                name="latitude",
+                encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(n_lat,)),
+                attrs=CoordinateAttrs(units="degrees_north", standard_name="latitude", axis="Y"),
+            ),
+            Coordinate(
+                name="longitude",
+                encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(n_lon,)),
+                attrs=CoordinateAttrs(units="degrees_east", standard_name="longitude", axis="X"),
+            ),
+            Coordinate(
+                name="spatial_ref",
+                encoding=Encoding(dtype="int64", fill_value=0, chunks=()),
+                attrs=CoordinateAttrs(
+                    crs_wkt=SPATIAL_REF_WKT,
+                    spatial_ref=SPATIAL_REF_WKT,
+                    grid_mapping_name="latitude_longitude",
+                    comment="GEFS uses a sphere with radius 6371229 m.",
+                ),
+            ),
+        ),
+        data_vars=data_vars(chunks, shards),
+    )
