@@ -503,7 +503,11 @@ def _encode_in_scratch(
         fetched,
         kept,
         decodes,
-        extra={"peak_rss_mapped_bytes": release.peak, "mapped_page_releases": release.releases},
+        extra={
+            "peak_rss_mapped_bytes": release.peak,
+            "rss_mapped_growth_bytes": release.peak - release.start,
+            "mapped_page_releases": release.releases,
+        },
         upload_threads=1,  # each object is read whole from its file to be put
     )
     return encoded, region_bytes

@@ -216,15 +216,29 @@ class DatasetTestKit:
         whole, stepped = tmp_path / "whole.zarr", tmp_path / "stepped.zarr"
         ends = {}
         with _kit_cluster(self.n_workers) as address:
-            common = {"cluster": address, "source_url": source_url, "show_progress": False}
             for store, end in ((whole, self.backfill_end), (stepped, self.update_backfill_end)):
-                self.dataset.backfill(end, store_url=str(store), filters=self.kit_filters(), **common)
+                self.dataset.backfill(
+                    end,
+                    cluster=address,
+                    store_url=str(store),
+                    source_url=source_url,
+                    filters=self.kit_filters(),
+                    show_progress=False,
+                )
             for now in self.update_nows:
-                self.dataset.update(store_url=str(stepped), now=pd.Timestamp(now), **common)
+                self.dataset.update(
+                    cluster=address,
+                    store_url=str(stepped),
+                    source_url=source_url,
+                    now=pd.Timestamp(now),
+                    show_progress=False,
+                )
                 ends[now] = self.dataset.open_published(str(stepped)).sizes[config.append_dim]
         assert len(set(ends.values())) > 1, f"the updates appended nothing: {config.append_dim} lengths {ends}"
         got, want = _store_state(stepped), _store_state(whole)
-        assert sorted(got) == sorted(want), f"objects differ: extra {set(got) - set(want)}, missing {set(want) - set(got)}"
+        assert sorted(got) == sorted(want), (
+            f"objects differ: extra {set(got) - set(want)}, missing {set(want) - set(got)}"
+        )
         different = [key for key in want if got[key][0] != want[key][0]]
         assert not different, f"backfill + updates and one backfill differ in {different}"
 

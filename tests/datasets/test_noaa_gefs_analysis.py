@@ -154,7 +154,9 @@ class TestGefsAnalysis(DatasetTestKit):
 @pytest.fixture(scope="module")
 def published(server: ArchiveServer, tmp_path_factory: pytest.TempPathFactory) -> xr.Dataset:
     store = tmp_path_factory.mktemp("analysis") / "store.zarr"
-    DATASET.backfill(END, cluster="local", n_workers=2, store_url=str(store), source_url=server.url, show_progress=False)
+    DATASET.backfill(
+        END, cluster="local", n_workers=2, store_url=str(store), source_url=server.url, show_progress=False
+    )
     return xr.open_zarr(store).load()
 
 
@@ -180,7 +182,9 @@ def test_values_by_value(published: xr.Dataset, archive: GefsArchiveManifest) ->
     np.testing.assert_allclose(at_18, field(archive, temperature, t("2020-09-23T18"), 0 * HOUR), **close)
     assert not np.allclose(at_18, field(archive, temperature, t("2020-09-23T12"), 6 * HOUR), **close)
     np.testing.assert_allclose(
-        at(published, temperature, "2020-09-23T21:00"), field(archive, temperature, t("2020-09-23T18"), 3 * HOUR), **close
+        at(published, temperature, "2020-09-23T21:00"),
+        field(archive, temperature, t("2020-09-23T18"), 3 * HOUR),
+        **close,
     )
     # the seam between the 18z and 00z runs: precipitation at 00z is the 18z run's 3-6 h, at 03z the 00z run's 0-3 h
     rate = "precipitation_surface"
@@ -263,9 +267,7 @@ def test_update_template_with_results_ends_where_every_variable_has_filled() -> 
         group[0].name: job.generate_source_file_coords(template.isel(time=slice(0, 4)), group)
         for group in job.source_groups(CONFIG.data_vars)
     }
-    results = {
-        name: [c.with_status(SourceFileStatus.Succeeded) for c in found] for name, found in coords.items()
-    }
+    results = {name: [c.with_status(SourceFileStatus.Succeeded) for c in found] for name, found in coords.items()}
     # the instantaneous variables' last file is missing: the series ends a step earlier for all
     instant = next(name for name in results if BY_NAME[name].internal_attrs.window == "instant")
     results[instant][-1] = results[instant][-1].with_status(SourceFileStatus.DownloadFailed, not_found=True)

@@ -72,9 +72,9 @@ def interpolate_single_gaps(values: npt.NDArray[np.float32], holding: npt.NDArra
     more consecutive missing steps stay missing. `holding` (one per step) says which steps hold values and is updated
     where one is filled. Returns how many were filled."""
     present = holding.copy()
-    for i in np.nonzero(present)[0]:
-        if holds_only_nan(values[i]):
-            present[i] = False
+    for step in np.nonzero(present)[0]:
+        if holds_only_nan(values[step]):
+            present[step] = False
     filled = 0
     for i in range(1, len(values) - 1):
         if present[i] or not (present[i - 1] and present[i + 1]):
@@ -129,16 +129,16 @@ class GefsAnalysisRegionJob(GefsForecast35DayRegionJob):
 
     def apply_data_transformations(self, data_array: xr.DataArray, data_var: GefsDataVar) -> None:
         present = np.ones(data_array.sizes["time"], dtype=bool)
-        self._transform(data_array, data_var, present, sparse=False)
+        self._transform_series(data_array, data_var, present, sparse=False)
 
     def apply_data_transformations_sparse(
         self, data_array: xr.DataArray, data_var: GefsDataVar, written: npt.NDArray[np.bool_]
     ) -> npt.NDArray[np.bool_]:
         holding = written.copy()
-        self._transform(data_array, data_var, holding, sparse=True)
+        self._transform_series(data_array, data_var, holding, sparse=True)
         return holding
 
-    def _transform(
+    def _transform_series(
         self, data_array: xr.DataArray, data_var: GefsDataVar, holding: npt.NDArray[np.bool_], *, sparse: bool
     ) -> None:
         """Deaccumulate windows along time, then fill single missing steps. `holding` (one per time step): the
