@@ -7,10 +7,11 @@ from typing import Any
 
 import pandas as pd
 
-from reformatters.deploy.models import BackfillSizing, ContainerResources, CronJobSpec, OperationalResources
+from reformatters.deploy.models import OperationalResources
 from reformatters.dynamical_dataset import DynamicalDataset
 from reformatters.validation import CurrentData, ExpectedShards, RecentNaNs, Validator
 
+from ..forecast_35_day.dataset import OPERATIONAL_RESOURCES as FORECAST_RESOURCES
 from .region_job import GefsAnalysisRegionJob
 from .template_config import gefs_analysis_template_config
 
@@ -18,33 +19,21 @@ from .template_config import gefs_analysis_template_config
 # UTC appends the run's lead 0 and 3 h; just before the next one the newest step is 7.5 h old.
 MAX_PUBLICATION_DELAY = pd.Timedelta(hours=9)
 
-# A variable-region (2880 steps x 721 x 1440 float32, 12 GB) takes the scratch path: the region lives in a file on
-# the pod's scratch volume, its mapped pages released as it fills (`pipeline.scratch.MappedPagesRelease`), so a
-# worker's memory holds a window of fields and one encoded chunk. An update's region is a few steps, merged into
-# the published shard.
-OPERATIONAL_RESOURCES = OperationalResources(
-    update=CronJobSpec(
-        schedule="30 4,10,16,22 * * *",
-        starting_deadline_seconds=1800,
-        active_deadline_seconds=3 * 3600,
-        backoff_limit=1,
-        workers=1,
-        resources=ContainerResources.of("2", "8Gi", "16Gi", "24Gi"),
-        scratch_size_limit="20Gi",
-    ),
-    validation=CronJobSpec(
-        schedule="0 5,11,17,23 * * *",
-        starting_deadline_seconds=1800,
-        active_deadline_seconds=1800,
-        resources=ContainerResources.of("1", "2Gi", "256Mi", "1Gi"),
-        scratch_size_limit="512Mi",
-    ),
-    backfill=BackfillSizing(
-        workers=8,
-        dask_memory_limit="6GiB",
-        resources=ContainerResources.of("2", "8Gi", "16Gi", "32Gi"),
-        scratch_size_limit="28Gi",
-    ),
+# The GEFS forecast's backfill sizing (a scratch volume for one 12 GB variable-region per worker and its shards); the
+# update appends a few steps every 6 h, each variable-region through the scratch path and merged into its shard.
+OPERATIONAL_RESOURCES = FORECAST_RESOURCES.model_copy(
+    update={
+        "update": FORECAST_RESOURCES.update.model_copy(
+            update={
+                "schedule": "30 4,10,16,22 * * *",
+                "starting_deadline_seconds": 1800,
+                "active_deadline_seconds": 5 * 3600,
+            }
+        ),
+        "validation": FORECAST_RESOURCES.validation.model_copy(
+            update={"schedule": "0 5,11,17,23 * * *", "starting_deadline_seconds": 1800}
+        ),
+    }
 )
 
 

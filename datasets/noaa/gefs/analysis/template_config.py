@@ -12,19 +12,22 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
 
-from reformatters.common.config_models import Coordinate, CoordinateAttrs, DatasetAttributes, Encoding
-from reformatters.template_config import TemplateConfig
+from reformatters.common.config_models import Coordinate, CoordinateAttrs, DatasetAttributes
 
-from ..forecast_35_day.template_config import SPATIAL_REF_WKT, GefsDataVar
+from ..forecast_35_day.template_config import (
+    RESOLUTION,
+    TIME_ENCODING,
+    GefsDataVar,
+    GefsGridTemplateConfig,
+    grid_coords,
+)
 from ..forecast_35_day.template_config import data_vars as forecast_data_vars
 
 DATASET_ID = "noaa-gefs-analysis"
 DIMS = ("time", "latitude", "longitude")
 CHUNKS = (1440, 32, 32)
 SHARDS = (2880, 384, 384)
-RESOLUTION = 0.25
 FREQUENCY = pd.Timedelta(hours=3)
 # The current source era (`pgrb2` `s`/`a`/`b` files of GEFS v12). The 1.0 degree era from 2020-01-01 and the
 # reforecast can be put in front later by moving the start back a whole number of shards (2880 steps, 360 days):
@@ -73,28 +76,9 @@ def data_vars(chunks: tuple[int, ...] = CHUNKS, shards: tuple[int, ...] = SHARDS
     return tuple(variables)
 
 
-_TIME_UNITS = "seconds since 1970-01-01 00:00:00"
-
-
-class GefsAnalysisTemplateConfig(TemplateConfig[GefsDataVar]):
-    """`resolution` is the published dataset's by default; a coarser variant (its coarse source files then at twice
-    its resolution) keeps the same code paths at a size tests can hold, its template under `variant_templates_dir`."""
-
-    resolution: float = Field(RESOLUTION, gt=0)
-    variant_templates_dir: Path | None = None
-
-    @property
-    def templates_dir(self) -> Path:
-        return self.variant_templates_dir or super().templates_dir
-
-    def update_template(self, templates_dir: Path | None = None) -> Path:
-        return super().update_template(templates_dir or self.variant_templates_dir)
-
+class GefsAnalysisTemplateConfig(GefsGridTemplateConfig):
     def dimension_coordinates(self) -> dict[str, Any]:
-        return {
-            "latitude": np.linspace(90.0, -90.0, round(180 / self.resolution) + 1),
-            "longitude": -180.0 + np.arange(round(360 / self.resolution)) * self.resolution,
-        }
+        return self.grid_coordinates()
 
     def derive_coordinates(self, ds: Any) -> dict[str, Any]:
         return {"spatial_ref": ((), np.int64(0))}
@@ -108,7 +92,6 @@ def gefs_analysis_template_config(
     start: pd.Timestamp = CURRENT_ERA_START,
     templates_dir: Path | None = None,
 ) -> GefsAnalysisTemplateConfig:
-    n_lat, n_lon = round(180 / resolution) + 1, round(360 / resolution)
     return GefsAnalysisTemplateConfig(
         dims=DIMS,
         append_dim="time",
@@ -132,35 +115,10 @@ def gefs_analysis_template_config(
         coords=(
             Coordinate(
                 name="time",
-                encoding=Encoding(
-                    dtype="int64",
-                    fill_value=0,
-                    chunks=(100_000,),
-                    units=_TIME_UNITS,
-                    calendar="proleptic_gregorian",
-                ),
+                encoding=TIME_ENCODING,
                 attrs=CoordinateAttrs(long_name="Time", standard_name="time", axis="T"),
             ),
-            Coordinate(
-                name="latitude",
-                encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(n_lat,)),
-                attrs=CoordinateAttrs(units="degrees_north", standard_name="latitude", axis="Y"),
-            ),
-            Coordinate(
-                name="longitude",
-                encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(n_lon,)),
-                attrs=CoordinateAttrs(units="degrees_east", standard_name="longitude", axis="X"),
-            ),
-            Coordinate(
-                name="spatial_ref",
-                encoding=Encoding(dtype="int64", fill_value=0, chunks=()),
-                attrs=CoordinateAttrs(
-                    crs_wkt=SPATIAL_REF_WKT,
-                    spatial_ref=SPATIAL_REF_WKT,
-                    grid_mapping_name="latitude_longitude",
-                    comment="GEFS uses a sphere with radius 6371229 m.",
-                ),
-            ),
+            *grid_coords(resolution),
         ),
         data_vars=data_vars(chunks, shards),
     )
