@@ -280,12 +280,33 @@ class MappedPagesRelease:
         self._mapped = None  # type: ignore[assignment]
 
 
+class _NotifyingWriter:
+    """A file whose writes call `notify` afterwards: the encoder writes a shard chunk by chunk, so the scratch
+    mapping's pages it read for each chunk are looked at (`MappedPagesRelease.check`) as they grow."""
+
+    def __init__(self, out: BinaryIO, notify: Callable[[], None]) -> None:
+        self._out = out
+        self._notify = notify
+
+    def write(self, data: Any) -> int:
+        written = self._out.write(data)
+        self._notify()
+        return written
+
+    def tell(self) -> int:
+        return self._out.tell()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._out.seek(offset, whence)
+
+
 class ScratchObjects(Mapping[str, bytes]):
     """Encoded objects kept in files of a scratch directory: each is read only when it is asked for."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, on_write: Callable[[], None] | None = None) -> None:
         self._directory = directory
         self._paths: dict[str, Path] = {}
+        self._on_write = on_write  # called after each write into an object's file (each encoded chunk)
         self.nbytes = 0
 
     def put(self, key: str, data: bytes) -> None:
@@ -297,7 +318,7 @@ class ScratchObjects(Mapping[str, bytes]):
         """A new file for the object `key`, written as the encoder goes."""
         path = self._directory / f"object-{len(self._paths)}"
         with path.open("w+b") as out:
-            yield out
+            yield out if self._on_write is None else cast(BinaryIO, _NotifyingWriter(out, self._on_write))
             self.nbytes += out.tell() if out.seek(0, os.SEEK_END) is not None else 0
         self._paths[key] = path
 
@@ -435,6 +456,7 @@ def _encode_in_scratch(
             else:
                 coord, read = read_one_into(job, data_var, outcome, rows_view[(*position, ...)])
             results.record(index, coord)
+            release.check()
             fetched += outcome.nbytes if outcome.payload is not None else 0
             pause_at("scratch-field")  # tests kill a worker here, fields in its scratch file
             if read:
@@ -471,7 +493,7 @@ def _encode_in_scratch(
                 round_to_keep_bits(region[slab], data_var)
         else:
             holding_data = written.copy()
-        objects = ScratchObjects(directory)
+        objects = ScratchObjects(directory, on_write=release.check)
         kept = encode_assembled(
             job,
             data_var,

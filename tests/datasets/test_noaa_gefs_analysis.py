@@ -30,6 +30,7 @@ from reformatters_datasets.noaa.gefs.analysis.template_config import (
     is_categorical,
 )
 
+from reformatters.cluster import open_client
 from reformatters.common.storage import ObjectStore
 from reformatters.region_job import RegionJobFilters, SourceFileStatus
 from reformatters.sources.grib_decode import GridSpec
@@ -152,11 +153,16 @@ class TestGefsAnalysis(DatasetTestKit):
 
 
 @pytest.fixture(scope="module")
-def published(server: ArchiveServer, tmp_path_factory: pytest.TempPathFactory) -> xr.Dataset:
+def cluster() -> Iterator[str]:
+    """One two-worker LocalCluster for this module's own backfills (each connects to it as a remote cluster)."""
+    with open_client("local", n_workers=2) as client:
+        yield str(client.scheduler_info()["address"])
+
+
+@pytest.fixture(scope="module")
+def published(server: ArchiveServer, cluster: str, tmp_path_factory: pytest.TempPathFactory) -> xr.Dataset:
     store = tmp_path_factory.mktemp("analysis") / "store.zarr"
-    DATASET.backfill(
-        END, cluster="local", n_workers=2, store_url=str(store), source_url=server.url, show_progress=False
-    )
+    DATASET.backfill(END, cluster=cluster, store_url=str(store), source_url=server.url, show_progress=False)
     return xr.open_zarr(store).load()
 
 
@@ -223,14 +229,13 @@ def test_values_by_value(published: xr.Dataset, archive: GefsArchiveManifest) ->
     assert np.isfinite(at(published, temperature, "2020-09-25T06:00")).all()
 
 
-def test_padding_is_read_never_written(server: ArchiveServer, tmp_path: Path) -> None:
+def test_padding_is_read_never_written(server: ArchiveServer, cluster: str, tmp_path: Path) -> None:
     """The middle region alone: the steps of its padding are downloaded, reported for nobody and never stored."""
     store = tmp_path / "store.zarr"
     middle = "2020-09-24T12:00"
     DATASET.backfill(
         END,
-        cluster="local",
-        n_workers=2,
+        cluster=cluster,
         store_url=str(store),
         source_url=server.url,
         filters=RegionJobFilters(contains=(pd.Timestamp(middle),), variable_names=("precipitation_surface",)),
@@ -246,14 +251,12 @@ def test_padding_is_read_never_written(server: ArchiveServer, tmp_path: Path) ->
 
 
 def test_padded_region_through_the_scratch_path(
-    server: ArchiveServer, published: xr.Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    server: ArchiveServer, cluster: str, published: xr.Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every variable-region through a worker-local scratch file (sparse transform): the same values."""
     monkeypatch.setattr(GefsAnalysisRegionJob, "scratch_region_bytes", 0)  # decided on the driver
     store = tmp_path / "scratch.zarr"
-    summary = DATASET.backfill(
-        END, cluster="local", n_workers=2, store_url=str(store), source_url=server.url, show_progress=False
-    )
+    summary = DATASET.backfill(END, cluster=cluster, store_url=str(store), source_url=server.url, show_progress=False)
     assert all(entry.scratch_bytes > 0 for entry in summary.variables.values())
     scratch = xr.open_zarr(store).load()
     for name in VARIABLES:
@@ -273,3 +276,14 @@ def test_update_template_with_results_ends_where_every_variable_has_filled() -> 
     results[instant][-1] = results[instant][-1].with_status(SourceFileStatus.DownloadFailed, not_found=True)
     trimmed = GefsAnalysisRegionJob.update_template_with_results(template, "time", results)
     assert trimmed.get_index("time")[-1] == template.get_index("time")[2]
+
+
+def test_backfill_then_updates_through_the_scratch_path(
+    archive: GefsArchiveManifest, server: ArchiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kit's backfill-then-updates check with every variable-region through the scratch path: the updates'
+    regions start inside a published shard, so each is merged into it chunk by chunk."""
+    monkeypatch.setattr(GefsAnalysisRegionJob, "scratch_region_bytes", 0)
+    kit = TestGefsAnalysis()
+    kit.archive, kit.server = archive, server
+    kit.test_backfill_then_updates_equals_one_backfill(tmp_path)
