@@ -1,10 +1,11 @@
 """Peak memory per worker for one variable-region of `noaa-gefs-analysis`: the published shape (2880 steps x the full
-0.25 degree grid, chunks (1440, 32, 32), shards (2880, 384, 384): a 12 GB shard-padded float32 region, which takes
-the scratch path), backfilled from a generated archive of c00 runs served on loopback.
+0.25 degree grid, chunks (1440, 32, 32), shards (2880, 384, 384): 12 GB of float32, 13.6 GB padded to whole shards,
+so it takes the scratch path), backfilled from a generated archive of c00 runs served on loopback.
 
     python -m benchmarks.gefs_analysis [--steps 96] [--variables temperature_2m,precipitation_surface] [--json PATH]
 
-The archive holds the runs and leads (0, 3 and 6 h) of the region's first `--steps` steps; the region's other steps
+The archive holds the runs and leads (0 and 3 h, and 6 h for windowed variables) of the region's first `--steps` steps
+(`--steps 2880`: the whole region); the region's other steps
 are missing files (holes in the sparse scratch file, NaN in the store, counted as not found). One region per
 variable, on a LocalCluster of `--workers` workers (2), each variable-region one scratch task. Reported per variable,
 from the run summary: the highest anonymous memory of the worker while its scratch task ran (RssAnon, sampled every
@@ -42,9 +43,11 @@ def run(steps: int, variables: list[str], workers: int, workdir: Path) -> dict[s
     # Every run a step of the first `steps` comes from: lead 0/3 h (instantaneous), 3/6 h (windows, one run back).
     runs = [start - timedelta(hours=6) + timedelta(hours=6 * i) for i in range(steps // 2 + 1)]
     started = time.perf_counter()
-    archive = generate_gefs_archive(runs, [0], [0, 3, 6], variables=variables, products=("s",), workers=workers)
-    archive_seconds = time.perf_counter() - started
     config = gefs_analysis_template_config(templates_dir=workdir / "templates")
+    windows = any(config.data_var(name).internal_attrs.window != "instant" for name in variables)
+    leads = [0, 3, 6] if windows else [0, 3]
+    archive = generate_gefs_archive(runs, [0], leads, variables=variables, products=("s",), workers=workers)
+    archive_seconds = time.perf_counter() - started
     config.update_template(templates_dir=workdir / "templates")
     dataset = GefsAnalysisDataset(template_config=config)
     end = CURRENT_ERA_START + FREQUENCY * REGION_STEPS
