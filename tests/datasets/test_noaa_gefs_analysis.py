@@ -160,10 +160,22 @@ def cluster() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def published(server: ArchiveServer, cluster: str, tmp_path_factory: pytest.TempPathFactory) -> xr.Dataset:
+def published_store(server: ArchiveServer, cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("analysis") / "store.zarr"
     DATASET.backfill(END, cluster=cluster, store_url=str(store), source_url=server.url, show_progress=False)
-    return xr.open_zarr(store).load()
+    return store
+
+
+@pytest.fixture(scope="module")
+def published(published_store: Path) -> xr.Dataset:
+    return xr.open_zarr(published_store).load()
+
+
+def test_validators_pass_on_time_and_fail_late(published_store: Path) -> None:
+    on_time = DATASET.run_validators(store_url=str(published_store), now=pd.Timestamp("2020-09-26T03:00"))
+    assert on_time.ok, on_time.lines()
+    late = DATASET.run_validators(store_url=str(published_store), now=pd.Timestamp("2020-09-26T12:00"))
+    assert [r.name for r in late.results if not r.ok] == ["current data (max delay 0 days 09:00:00)"], late.lines()
 
 
 def at(ds: xr.Dataset, name: str, time: str) -> npt.NDArray[np.float32]:
