@@ -441,15 +441,20 @@ def fetch_bytes(
 
 
 class IndexCache:
-    """Inventories by URL (parsed, with their text), the most recent `capacity` of them, for this process.
+    """Inventories by URL (parsed, with their text), the most recent `capacity` of them and at most `max_lines`
+    inventory lines together (the newest is kept whatever its size), for this process.
 
     Inventories of published files never change. Downloads that fetch one variable at a time ask for the same
     inventory once per variable; this keeps it to once per worker. A missing inventory is remembered for
     `not_found_seconds` only: the file may be published by the time a later task (or the next update) asks.
+    Each line is held as an entry and as text: an ECMWF step file's index lists every member's messages, so
+    `max_lines` bounds the memory whatever the producer lists (an inventory pushed out is fetched again if asked for).
     """
 
-    def __init__(self, capacity: int = 256, not_found_seconds: float = 30.0) -> None:
+    def __init__(self, capacity: int = 256, not_found_seconds: float = 30.0, max_lines: int = 65_536) -> None:
         self._capacity = capacity
+        self._max_lines = max_lines
+        self._lines = 0
         self.not_found_seconds = not_found_seconds
         self._entries: OrderedDict[str, tuple[list[IndexEntry], str | None] | tuple[float, str]] = OrderedDict()
         self._lock = threading.Lock()
@@ -481,9 +486,14 @@ class IndexCache:
             return None
         self._entries.move_to_end(url)
         if isinstance(cached[0], float) and time.monotonic() >= cached[0]:
-            del self._entries[url]
+            self._drop(url)
             return None
         return cached
+
+    def _drop(self, url: str) -> None:
+        held = self._entries.pop(url)
+        if isinstance(held[0], list):
+            self._lines -= len(held[0])
 
     def put(self, url: str, entries: list[IndexEntry], text: str | None = None) -> None:
         self._store(url, (entries, text))
@@ -493,14 +503,23 @@ class IndexCache:
 
     def _store(self, url: str, value: tuple[list[IndexEntry], str | None] | tuple[float, str]) -> None:
         with self._lock:
+            if url in self._entries:
+                self._drop(url)
             self._entries[url] = value
-            self._entries.move_to_end(url)
-            while len(self._entries) > self._capacity:
-                self._entries.popitem(last=False)
+            if isinstance(value[0], list):
+                self._lines += len(value[0])
+            while len(self._entries) > 1 and (len(self._entries) > self._capacity or self._lines > self._max_lines):
+                self._drop(next(iter(self._entries)))
+
+    @property
+    def lines(self) -> int:
+        """The inventory lines held."""
+        return self._lines
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._lines = 0
 
 
 INDEX_CACHE = IndexCache()

@@ -170,6 +170,9 @@ class EcmwfIndex:
 _parsed: OrderedDict[str, tuple[str, EcmwfIndex]] = OrderedDict()
 _parsed_lock = threading.Lock()
 _PARSED_CAPACITY = 64
+# Lines of the parsed indexes held together (one step file lists every member's messages): the newest index is
+# kept whatever its size.
+_PARSED_MAX_LINES = 32_768
 
 
 def fetch_ecmwf_index(
@@ -177,8 +180,12 @@ def fetch_ecmwf_index(
 ) -> EcmwfIndex:
     """The parsed `.index` at `index_url`: fetched once per process (through the shared inventory cache, so the
     framework's index tasks hand it to every download) and parsed once per process."""
-    fetch_index(index_url, config=config, cache=cache)
-    text = cache.text(index_url)
+    text = None
+    for _ in range(3):  # another thread's inventories may push this one out of the cache between the two calls
+        fetch_index(index_url, config=config, cache=cache)
+        text = cache.text(index_url)
+        if text is not None:
+            break
     if text is None:
         raise GribIndexParseError(f"{index_url}: the inventory cache holds no text for it")
     with _parsed_lock:
@@ -191,10 +198,15 @@ def fetch_ecmwf_index(
     except GribIndexParseError as error:
         raise GribIndexParseError(f"{index_url}: {error}") from None
     with _parsed_lock:
+        _parsed.pop(index_url, None)
         _parsed[index_url] = (text, index)
-        while len(_parsed) > _PARSED_CAPACITY:
+        while len(_parsed) > 1 and (len(_parsed) > _PARSED_CAPACITY or _parsed_lines() > _PARSED_MAX_LINES):
             _parsed.popitem(last=False)
     return index
+
+
+def _parsed_lines() -> int:
+    return sum(len(index.entries) for _, index in _parsed.values())
 
 
 def fetch_ecmwf_messages(

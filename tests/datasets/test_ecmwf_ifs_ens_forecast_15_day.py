@@ -418,3 +418,74 @@ def test_scratch_path_store_is_the_in_memory_store(
     for name in VARIABLES:
         assert through_scratch.variables[name].scratch_bytes > 0 and in_memory.variables[name].scratch_bytes == 0
         assert through_scratch.variables[name].files_ok == in_memory.variables[name].files_ok > 0
+
+
+def _scratch_task_python_memory(members: int, source_url: str, tmp_path: Path) -> tuple[int, int, int, int]:
+    """One variable-region of `members` members (every one of the 85 leads asked for) through the scratch task in
+    this process, its arguments and its answer pickled as Dask ships them: (source files, peak Python bytes
+    allocated while the task ran, pickled bytes of the coords it was handed, pickled bytes of its answer)."""
+    import pickle
+    import tracemalloc
+
+    from reformatters.pipeline.graph import build_region_graph
+    from reformatters.pipeline.scratch import scratch_variable_kernel
+    from reformatters.pipeline.source_results import SourceFileResults
+    from reformatters.publish import tmp_metadata_store, variable_metadata
+    from reformatters.region_job import SourceFileStatus
+
+    config = ecmwf_ifs_ens_template_config(
+        ensemble_members=tuple(range(members)),
+        resolution=RESOLUTION,
+        chunks=(1, 85, 51, 31, 60),  # the published member chunk: one 51-wide chunk whatever the member count
+        shards=(1, 85, 51, 62, 120),
+        templates_dir=tmp_path / "templates",
+        append_dim_start=f"{AFTER:%Y-%m-%dT%H:%M}",
+    )
+    config.update_template()
+    template = config.get_template("2026-05-13T00:00")
+    var = config.data_var("temperature_2m")
+    (job,) = EcmwfIfsEnsRegionJob.get_jobs(template, "init_time", [var], source_url=source_url)
+    store = tmp_path / "store.zarr"
+    write_metadata(job.template_ds, store)
+    with tmp_metadata_store(job.template_ds) as metadata_store:
+        metadata = variable_metadata(metadata_store, [var.name])
+    (graph,) = build_region_graph(job, metadata, ObjectStore(store))
+    tasks = dict(graph.__dask_graph__())
+    (task,) = (t for key, t in tasks.items() if str(key).startswith("scratch-"))
+    (coords,) = (arg for arg in task.args if isinstance(arg, list | SourceFileResults))
+    assert isinstance(coords, SourceFileResults), "the graph hands a scratch task its coords packed"
+    shipped = pickle.dumps(coords)
+    worker_job = pickle.dumps(job.for_workers())
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        result = scratch_variable_kernel(
+            pickle.loads(worker_job), var, pickle.loads(shipped), metadata[var.name], ObjectStore(store)
+        )
+        answer = pickle.dumps(result)
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    assert result.count(SourceFileStatus.Succeeded) == 4 * members  # the archive's steps, every member
+    return len(coords), peak, len(shipped), len(answer)
+
+
+def test_scratch_task_holds_a_few_bytes_per_member_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a worker's scratch task holds for 51 members against 5, on the same archive and shard shape: the fields,
+    the encoder's chunks and the downloads are the same size, only the per-file bookkeeping grows. A coord kept as
+    an object (~1.3 KB) where the task holds it packed (~15 bytes) breaks the bound, as it did before the coords
+    travelled packed; so do coords handed over as a list, or an answer of coord objects."""
+    monkeypatch.setattr(EcmwfIfsEnsRegionJob, "scratch_region_bytes", 0)
+    archive = generate_ecmwf_archive(
+        [AFTER], [0, 3, 144, 360], members=range(51), params=("2t",), grid=ecmwf_grid(RESOLUTION), workers=2
+    )
+    with ArchiveServer(archive.root) as archive_server:
+        _scratch_task_python_memory(5, archive_server.url, tmp_path / "warm")  # the process's caches filled first
+        few = _scratch_task_python_memory(5, archive_server.url, tmp_path / "few")
+        many = _scratch_task_python_memory(51, archive_server.url, tmp_path / "many")
+    files_few, peak_few, _, _ = few
+    files_many, peak_many, shipped_many, answer_many = many
+    assert (files_few, files_many) == (5 * 85, 51 * 85)
+    extra_files = files_many - files_few
+    assert shipped_many < 40 * files_many and answer_many < 40 * files_many, (shipped_many, answer_many)
+    assert (peak_many - peak_few) / extra_files < 500, (peak_few, peak_many, extra_files)

@@ -286,6 +286,23 @@ def test_the_inventory_cache_keeps_only_the_most_recent(small_archive: ArchiveMa
     assert cache.get("b") == entries and cache.get("c") == entries
 
 
+def test_the_inventory_cache_holds_a_bounded_number_of_lines(small_archive: ArchiveManifest) -> None:
+    """Inventories count by their lines too (an ECMWF step file lists every member's messages): the oldest go
+    once the lines held pass `max_lines`; the newest stays whatever its size; a missing inventory holds none."""
+    entries = parse_ncep_idx(Path(str(small_archive.path(INIT, LEAD)) + ".idx").read_text())
+    cache = IndexCache(max_lines=2 * len(entries) + 1)
+    for name in ("a", "b", "b", "c"):  # storing "b" again does not count its lines twice
+        cache.put(name, entries)
+    cache.put_missing("gone", "404")
+    assert cache.get("a") is None and cache.get("b") == entries and cache.get("c") == entries
+    assert cache.lines == 2 * len(entries)
+    cache.put("big", entries * 3)
+    assert cache.get("big") == entries * 3 and not cache.known("b") and not cache.known("c")
+    assert cache.lines == 3 * len(entries)
+    cache.clear()
+    assert cache.lines == 0
+
+
 def test_one_merged_range_is_fetched_in_the_calling_thread(
     server: ArchiveServer, small_archive: ArchiveManifest, caplog: pytest.LogCaptureFixture
 ) -> None:

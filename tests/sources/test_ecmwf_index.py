@@ -4,6 +4,7 @@ loopback, and the reader against ecCodes on a real ECMWF file."""
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -12,10 +13,12 @@ import eccodes
 import numpy as np
 import pytest
 
-from reformatters.sources.download import DownloadConfig, SourceFileNotFoundError
+from reformatters.sources import ecmwf_index
+from reformatters.sources.download import DownloadConfig, IndexCache, SourceFileNotFoundError
 from reformatters.sources.ecmwf_index import (
     EcmwfIndex,
     EcmwfMessageKey,
+    fetch_ecmwf_index,
     fetch_ecmwf_messages,
     normalize_ecmwf_step,
 )
@@ -141,6 +144,28 @@ def test_fetch_selects_and_merges_byte_ranges(archive: EcmwfArchiveManifest, ser
     missing = ecmwf_file_path(BEFORE, "enfo", 9, archive.resolution_dir)
     with pytest.raises(SourceFileNotFoundError):
         fetch_ecmwf_messages(server.url_for(missing), server.url_for(index_path(missing)), wanted, config=FAST)
+
+
+def test_parsed_indexes_are_held_to_a_bounded_number_of_lines(
+    archive: EcmwfArchiveManifest, server: ArchiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker walks an init's steps, each index listing every member: the parsed indexes it keeps stay under
+    `_PARSED_MAX_LINES` lines (the newest whatever its size), and each answers as parsed."""
+    steps = [(init, step) for init in (BEFORE, AFTER) for step in (0, 144)]
+    relatives = [ecmwf_file_path(init, "enfo", step, archive.resolution_dir) for init, step in steps]
+    urls = [server.url_for(index_path(relative)) for relative in relatives]
+    lines = len(EcmwfIndex.parse(Path(index_path(str(archive.path(BEFORE, "enfo", 0)))).read_text()).entries)
+    monkeypatch.setattr(ecmwf_index, "_parsed", OrderedDict())
+    monkeypatch.setattr(ecmwf_index, "_PARSED_MAX_LINES", 2 * lines)
+    cache = IndexCache()
+    for url, (_, step) in zip(urls, steps, strict=True):
+        index = fetch_ecmwf_index(url, config=FAST, cache=cache)
+        assert index.find(EcmwfMessageKey("2t", "sfc", str(step), "pf", 50)) is not None
+        assert sum(len(held.entries) for _, held in ecmwf_index._parsed.values()) <= 2 * lines
+    assert list(ecmwf_index._parsed) == urls[-2:]
+    monkeypatch.setattr(ecmwf_index, "_PARSED_MAX_LINES", 1)
+    assert fetch_ecmwf_index(urls[0], config=FAST, cache=cache).entries  # alone over the bound: still kept
+    assert list(ecmwf_index._parsed) == urls[:1]
 
 
 def test_generated_messages_are_ccsds_with_ecmwf_keys(archive: EcmwfArchiveManifest) -> None:
