@@ -299,3 +299,38 @@ def test_backfill_then_updates_through_the_scratch_path(
     kit = TestGefsAnalysis()
     kit.archive, kit.server = archive, server
     kit.test_backfill_then_updates_equals_one_backfill(tmp_path)
+
+
+def test_an_earlier_start_by_whole_shards_moves_the_shards_without_rewriting_them(
+    server: ArchiveServer, cluster: str, published_store: Path, tmp_path: Path
+) -> None:
+    """An earlier era put in front by a whole shard (8 steps here, 2880 in the published dataset): the same structure,
+    and each shard of the current era holds the same bytes one index further along `time` (an instantaneous variable,
+    whose first step needs no earlier neighbour)."""
+    shard = CONFIG.data_vars[0].encoding.shards[0]  # type: ignore[index]
+    earlier_config = gefs_analysis_template_config(
+        resolution=RESOLUTION,
+        chunks=(4, 46, 90),
+        shards=(8, 184, 360),
+        start=CURRENT_ERA_START - shard * CONFIG.append_dim_frequency,
+        templates_dir=tmp_path / "templates",
+    ).model_copy(update={"data_vars": CONFIG.data_vars})
+    earlier_config.update_template()
+    earlier = GefsAnalysisDataset(template_config=earlier_config)
+    store = tmp_path / "earlier.zarr"
+    name = "temperature_2m"
+    earlier.backfill(
+        END,
+        cluster=cluster,
+        store_url=str(store),
+        source_url=server.url,
+        filters=RegionJobFilters(variable_names=(name,)),
+        show_progress=False,
+    )
+    ours, theirs = ObjectStore(published_store), ObjectStore(store)
+    keys = sorted(ours.list(f"{name}/c/"))
+    assert keys
+    for key in keys:
+        index = int(key.split("/")[2])
+        moved = f"{name}/c/{index + 1}/" + "/".join(key.split("/")[3:])
+        assert theirs.get(moved) == ours.get(key), f"{key} changed when moved to {moved}"

@@ -30,8 +30,9 @@ CHUNKS = (1440, 32, 32)
 SHARDS = (2880, 384, 384)
 FREQUENCY = pd.Timedelta(hours=3)
 # The current source era (`pgrb2` `s`/`a`/`b` files of GEFS v12). The 1.0 degree era from 2020-01-01 and the
-# reforecast can be put in front later by moving the start back a whole number of shards (2880 steps, 360 days):
-# every shard then keeps its bytes and only its index along `time` moves.
+# reforecast can be put in front later by moving the start back a whole number of shards (2880 steps, 360 days): the
+# structure stays and each shard keeps its bytes, only its index along `time` moves (except where the era's first
+# steps gain an earlier neighbour: the first window step, deaccumulated, and a missing first step, interpolated).
 CURRENT_ERA_START = pd.Timestamp("2020-09-23T12:00")
 # The forecast dataset's variables that are not surface (or near-surface) fields.
 NOT_SURFACE = ("geopotential_height_500hpa",)
