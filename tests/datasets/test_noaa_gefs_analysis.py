@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +27,7 @@ from reformatters_datasets.noaa.gefs.analysis.region_job import (
 )
 from reformatters_datasets.noaa.gefs.analysis.template_config import (
     CURRENT_ERA_START,
+    GefsAnalysisTemplateConfig,
     gefs_analysis_template_config,
     is_categorical,
 )
@@ -57,10 +59,19 @@ MISSING = [
     (datetime(2020, 9, 25, 0), "s", 3),
 ]
 TEMPLATES = Path(tempfile.mkdtemp(prefix="gefs-analysis-templates-"))
-_FULL = gefs_analysis_template_config(
-    resolution=RESOLUTION, chunks=(4, 46, 90), shards=(8, 184, 360), templates_dir=TEMPLATES
-)
-CONFIG = _FULL.model_copy(update={"data_vars": tuple(v for v in _FULL.data_vars if v.name in VARIABLES)})
+
+
+def small_config(
+    start: pd.Timestamp = CURRENT_ERA_START, templates_dir: Path = TEMPLATES
+) -> GefsAnalysisTemplateConfig:
+    """The test variant: the four variables, a 1 degree grid, 8 steps per shard."""
+    full = gefs_analysis_template_config(
+        resolution=RESOLUTION, chunks=(4, 46, 90), shards=(8, 184, 360), start=start, templates_dir=templates_dir
+    )
+    return full.model_copy(update={"data_vars": tuple(v for v in full.data_vars if v.name in VARIABLES)})
+
+
+CONFIG = small_config()
 DATASET = GefsAnalysisDataset(template_config=CONFIG)
 BY_NAME = {v.name: v for v in CONFIG.data_vars}
 HOUR = pd.Timedelta(hours=1)
@@ -159,10 +170,24 @@ def cluster() -> Iterator[str]:
         yield str(client.scheduler_info()["address"])
 
 
+def backfill(
+    store: Path, server: ArchiveServer, cluster: str, dataset: GefsAnalysisDataset = DATASET, **filters: Any
+) -> RunSummary:
+    """A backfill up to END from the archive, on the module's cluster; `filters` as `RegionJobFilters` takes them."""
+    return dataset.backfill(
+        END,
+        cluster=cluster,
+        store_url=str(store),
+        source_url=server.url,
+        filters=RegionJobFilters(**filters),
+        show_progress=False,
+    )
+
+
 @pytest.fixture(scope="module")
 def published_store(server: ArchiveServer, cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("analysis") / "store.zarr"
-    DATASET.backfill(END, cluster=cluster, store_url=str(store), source_url=server.url, show_progress=False)
+    backfill(store, server, cluster)
     return store
 
 
@@ -245,14 +270,7 @@ def test_padding_is_read_never_written(server: ArchiveServer, cluster: str, tmp_
     """The middle region alone: the steps of its padding are downloaded, reported for nobody and never stored."""
     store = tmp_path / "store.zarr"
     middle = "2020-09-24T12:00"
-    DATASET.backfill(
-        END,
-        cluster=cluster,
-        store_url=str(store),
-        source_url=server.url,
-        filters=RegionJobFilters(contains=(pd.Timestamp(middle),), variable_names=("precipitation_surface",)),
-        show_progress=False,
-    )
+    backfill(store, server, cluster, contains=(pd.Timestamp(middle),), variable_names=("precipitation_surface",))
     ds = xr.open_zarr(store)
     values = ds["precipitation_surface"].values
     times = ds.get_index("time")
@@ -268,7 +286,7 @@ def test_padded_region_through_the_scratch_path(
     """Every variable-region through a worker-local scratch file (sparse transform): the same values."""
     monkeypatch.setattr(GefsAnalysisRegionJob, "scratch_region_bytes", 0)  # decided on the driver
     store = tmp_path / "scratch.zarr"
-    summary = DATASET.backfill(END, cluster=cluster, store_url=str(store), source_url=server.url, show_progress=False)
+    summary = backfill(store, server, cluster)
     assert all(entry.scratch_bytes > 0 for entry in summary.variables.values())
     scratch = xr.open_zarr(store).load()
     for name in VARIABLES:
@@ -308,25 +326,11 @@ def test_an_earlier_start_by_whole_shards_moves_the_shards_without_rewriting_the
     and each shard of the current era holds the same bytes one index further along `time` (an instantaneous variable,
     whose first step needs no earlier neighbour)."""
     shard = CONFIG.data_vars[0].encoding.shards[0]  # type: ignore[index]
-    earlier_config = gefs_analysis_template_config(
-        resolution=RESOLUTION,
-        chunks=(4, 46, 90),
-        shards=(8, 184, 360),
-        start=CURRENT_ERA_START - shard * CONFIG.append_dim_frequency,
-        templates_dir=tmp_path / "templates",
-    ).model_copy(update={"data_vars": CONFIG.data_vars})
+    earlier_config = small_config(CURRENT_ERA_START - shard * CONFIG.append_dim_frequency, tmp_path / "templates")
     earlier_config.update_template()
-    earlier = GefsAnalysisDataset(template_config=earlier_config)
     store = tmp_path / "earlier.zarr"
     name = "temperature_2m"
-    earlier.backfill(
-        END,
-        cluster=cluster,
-        store_url=str(store),
-        source_url=server.url,
-        filters=RegionJobFilters(variable_names=(name,)),
-        show_progress=False,
-    )
+    backfill(store, server, cluster, GefsAnalysisDataset(template_config=earlier_config), variable_names=(name,))
     ours, theirs = ObjectStore(published_store), ObjectStore(store)
     keys = sorted(ours.list(f"{name}/c/"))
     assert keys
