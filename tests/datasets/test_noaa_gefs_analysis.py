@@ -338,3 +338,17 @@ def test_an_earlier_start_by_whole_shards_moves_the_shards_without_rewriting_the
         index = int(key.split("/")[2])
         moved = f"{name}/c/{index + 1}/" + "/".join(key.split("/")[3:])
         assert theirs.get(moved) == ours.get(key), f"{key} changed when moved to {moved}"
+
+
+def test_update_starts_at_the_last_published_step_and_ends_regions_on_shard_boundaries(published_store: Path) -> None:
+    """20 steps published (to 09-25T21): the update re-processes the last (a single gap there is filled once its
+    next neighbour exists) and appends, in regions that end where shards do."""
+    published = xr.open_zarr(published_store)
+    length = published.sizes["time"]
+    template = CONFIG.get_template("2020-09-27T06:00")
+    jobs, _ = GefsAnalysisRegionJob.operational_update_jobs(
+        ObjectStore(published_store), template, "time", CONFIG.data_vars
+    )
+    regions = sorted({(job.region.start, job.region.stop) for job in jobs})
+    assert length == 20 and regions == [(19, 24), (24, 30)]
+    assert {v.name for job in jobs for v in job.data_vars} == set(VARIABLES)
