@@ -87,7 +87,7 @@ def archive() -> GefsArchiveManifest:
         fine_grid=GridSpec.global_regular(RESOLUTION),
         coarse_grid=GridSpec.global_regular(2 * RESOLUTION),
         products=("s", "b"),
-        missing=[(init, 0, product, lead) for init, product, lead in MISSING],  # type: ignore[misc]
+        missing=[(init, 0, product, lead) for init, product, lead in MISSING],
         workers=2,
     )
 
