@@ -467,7 +467,7 @@ def _encode_in_scratch(
         transforms = job.transforms_region(data_var)
         sparse = transforms and job.has_sparse_transform()
         everything = (transforms and not sparse) or unsharded
-        _fill_what_is_read(buffer, layout, written, field_shape, everything=everything)
+        _fill_what_is_read(buffer, layout, written, field_shape, everything=everything, touched=release.check)
         assembled = AssembledVariable(job, data_var, layout, buffer, results, delivered, written, decodes)
         if transforms:
             data_array = xr.DataArray(
@@ -485,12 +485,13 @@ def _encode_in_scratch(
                 holding_data = np.zeros_like(written)
                 holding_data[in_template] = holding
                 # Fields the hook wrote where no file did: their padding is read with them.
-                _fill_padding(buffer, layout, holding_data & ~written, field_shape)
+                _fill_padding(buffer, layout, holding_data & ~written, field_shape, release.check)
             else:
                 job.apply_data_transformations(data_array, data_var)
                 holding_data = slabs_holding_data(buffer, delivered)
             for slab in zip(*np.nonzero(holding_data[in_template]), strict=True):
                 round_to_keep_bits(region[slab], data_var)
+                release.check()
         else:
             holding_data = written.copy()
         objects = ScratchObjects(directory, on_write=release.check)
@@ -555,16 +556,19 @@ def _fill_what_is_read(
     field_shape: tuple[int, int],
     *,
     everything: bool,
+    touched: Callable[[], None] | None = None,
 ) -> None:
     """NaN into the parts of the scratch file something reads that no field wrote: the padding of the fields
     (row-major: an edge chunk copies its slabs whole), and, if `everything` (a transform hook that reads the
     whole region, or chunks encoded as they lie), every slab without a field. The encoder never reads a slab
     without a field (`unwritten_unread`), nor does the partial-shard merge; the rest stays a hole."""
-    _fill_padding(buffer, layout, written, field_shape)
+    _fill_padding(buffer, layout, written, field_shape, touched)
     if everything:
         nan = float(np.nan)
         for slab in zip(*np.nonzero(~written), strict=True):
             layout.fill_slab(buffer, slab, nan)
+            if touched is not None:
+                touched()
 
 
 def _fill_padding(
@@ -572,9 +576,10 @@ def _fill_padding(
     layout: RegionLayout,
     slabs: npt.NDArray[np.bool_],
     field_shape: tuple[int, int],
+    touched: Callable[[], None] | None = None,
 ) -> None:
     """NaN into the shard padding beside the fields of `slabs` (row-major; chunk-major fields are written with
-    their padding)."""
+    their padding). `touched` is called after each slab (the padding columns touch a page of every row)."""
     if layout.chunk_major:
         return
     nan = float(np.nan)
@@ -582,3 +587,5 @@ def _fill_padding(
     for slab in zip(*np.nonzero(slabs), strict=True):
         buffer[(*slab, slice(rows, None))] = nan
         buffer[(*slab, slice(0, rows), slice(columns, None))] = nan
+        if touched is not None:
+            touched()
