@@ -612,13 +612,16 @@ def encode_assembled(
     partial_by_chunk: bool = False,
     unwritten_unread: bool = False,
     stream: ShardStream | None = None,
+    chunk_read: Callable[[], None] | None = None,
 ) -> int:
     """Encode the shard objects of one variable-region, handing each to `sink(key, bytes)` as it is done;
     returns how many fields they keep from the published shards (`holding_data` is updated where they do).
     `partial_by_chunk`: partial shards are merged one inner chunk at a time (`merge_partial_shards_by_chunk`), not
     through zarr with the shard in memory. `unwritten_unread`: slabs without values are never read, only written
     as fill into the copy of their chunk (the scratch path leaves them holes).
-    `stream(key)`: a file each shard is written into chunk by chunk instead of going to `sink` whole."""
+    `stream(key)`: a file each shard is written into chunk by chunk instead of going to `sink` whole.
+    `chunk_read()` is called before each inner chunk of a whole shard is taken from the buffer (the one before it has
+    been read by then): the scratch path looks at its mapping's resident pages there."""
     processing = job.processing_region()
     region = job.region
     axis = plan.axis
@@ -640,6 +643,8 @@ def encode_assembled(
                 first_chunk = [o // c for o, c in zip(origin, encoder.chunk_shape, strict=True)]
 
                 def chunk_at(within: tuple[int, ...], first: list[int] = first_chunk) -> npt.NDArray[np.float32]:
+                    if chunk_read is not None:
+                        chunk_read()
                     return layout.chunk(assembled.buffer, [f + w for f, w in zip(first, within, strict=True)])
 
                 kept += keep_published_fields(encoder, published, chunk_at, slab_map)
@@ -653,6 +658,8 @@ def encode_assembled(
                 shard = assembled.buffer[block]
 
                 def shard_chunk(within: tuple[int, ...], shard: npt.NDArray[np.float32] = shard) -> npt.NDArray[Any]:
+                    if chunk_read is not None:
+                        chunk_read()
                     return shard[
                         tuple(slice(i * c, (i + 1) * c) for i, c in zip(within, encoder.chunk_shape, strict=True))
                     ]

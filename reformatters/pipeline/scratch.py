@@ -280,33 +280,12 @@ class MappedPagesRelease:
         self._mapped = None  # type: ignore[assignment]
 
 
-class _NotifyingWriter:
-    """A file whose writes call `notify` afterwards: the encoder writes a shard chunk by chunk, so the scratch
-    mapping's pages it read for each chunk are looked at (`MappedPagesRelease.check`) as they grow."""
-
-    def __init__(self, out: BinaryIO, notify: Callable[[], None]) -> None:
-        self._out = out
-        self._notify = notify
-
-    def write(self, data: Any) -> int:
-        written = self._out.write(data)
-        self._notify()
-        return written
-
-    def tell(self) -> int:
-        return self._out.tell()
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        return self._out.seek(offset, whence)
-
-
 class ScratchObjects(Mapping[str, bytes]):
     """Encoded objects kept in files of a scratch directory: each is read only when it is asked for."""
 
-    def __init__(self, directory: Path, on_write: Callable[[], None] | None = None) -> None:
+    def __init__(self, directory: Path) -> None:
         self._directory = directory
         self._paths: dict[str, Path] = {}
-        self._on_write = on_write  # called after each write into an object's file (each encoded chunk)
         self.nbytes = 0
 
     def put(self, key: str, data: bytes) -> None:
@@ -318,7 +297,7 @@ class ScratchObjects(Mapping[str, bytes]):
         """A new file for the object `key`, written as the encoder goes."""
         path = self._directory / f"object-{len(self._paths)}"
         with path.open("w+b") as out:
-            yield out if self._on_write is None else cast(BinaryIO, _NotifyingWriter(out, self._on_write))
+            yield out
             self.nbytes += out.tell() if out.seek(0, os.SEEK_END) is not None else 0
         self._paths[key] = path
 
@@ -494,7 +473,7 @@ def _encode_in_scratch(
                 release.check()
         else:
             holding_data = written.copy()
-        objects = ScratchObjects(directory, on_write=release.check)
+        objects = ScratchObjects(directory)
         kept = encode_assembled(
             job,
             data_var,
@@ -508,6 +487,7 @@ def _encode_in_scratch(
             partial_by_chunk=True,
             unwritten_unread=True,
             stream=objects.writer,
+            chunk_read=release.check,
         )
     finally:
         release.__exit__()
