@@ -459,7 +459,14 @@ def _scratch_task_python_memory(members: int, source_url: str, tmp_path: Path) -
     from reformatters.pipeline.source_results import SourceFileResults
     from reformatters.publish import tmp_metadata_store, variable_metadata
     from reformatters.region_job import SourceFileStatus
+    from reformatters.sources import ecmwf_index
+    from reformatters.sources.download import INDEX_CACHE
 
+    # Every measurement starts from empty inventory caches: indexes other tests left there would be evicted (and
+    # the space counted) only in the larger run.
+    INDEX_CACHE.clear()
+    with ecmwf_index._parsed_lock:
+        ecmwf_index._parsed.clear()
     config = ecmwf_ifs_ens_template_config(
         ensemble_members=tuple(range(members)),
         resolution=RESOLUTION,
