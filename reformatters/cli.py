@@ -8,9 +8,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import pandas as pd
 import typer
@@ -24,6 +24,9 @@ from reformatters.region_job import RegionJobFilters
 from reformatters.registry import DatasetRegistrationError, UnknownDatasetError, all_datasets, get_dataset
 from reformatters.summary import RunSummary
 from reformatters.update.lease import terminate_on_sigterm
+
+if TYPE_CHECKING:
+    from reformatters.replicas import Replica
 
 app = typer.Typer(
     name="reformatters",
@@ -75,6 +78,16 @@ ScratchDirOption = Annotated[
         "default: each worker's temporary directory.",
     ),
 ]
+ReplicaOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--replica",
+        help="Write (or check) only this declared replica (repeatable); default: every replica the dataset declares.",
+    ),
+]
+NoReplicasOption = Annotated[
+    bool, typer.Option("--no-replicas", help="Leave every replica out: only the primary store.")
+]
 NowOption = Annotated[str | None, typer.Option("--now", help="Pretend the wall clock reads this UTC time (ISO 8601).")]
 
 
@@ -104,9 +117,17 @@ def _run_failure(error: Exception) -> typer.Exit:
 # What a run raises when it cannot start or must not publish; everything else is a bug and keeps its traceback.
 def _run_failures() -> tuple[type[Exception], ...]:
     from reformatters.common.storage import StoreAccessError
+    from reformatters.replicas import ReplicaError
     from reformatters.sources.reachability import SourceUnreachableError
 
-    return (ClusterUnavailableError, RunCannotStartError, SourceUnreachableError, StoreAccessError, ValueError)
+    return (
+        ClusterUnavailableError,
+        RunCannotStartError,
+        ReplicaError,
+        SourceUnreachableError,
+        StoreAccessError,
+        ValueError,
+    )
 
 
 P = ParamSpec("P")
@@ -150,6 +171,18 @@ def _report(summary: RunSummary) -> None:
             "with --summary FILE), fix the source or the dataset's code, and run the same command again.",
             EXIT_TOO_MANY_FAILURES,
         )
+
+
+def _replica_names(dataset: Any, replica: list[str] | None, no_replicas: bool) -> list[str] | None:
+    """The replicas chosen on the command line (None: every declared one), checked against the dataset's."""
+    if replica and no_replicas:
+        raise _fail("--replica and --no-replicas exclude each other; give one of them")
+    names = [] if no_replicas else replica or None
+    try:
+        dataset.selected_replicas(names)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    return names
 
 
 def _dataset(dataset_id: str) -> Any:
@@ -251,12 +284,15 @@ def backfill(
     docker_image: DockerImageOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="With --detach: print the Job's YAML instead.")] = False,
     scratch_dir: ScratchDirOption = None,
+    replica: ReplicaOption = None,
+    no_replicas: NoReplicasOption = False,
 ) -> None:
     """Build DATASET_ID's history up to APPEND_DIM_END on a Dask cluster (also into a store readers use).
 
     Example: reformatters backfill noaa-gfs-forecast 2025-01-01T00:00 --cluster local --filter-start 2024-12-01
     """
     dataset = _dataset(dataset_id)
+    replica_names = _replica_names(dataset, replica, no_replicas)
     if detach or dry_run or docker_image:
         return _detach_backfill(
             dataset_id,
@@ -276,7 +312,10 @@ def backfill(
                 *(["--workers", str(workers)] if workers is not None else []),
                 "--lease-wait",
                 str(lease_wait),
+                *(["--no-replicas"] if replica_names == [] else []),
+                *[arg for name in replica_names or () for arg in ("--replica", name)],
             ],
+            replicas=dataset.selected_replicas(replica_names),
         )
     try:
         end = parse_utc(append_dim_end)
@@ -305,6 +344,7 @@ def backfill(
                 n_workers=workers,
                 lease_wait_seconds=lease_wait,
                 scratch_dir=scratch_dir,
+                replica_names=replica_names,
             )
     except _run_failures() as error:
         raise _run_failure(error) from None
@@ -322,6 +362,7 @@ def _detach_backfill(
     docker_image: str | None,
     dry_run: bool,
     forwarded: list[str],
+    replicas: Sequence[Replica],
 ) -> None:
     from reformatters.deploy.backfill_job import detached_backfill_manifests
     from reformatters.deploy.render import DeployError, resolve_image
@@ -339,7 +380,7 @@ def _detach_backfill(
     try:
         parse_utc(append_dim_end)
         args = ["backfill", dataset_id, append_dim_end, "--cluster", "k8s", "--store", store, *forwarded]
-        manifests = detached_backfill_manifests(dataset_id, args, resolve_image(docker_image))
+        manifests = detached_backfill_manifests(dataset_id, args, resolve_image(docker_image), replicas=replicas)
     except (DeployError, ValueError) as error:
         raise _fail(str(error)) from None
     if not _apply_or_print(manifests, dry_run):
@@ -378,11 +419,14 @@ def update(
     workers: Annotated[int | None, typer.Option(help="Workers for --cluster local.")] = None,
     summary: Annotated[Path | None, typer.Option(help="Also write the run summary as JSON here.")] = None,
     scratch_dir: ScratchDirOption = None,
+    replica: ReplicaOption = None,
+    no_replicas: NoReplicasOption = False,
 ) -> None:
     """Append the newest runs to DATASET_ID and publish each region as it completes (the operational CronJob).
 
     Stops at once, exit status 3, while another backfill or update publishes to the store."""
     dataset = _dataset(dataset_id)
+    replica_names = _replica_names(dataset, replica, no_replicas)
     operational_update = getattr(dataset, "update", None)
     if operational_update is None:
         raise _fail(f"{dataset_id} has no operational update")
@@ -396,6 +440,7 @@ def update(
                 n_workers=workers,
                 summary_path=summary,
                 scratch_dir=scratch_dir,
+                replica_names=replica_names,
             )
     except _run_failures() as error:
         raise _run_failure(error) from None
@@ -405,11 +450,21 @@ def update(
 @app.command()
 @_monitored("validate")
 @_stops_on_ctrl_c
-def validate(dataset_id: str, store: StoreOption = None, now: NowOption = None) -> None:
-    """Check DATASET_ID's published store: current data, recent NaNs, expected shards. Non-zero exit on failure."""
+def validate(
+    dataset_id: str,
+    store: StoreOption = None,
+    now: NowOption = None,
+    replica: ReplicaOption = None,
+    no_replicas: NoReplicasOption = False,
+) -> None:
+    """Check DATASET_ID's published store: current data, recent NaNs, expected shards, and that each replica
+    matches it. Non-zero exit on failure."""
     dataset = _dataset(dataset_id)
+    replica_names = _replica_names(dataset, replica, no_replicas)
     try:
-        report = dataset.run_validators(store_url=store, now=parse_utc(now) if now else None)
+        report = dataset.run_validators(
+            store_url=store, now=parse_utc(now) if now else None, replica_names=replica_names
+        )
     except _run_failures() as error:
         raise _run_failure(error) from None
     for line in report.lines():
@@ -429,18 +484,23 @@ def dataset_urls(
         str | None, typer.Option("--store-base", help="The base of the default stores (default: data/output).")
     ] = None,
 ) -> None:
-    """Print, for each of DATASET_ID's stores (the plain Zarr store and the Icechunk repository of its version),
-    the Python that opens it with xarray."""
+    """Print, for each of DATASET_ID's stores (the plain Zarr store and the Icechunk repository of its version,
+    then every declared replica), the Python that opens it with xarray."""
     from reformatters.common.icechunk_store import reader_code
 
     dataset = _dataset(dataset_id)
     if store_base:
         dataset = dataset.model_copy(update={"store_base": store_base})
-    urls = store or [dataset.default_store_url("zarr"), dataset.default_store_url("icechunk")]
-    for index, url in enumerate(urls):
+    urls = [(url, "") for url in store or [dataset.default_store_url("zarr"), dataset.default_store_url("icechunk")]]
+    if not store:
+        urls += [
+            (r.url, f" (replica {r.name}" + (f"; credentials {r.env_prefix}AWS_*)" if "://" in r.url else ")"))
+            for r in dataset.selected_replicas()
+        ]
+    for index, (url, note) in enumerate(urls):
         if index:
             typer.echo("")
-        typer.echo(f"# {url}")
+        typer.echo(f"# {url}{note}")
         typer.echo(reader_code(url), nl=False)
 
 
@@ -578,7 +638,9 @@ def deploy_staging(
     try:
         root = repo_root(repo)
         check_versions(staged, root, template_in_repo(dataset.template_config.template_path, root))
-        manifests = dataset_manifests(dataset_id, resources, resolve_image(docker_image), staged)
+        manifests = dataset_manifests(
+            dataset_id, resources, resolve_image(docker_image), staged, replicas=dataset.replicas
+        )
     except (StagingError, DeployError) as error:
         raise _fail(str(error)) from None
     if not _apply_or_print(manifests, dry_run):

@@ -36,6 +36,7 @@ from reformatters.publish import (
     variable_metadata,
 )
 from reformatters.region_job import RegionJob, RegionJobFilters, SourceFileCoord
+from reformatters.replicas import Replica, catch_up, check_replica_access, hold_replicas, select_replicas
 from reformatters.sources.reachability import check_source_reachable
 from reformatters.summary import RunSummary
 from reformatters.template_config import TemplateConfig
@@ -65,6 +66,8 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
     template_config: InstanceOf[TemplateConfig]  # type: ignore[type-arg]
     region_job_class: type[RegionJobT]
     store_base: str = DEFAULT_STORE_BASE
+    # Published before the primary store, region by region (`reformatters.replicas`).
+    replicas: tuple[Replica, ...] = ()
 
     description: ClassVar[str] = ""
     # A run whose failed source files exceed this fraction of the files due by now publishes what is good and
@@ -98,6 +101,10 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
     def store(self, store_url: str | None = None) -> ObjectStore:
         return open_store(store_url or self.default_store_url())
 
+    def selected_replicas(self, names: Sequence[str] | None = None) -> list[Replica]:
+        """The replicas a run writes: every declared one (None), none (`[]`) or those named."""
+        return select_replicas(self.dataset_id, self.replicas, names)
+
     # ---- backfill ----
     def backfill(
         self,
@@ -113,6 +120,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         show_progress: bool = True,
         lease_wait_seconds: float = DEFAULT_LEASE_WAIT_SECONDS,
         scratch_dir: str | None = None,
+        replica_names: Sequence[str] | None = None,
     ) -> RunSummary:
         """Process the regions up to `append_dim_end` (exclusive) that `filters` select, and publish them.
 
@@ -122,12 +130,15 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         variable, never shortens the dataset, and publishes its metadata last. Nothing is written before the
         cluster is up and the source answers. `scratch_dir`: where workers keep variable-regions that take the
         scratch path (`RegionJob.scratch_region_bytes`); default each worker's temporary directory.
+        `replica_names`: the replicas to write (`selected_replicas`), each region published there first.
         """
         started = time.perf_counter()
         config = self.template_config
         append_dim = config.append_dim
         final_store = self.store(store_url)
         final_store.check_access()
+        replicas = self.selected_replicas(replica_names)
+        check_replica_access(replicas, final_store)
         end = parse_utc(append_dim_end)
         if end <= config.append_dim_start:
             raise RunCannotStartError(
@@ -154,8 +165,13 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
             )
             client = session.client()
             check_source_reachable(source_probe_urls(jobs), what=f"backfill of {self.dataset_id}")
-            with hold_lease(final_store, wait_seconds=lease_wait_seconds) as lease:
+            with (
+                hold_lease(final_store, wait_seconds=lease_wait_seconds) as lease,
+                hold_replicas(replicas, wait_seconds=lease_wait_seconds) as replica_targets,
+            ):
                 commit_icechunk_structure(final_store, config.get_template(end), append_dim, lease)
+                for target in replica_targets:
+                    catch_up(target, final_store, append_dim)
                 published = published_dataset(final_store)
                 # Jobs see the published extent too: a region that ends before it merges into its shard.
                 template_ds = publication_template(config, end, published)
@@ -181,6 +197,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
                         lease=lease,
                         data_var_names=[v.name for v in config.data_vars],
                         published_ds=published,
+                        replicas=replica_targets,
                     )
                     tracker = ProgressTracker(final_store.control_store().url, run_id, prefix=BACKFILL_PROGRESS_PREFIX)
                     to_run, region_keys = self._resume(

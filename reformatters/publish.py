@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ import xarray as xr
 from reformatters.common.icechunk_store import IcechunkStore, take_forks
 from reformatters.common.storage import ObjectStore
 from reformatters.region_job import RegionJob, SourceFileCoord
+from reformatters.replicas import ReplicaTarget, chunk_keys, publish_on_replica
 from reformatters.template_config import with_template_encodings, write_metadata
 from reformatters.update.drift import check_no_drift
 from reformatters.update.lease import LeaseHeldError, UpdateLease, UpdateRefusedError
@@ -208,6 +210,7 @@ class Publisher:
     published_ds: xr.Dataset | None
     refuse_shorter: bool = False  # an update fails instead of keeping the published extent
     published_length: int = 0
+    replicas: Sequence[ReplicaTarget] = ()  # published before `final_store`, in this order
 
     def __post_init__(self) -> None:
         if self.published_ds is not None:
@@ -222,6 +225,7 @@ class Publisher:
         }
         self._run_length = 0  # positions up to the last one the results filled
         self._pending: dict[tuple[int, int], dict[str, list[SourceFileCoord]]] = {}
+        self._unreplicated = np.zeros_like(self._ran)  # per variable and position: not yet copied to replicas
 
     def add(self, region: slice, results: Mapping[str, Sequence[SourceFileCoord]], *, complete: bool = True) -> None:
         """The results of a region job (its variables' file outcomes): all its variables are uploaded.
@@ -233,6 +237,7 @@ class Publisher:
         for name, coords in results.items():
             pending.setdefault(name, []).extend(coords)
             self._ran[self._var_index[name], region] = True
+            self._unreplicated[self._var_index[name], region] = True
         if complete:
             self.complete(region)
 
@@ -289,6 +294,9 @@ class Publisher:
         new_length = int(merged.sizes[self.append_dim])
         with tmp_metadata_store(merged) as tmp_store:
             contents = {key: (tmp_store / key).read_bytes() for key in metadata_keys(tmp_store)}
+        if self.replicas:
+            self._publish_on_replicas(what, contents)
+        self._unreplicated[:] = False
         changed = [key for key, data in contents.items() if self.final_store.get(key) != data]
         if isinstance(self.final_store, IcechunkStore):
             return self._commit_icechunk(what, merged, contents, changed)
@@ -315,6 +323,25 @@ class Publisher:
         )
         self.published_length = new_length
         return merged
+
+    def _publish_on_replicas(self, what: str, contents: Mapping[str, bytes]) -> None:
+        """Every replica gets the shards of the regions added since the last publication, copied from the final
+        store, and `contents` published, before the final store is touched."""
+        pause_at("before_replicas")
+        shard_keys = []
+        for name, index in self._var_index.items():
+            positions = np.flatnonzero(self._unreplicated[index])
+            if not len(positions):
+                continue
+            metadata = json.loads(contents[f"{name}/zarr.json"])
+            shard = metadata["chunk_grid"]["configuration"]["chunk_shape"][
+                metadata["dimension_names"].index(self.append_dim)
+            ]
+            for first in np.unique(positions // shard) * shard:
+                shard_keys.extend(chunk_keys(name, metadata, (self.append_dim, int(first), int(first) + shard)))
+        for target in self.replicas:
+            publish_on_replica(target, self.final_store, contents, shard_keys, what)
+        pause_at("replicas_published")
 
     def _commit_icechunk(
         self, what: str, merged: xr.Dataset, contents: Mapping[str, bytes], changed: Sequence[str]

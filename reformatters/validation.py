@@ -6,8 +6,6 @@ Datasets declare theirs in `DynamicalDataset.validators()`.
 
 from __future__ import annotations
 
-import itertools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +18,8 @@ from pydantic import Field, field_validator
 from reformatters.common.config_models import FrozenModel
 from reformatters.common.storage import ObjectStore
 from reformatters.common.time_utils import utc_now
+from reformatters.replicas import Replica, chunk_keys
+from reformatters.update.drift import consolidated_arrays
 
 
 @dataclass(frozen=True)
@@ -138,25 +138,18 @@ class ExpectedShards(Validator):
 
     def check(self, context: ValidationContext) -> CheckResult:
         name = f"expected shards (newest {self.positions})"
-        root = json.loads(context.store.get("zarr.json") or b"{}")
-        metadata = (root.get("consolidated_metadata") or {}).get("metadata") or {}
+        arrays = consolidated_arrays(context.store.get("zarr.json") or b"{}")
         missing: list[str] = []
         checked = 0
         for var in context.ds.data_vars:
-            meta = metadata.get(str(var), {})
+            meta = arrays.get(str(var), {})
             dims = meta.get("dimension_names") or []
             if context.append_dim not in dims:
                 continue
-            shape = meta["shape"]
-            shard = meta["chunk_grid"]["configuration"]["chunk_shape"]
-            axis = dims.index(context.append_dim)
-            length = shape[axis]
-            first = max(length - self.positions, 0)
-            grid = [range(-(-n // s)) for n, s in zip(shape, shard, strict=True)]
-            grid[axis] = range(first // shard[axis], -(-length // shard[axis]))
+            length = meta["shape"][dims.index(context.append_dim)]
+            span = (context.append_dim, max(length - self.positions, 0), length)
             present = set(context.store.list(f"{var}/c/"))
-            for index in itertools.product(*grid):
-                key = f"{var}/c/" + "/".join(map(str, index))
+            for key in chunk_keys(str(var), meta, span):
                 checked += 1
                 if key not in present:
                     missing.append(key)
@@ -168,7 +161,109 @@ class ExpectedShards(Validator):
         return CheckResult(name, True, f"all {checked} shard objects present")
 
 
-def run_validation(dataset: Any, *, store_url: str | None = None, now: pd.Timestamp | None = None) -> ValidationReport:
+class ReplicaMatchesPrimary(Validator):
+    """A replica publishes what the primary does: the same extent and coordinates, and equal values in `sample`
+    chunks (Zarr inner chunks) per variable, seeded, one of them in the newest position along the append dimension.
+    `run_validation` adds one for each replica of the run."""
+
+    replica: Replica
+    sample: int = Field(20, ge=1)
+    seed: int = 0
+
+    def check(self, context: ValidationContext) -> CheckResult:
+        name = f"replica {self.replica.name} matches primary"
+        store = self.replica.store()
+        store.check_access()
+        if not store.exists("zarr.json"):
+            return CheckResult(
+                name,
+                False,
+                f"expected a published dataset at {store.url}, found no zarr.json; the next backfill or update "
+                "with this replica catches it up",
+            )
+        primary, replica = context.ds, store.open_dataset(chunks=None)
+        sizes, replica_sizes = dict(primary.sizes), dict(replica.sizes)
+        if sizes != replica_sizes:
+            return CheckResult(
+                name, False, f"expected the primary's extent {sizes} at {store.url}, found {replica_sizes}"
+            )
+        for coord in primary.coords:
+            if coord not in replica.coords:
+                return CheckResult(name, False, f"coordinate {coord} is missing at {store.url}")
+            where = _first_difference(primary[coord], replica[coord])
+            if where is not None:
+                return CheckResult(name, False, f"coordinate {coord} differs at {where}")
+        rng = np.random.default_rng(self.seed)
+        checked = 0
+        for var in primary.data_vars:
+            if var not in replica.data_vars:
+                return CheckResult(name, False, f"variable {var} is missing at {store.url}")
+            array = primary[var]
+            for region in _sampled_chunks(array, context.append_dim, self.sample, rng):
+                where = _first_difference(array.isel(region), replica[var].isel(region))
+                checked += 1
+                if where is not None:
+                    return CheckResult(
+                        name,
+                        False,
+                        f"variable {var} differs at {where}: the replica at {store.url} drifted from the primary; "
+                        "re-run the backfill of that region with this replica (or rebuild the replica)",
+                    )
+        return CheckResult(name, True, f"same extent and coordinates, {checked} sampled chunks equal at {store.url}")
+
+
+def _sampled_chunks(
+    array: xr.DataArray, append_dim: str, sample: int, rng: np.random.Generator
+) -> list[dict[Any, slice]]:
+    """`sample` distinct chunks of `array` (the first one in the newest position along `append_dim`)."""
+    chunks = array.encoding.get("chunks") or array.shape
+    grid = [-(-n // c) for n, c in zip(array.shape, chunks, strict=True)]
+    if not all(grid):
+        return []
+    picks: list[tuple[int, ...]] = []
+    newest = tuple(
+        g - 1 if dim == append_dim else int(rng.integers(g)) for dim, g in zip(array.dims, grid, strict=True)
+    )
+    picks.append(newest)
+    total = int(np.prod(grid))
+    while len(picks) < min(sample, total):
+        pick = tuple(int(rng.integers(g)) for g in grid)
+        if pick not in picks:
+            picks.append(pick)
+    return [
+        {dim: slice(i * c, (i + 1) * c) for dim, i, c in zip(array.dims, pick, chunks, strict=True)} for pick in picks
+    ]
+
+
+def _first_difference(expected: xr.DataArray, found: xr.DataArray) -> str | None:
+    """Where two arrays first differ (NaN equal to NaN), by coordinate labels, or None when equal."""
+    a, b = np.asarray(expected.values), np.asarray(found.values)
+    if a.shape != b.shape:
+        return f"shape {b.shape} instead of {a.shape}"
+    same = a == b
+    if a.dtype.kind in "fcmM":
+        same |= pd.isna(a) & pd.isna(b)
+    if bool(np.all(same)):
+        return None
+    position = np.unravel_index(int(np.argmin(same)), a.shape) if a.ndim else ()
+    labels = []
+    for dim, i in zip(expected.dims, position, strict=True):
+        label = expected[dim].values[i] if dim in expected.coords else i
+        if isinstance(label, np.datetime64):
+            label = pd.Timestamp(label).isoformat()
+        elif isinstance(label, np.timedelta64):
+            label = str(pd.Timedelta(label))
+        labels.append(f"{dim}={label}")
+    return f"{', '.join(labels) or 'the scalar'} (primary {a[position].item()}, replica {b[position].item()})"
+
+
+def run_validation(
+    dataset: Any,
+    *,
+    store_url: str | None = None,
+    now: pd.Timestamp | None = None,
+    replica_names: Sequence[str] | None = None,
+) -> ValidationReport:
     store: ObjectStore = dataset.store(store_url)
     store.check_access()
     config = dataset.template_config
@@ -186,7 +281,11 @@ def run_validation(dataset: Any, *, store_url: str | None = None, now: pd.Timest
         append_dim_start=config.append_dim_start,
         append_dim_frequency=config.append_dim_frequency,
     )
-    validators: Sequence[Validator] = dataset.validators()
+    replicas = dataset.selected_replicas(replica_names)
+    validators: Sequence[Validator] = [
+        *dataset.validators(),
+        *(ReplicaMatchesPrimary(replica=replica) for replica in replicas),
+    ]
     for validator in validators:
         try:
             report.results.append(validator.check(context))

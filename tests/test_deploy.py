@@ -680,3 +680,48 @@ def test_a_dataset_published_as_icechunk_can_declare_a_maintain_cronjob() -> Non
     assert violations(maintain) == []
     # Datasets declare none by default: their stores are plain Zarr.
     assert resources.maintenance is None
+
+
+def test_replicas_get_their_credentials_profile_in_every_pod_that_writes_or_checks_them_and_staging_none() -> None:
+    from reformatters.deploy.backfill_job import detached_backfill_manifests
+    from reformatters.deploy.staging import StagedVersion
+    from reformatters.replicas import Replica
+
+    replicas = (
+        Replica(name="other-cloud", url="s3://other/x.zarr"),
+        Replica(name="own", url="s3://mine/x.zarr", credentials_env_prefix="OWN_"),
+        Replica(name="gcs", url="gs://bucket/x.zarr"),
+    )
+    expected = {
+        "REFORMATTERS_REPLICA_OTHER_CLOUD_AWS_PROFILE": "replica-other-cloud",
+        "OWN_AWS_PROFILE": "replica-own",
+    }
+    endpoints = {
+        "REFORMATTERS_REPLICA_OTHER_CLOUD_AWS_ENDPOINT_URL": "replica-other-cloud-endpoint-url",
+        "OWN_AWS_ENDPOINT_URL": "replica-own-endpoint-url",
+    }
+
+    def replica_env(manifest: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+        pod = manifest["spec"]["template"]["spec"] if manifest["kind"] == "Job" else pod_of(manifest)
+        env = pod["containers"][0]["env"]
+        literal = {e["name"]: e["value"] for e in env if e["name"] in expected}
+        from_config = {e["name"]: e["valueFrom"]["configMapKeyRef"]["key"] for e in env if e["name"] in endpoints}
+        return literal, from_config
+
+    resources = get_dataset("noaa-gfs-forecast").operational_resources()
+    assert resources is not None
+    image = resolve_image("abc123")
+    for manifest in dataset_manifests("noaa-gfs-forecast", resources, image, replicas=replicas):
+        assert replica_env(manifest) == (expected, endpoints)
+        assert "--no-replicas" not in container(manifest)["args"]
+        assert k8s_errors(manifest) is None
+    staged = StagedVersion(dataset_id="noaa-gfs-forecast", version="0.3.0")
+    for manifest in dataset_manifests("noaa-gfs-forecast", resources, image, staged, replicas=replicas):
+        assert replica_env(manifest) == ({}, {})
+        assert container(manifest)["args"][-1] == "--no-replicas"
+    args = ["backfill", "noaa-gfs-forecast", "2025-01-01T00:00", "--cluster", "k8s", "--store", "s3://b/x.zarr"]
+    job = detached_backfill_manifests("noaa-gfs-forecast", args, image, suffix="0a1b2c3d", replicas=replicas)[-1]
+    assert replica_env(job) == (expected, endpoints)
+    # A dataset that declares none renders as before: no replica variables, no flag.
+    for manifest in dataset_manifests("noaa-gfs-forecast", resources, image):
+        assert replica_env(manifest) == ({}, {}) and "--no-replicas" not in container(manifest)["args"]

@@ -9,8 +9,13 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from reformatters.forecasts import first_init_to_update, with_ingested_forecast_length
-from reformatters.region_job import ForecastSourceFileCoord, SourceFileStatus
+from reformatters.forecasts import (
+    first_init_to_update,
+    leads_to_fetch,
+    with_ingested_forecast_length,
+    with_ingested_forecast_length_per_member,
+)
+from reformatters.region_job import EnsembleForecastSourceFileCoord, ForecastSourceFileCoord, SourceFileStatus
 from reformatters.template_config import write_metadata
 
 INITS = pd.date_range("2025-01-01", periods=4, freq="6h")
@@ -64,3 +69,50 @@ def test_ingested_forecast_length_is_the_longest_lead_read_per_init() -> None:
     hours = ds["ingested_forecast_length"].values / HOURS
     np.testing.assert_array_equal(hours[:3], [48, 6, 3])  # an init the results do not cover keeps its value
     assert np.isnat(ds["ingested_forecast_length"].values[3])
+
+
+def ensemble(ingested_hours: list[list[float]]) -> xr.Dataset:
+    """Two inits x three members (0, 1, 50) with `ingested_forecast_length` per (init, member)."""
+    ingested = np.array(
+        [[np.timedelta64("NaT") if np.isnan(h) else int(h) * HOURS for h in row] for row in ingested_hours]
+    )
+    return xr.Dataset(
+        coords={
+            "init_time": INITS[:2],
+            "ensemble_member": [0, 1, 50],
+            "ingested_forecast_length": (("init_time", "ensemble_member"), ingested.astype("timedelta64[ns]")),
+        }
+    )
+
+
+def test_ingested_forecast_length_per_member_is_each_members_longest_lead_never_lowered() -> None:
+    def coord(init: pd.Timestamp, member: int, hours: int, status: SourceFileStatus) -> EnsembleForecastSourceFileCoord:
+        made = EnsembleForecastSourceFileCoord(
+            source_url="/src", init_time=init, lead_time=pd.Timedelta(hours=hours), ensemble_member=member
+        )
+        return made.with_status(status)
+
+    results = {
+        "t": [
+            coord(INITS[1], 0, 3, SourceFileStatus.Succeeded),
+            coord(INITS[1], 0, 6, SourceFileStatus.DownloadFailed),  # not read: does not count
+            coord(INITS[1], 1, 360, SourceFileStatus.Succeeded),
+            coord(INITS[0], 50, 3, SourceFileStatus.Succeeded),  # below what is recorded: kept at 360
+        ]
+    }
+    ds = with_ingested_forecast_length_per_member(ensemble([[360, 360, 360], [np.nan, np.nan, np.nan]]), results)
+    values = ds["ingested_forecast_length"].values
+    np.testing.assert_array_equal(values[0] / HOURS, [360, 360, 360])
+    assert values[1, 0] / HOURS == 3 and values[1, 1] / HOURS == 360 and np.isnat(values[1, 2])
+
+
+def test_leads_to_fetch_are_those_past_each_members_ingested_length_when_merging() -> None:
+    leads = [0, 3, 6, 144, 150, 360]
+    ds = ensemble([[144, 360, np.nan], [360, 360, 360]])
+    init = INITS[0]
+    assert leads_to_fetch(leads, ds, init, 0, merging=False) == leads
+    assert leads_to_fetch(leads, ds, init, 0, merging=True) == [150, 360]
+    # An accumulation since the start needs the last ingested step again to make the next one a rate.
+    assert leads_to_fetch(leads, ds, init, 0, merging=True, keep_last_ingested=True) == [144, 150, 360]
+    assert leads_to_fetch(leads, ds, init, 1, merging=True, keep_last_ingested=True) == []  # complete
+    assert leads_to_fetch(leads, ds, init, 50, merging=True, keep_last_ingested=True) == leads  # nothing ingested

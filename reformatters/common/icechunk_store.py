@@ -33,7 +33,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from reformatters.common.storage import ObjectStore
+from reformatters.common.storage import ObjectStore, s3_endpoint, store_env
 
 log = logging.getLogger("reformatters.icechunk")
 
@@ -59,10 +59,14 @@ def _quiet_icechunk_logs() -> None:
         icechunk.set_logs_filter("error")
 
 
-def icechunk_storage(url: str) -> Any:
+def icechunk_storage(url: str, credentials_env_prefix: str | None = None) -> Any:
     """The Icechunk `Storage` of a local path or an `s3://bucket/prefix` URL; endpoint and credentials from the
-    usual AWS_* environment variables (a plain-HTTP endpoint, as a local S3 server has, is allowed)."""
+    usual AWS_* environment variables, or `{credentials_env_prefix}AWS_*` where set (a plain-HTTP endpoint, as a
+    local S3 server has, is allowed)."""
     import icechunk
+
+    def env(name: str) -> str | None:
+        return store_env(name, credentials_env_prefix)
 
     _quiet_icechunk_logs()
     if "://" not in url or url.startswith("file://"):
@@ -70,11 +74,11 @@ def icechunk_storage(url: str) -> Any:
     protocol, _, path = url.partition("://")
     bucket, _, prefix = path.partition("/")
     if protocol == "s3":
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        key_id, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        endpoint = s3_endpoint(credentials_env_prefix)
+        region = env("AWS_REGION") or env("AWS_DEFAULT_REGION")
+        key_id, secret = env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")
         credentials: dict[str, Any] = (
-            {"access_key_id": key_id, "secret_access_key": secret, "session_token": os.environ.get("AWS_SESSION_TOKEN")}
+            {"access_key_id": key_id, "secret_access_key": secret, "session_token": env("AWS_SESSION_TOKEN")}
             if key_id and secret
             else {"from_env": True}
         )
@@ -114,8 +118,8 @@ class IcechunkStore(ObjectStore):
     store (a pending writable session); unpickled on a worker it is a read-only session pinned to the snapshot
     the driver was based on."""
 
-    def __init__(self, url: str | Path, session: Any = None) -> None:
-        super().__init__(url)
+    def __init__(self, url: str | Path, session: Any = None, credentials_env_prefix: str | None = None) -> None:
+        super().__init__(url, credentials_env_prefix)
         self._session = session
         self._writing = False
         self._fork_source: Any = None
@@ -123,7 +127,7 @@ class IcechunkStore(ObjectStore):
         self.commits: list[str] = []
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_restore, (self.url, self.read_view()))
+        return (_restore, (self.url, self.read_view(), self.credentials_env_prefix))
 
     def __repr__(self) -> str:
         return f"IcechunkStore({self.url!r})"
@@ -131,7 +135,7 @@ class IcechunkStore(ObjectStore):
     # ---- the repository ----
     @cached_property
     def storage(self) -> Any:
-        return icechunk_storage(self.url)
+        return icechunk_storage(self.url, self.credentials_env_prefix)
 
     @cached_property
     def repo(self) -> Any:
@@ -145,7 +149,7 @@ class IcechunkStore(ObjectStore):
         return bool(icechunk.Repository.exists(self.storage))
 
     def control_store(self) -> ObjectStore:
-        return ObjectStore(self.url + CONTROL_SUFFIX)
+        return ObjectStore(self.url + CONTROL_SUFFIX, self.credentials_env_prefix)
 
     @property
     def session(self) -> Any:
@@ -269,13 +273,22 @@ class IcechunkStore(ObjectStore):
         _sync(self._store.delete(key))
 
     def list(self, prefix: str = "") -> list[str]:
-        async def collect() -> list[str]:
-            return [key async for key in self._store.list_prefix(prefix)]
+        # Icechunk lists only under a group or an array ("var/c/" is refused): list the nearest node above the
+        # prefix and keep the keys under it.
+        node = prefix
 
-        try:
-            return sorted(_sync(collect()))
-        except FileNotFoundError:
-            return []
+        async def collect() -> list[str]:
+            return [key async for key in self._store.list_prefix(node)]
+
+        while True:
+            try:
+                return sorted(key for key in _sync(collect()) if key.startswith(prefix))
+            except FileNotFoundError:
+                return []
+            except Exception as error:
+                if "bad key prefix" not in str(error) or not node.strip("/"):
+                    raise
+                node = node.rstrip("/").rpartition("/")[0]
 
     def delete_prefix(self, prefix: str) -> None:
         for key in self.list(prefix):
@@ -304,8 +317,8 @@ class IcechunkStore(ObjectStore):
         return xr.open_zarr(self.session.store, decode_timedelta=True, **kwargs)
 
 
-def _restore(url: str, session: Any) -> IcechunkStore:
-    return IcechunkStore(url, session=session)
+def _restore(url: str, session: Any, credentials_env_prefix: str | None = None) -> IcechunkStore:
+    return IcechunkStore(url, session=session, credentials_env_prefix=credentials_env_prefix)
 
 
 # ---- uploads from workers ----

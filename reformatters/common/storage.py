@@ -53,7 +53,21 @@ def _disable_gcsfs_experimental_features() -> None:
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
-def storage_options_for(url: str) -> dict[str, Any]:
+def store_env(name: str, prefix: str | None = None) -> str | None:
+    """The environment variable `name` of a store whose credentials are under `prefix` (`{prefix}AWS_ACCESS_KEY_ID`
+    and so on): the prefixed variable when set, else the plain one."""
+    if prefix:
+        value = os.environ.get(prefix + name)
+        if value is not None:
+            return value
+    return os.environ.get(name)
+
+
+def s3_endpoint(prefix: str | None = None) -> str | None:
+    return store_env("AWS_ENDPOINT_URL_S3", prefix) or store_env("AWS_ENDPOINT_URL", prefix)
+
+
+def storage_options_for(url: str, credentials_env_prefix: str | None = None) -> dict[str, Any]:
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     if protocol not in REMOTE_PROTOCOLS:
         return {}
@@ -62,11 +76,23 @@ def storage_options_for(url: str) -> dict[str, Any]:
     # would read as absent (a merge into a published shard would then start from an empty shard).
     options: dict[str, Any] = {"use_listings_cache": False}
     if protocol == "s3":
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        prefix = credentials_env_prefix
+        endpoint = s3_endpoint(prefix)
         if endpoint:
             options["client_kwargs"] = {"endpoint_url": endpoint}
-        if not _aws_credentials_found(os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE")):
+        key_id = store_env("AWS_ACCESS_KEY_ID", prefix)
+        profile = store_env("AWS_PROFILE", prefix)
+        if not _aws_credentials_found(key_id, profile):
             options["anon"] = True
+        elif prefix and key_id:
+            # Explicit: s3fs would otherwise take the process's plain AWS_* (another account's).
+            options.update(
+                key=key_id,
+                secret=store_env("AWS_SECRET_ACCESS_KEY", prefix),
+                token=store_env("AWS_SESSION_TOKEN", prefix),
+            )
+        elif prefix and profile:
+            options["profile"] = profile
     else:
         _disable_gcsfs_experimental_features()
         if _gcs_emulator_host():
@@ -103,7 +129,9 @@ def _local_version(stat: os.stat_result) -> str:
 class ObjectStore:
     """Keys are '/'-separated paths relative to the store root (e.g. `temperature_2m/c/0/0/1/1`)."""
 
-    def __init__(self, url: str | Path) -> None:
+    def __init__(self, url: str | Path, credentials_env_prefix: str | None = None) -> None:
+        # Endpoint and credentials from `{prefix}AWS_*` where set (`store_env`): stores of two accounts in one process.
+        self.credentials_env_prefix = credentials_env_prefix or None
         text = str(url)
         if text.startswith("file://"):
             text = text[len("file://") :]
@@ -117,7 +145,13 @@ class ObjectStore:
             self.url = str(Path(self.url).absolute())
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ObjectStore, (self.url,))
+        return (ObjectStore, (self.url, self.credentials_env_prefix))
+
+    def _env(self, name: str) -> str | None:
+        return store_env(name, self.credentials_env_prefix)
+
+    def _credentials_found(self) -> bool:
+        return _aws_credentials_found(self._env("AWS_ACCESS_KEY_ID"), self._env("AWS_PROFILE"))
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.url!r})"
@@ -128,7 +162,7 @@ class ObjectStore:
 
     @cached_property
     def fs(self) -> fsspec.AbstractFileSystem:
-        return fsspec.filesystem(self.protocol, **storage_options_for(self.url))
+        return fsspec.filesystem(self.protocol, **storage_options_for(self.url, self.credentials_env_prefix))
 
     def _path(self, key: str) -> str:
         return f"{self.url}/{key}" if key else self.url
@@ -149,11 +183,19 @@ class ObjectStore:
         import boto3
         import botocore.config
 
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         config = None
-        if not _aws_credentials_found(os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE")):
+        if not self._credentials_found():
             config = botocore.config.Config(signature_version=botocore.UNSIGNED)
-        return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+        session = boto3.session.Session()
+        if self.credentials_env_prefix:
+            session = boto3.session.Session(
+                aws_access_key_id=self._env("AWS_ACCESS_KEY_ID"),
+                aws_secret_access_key=self._env("AWS_SECRET_ACCESS_KEY"),
+                aws_session_token=self._env("AWS_SESSION_TOKEN"),
+                region_name=self._env("AWS_REGION") or self._env("AWS_DEFAULT_REGION"),
+                profile_name=None if self._env("AWS_ACCESS_KEY_ID") else self._env("AWS_PROFILE"),
+            )
+        return session.client("s3", endpoint_url=s3_endpoint(self.credentials_env_prefix), config=config)
 
     @cached_property
     def _gcs_bucket(self) -> Any:
@@ -180,7 +222,7 @@ class ObjectStore:
         import botocore.exceptions
 
         bucket, _ = self.bucket_and_prefix
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+        endpoint = s3_endpoint(self.credentials_env_prefix) or "AWS"
         try:
             self._s3_client.head_bucket(Bucket=bucket)
         except botocore.exceptions.ClientError as error:
@@ -191,14 +233,7 @@ class ObjectStore:
                     "the bucket name in --store (or AWS_ENDPOINT_URL if it points at the wrong server)"
                 ) from None
             if code in ("403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                raise StoreAccessError(
-                    self._refused(
-                        code,
-                        found=_aws_credentials_found(
-                            os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE")
-                        ),
-                    )
-                ) from None
+                raise StoreAccessError(self._refused(code, found=self._credentials_found())) from None
             raise StoreAccessError(f"the store {self.url} answered {code or error}; check --store") from None
         except botocore.exceptions.BotoCoreError as error:
             raise StoreAccessError(f"cannot reach the store {self.url} at {endpoint}: {error}") from None
@@ -223,7 +258,9 @@ class ObjectStore:
     def _refused(self, code: str, *, found: bool) -> str:
         bucket, _ = self.bucket_and_prefix
         how = (
-            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+            "set {0}AWS_ACCESS_KEY_ID and {0}AWS_SECRET_ACCESS_KEY (or {0}AWS_PROFILE)".format(
+                self.credentials_env_prefix or ""
+            )
             if self.protocol == "s3"
             else "set GOOGLE_APPLICATION_CREDENTIALS (or run where a service account is attached)"
         )
@@ -523,7 +560,9 @@ class ObjectStore:
         if self.is_local:
             return zarr.storage.LocalStore(self.url, read_only=read_only)
         return zarr.storage.FsspecStore.from_url(
-            self.url, storage_options=storage_options_for(self.url), read_only=read_only
+            self.url,
+            storage_options=storage_options_for(self.url, self.credentials_env_prefix),
+            read_only=read_only,
         )
 
     def open_dataset(self, **kwargs: Any) -> Any:
@@ -532,12 +571,13 @@ class ObjectStore:
         return xr.open_zarr(self.zarr_store(), decode_timedelta=True, **kwargs)
 
 
-def open_store(url: str | Path) -> ObjectStore:
-    """The store at `url`: an Icechunk repository when the path ends in `.icechunk`, else a plain Zarr store."""
+def open_store(url: str | Path, credentials_env_prefix: str | None = None) -> ObjectStore:
+    """The store at `url`: an Icechunk repository when the path ends in `.icechunk`, else a plain Zarr store;
+    endpoint and credentials from `{credentials_env_prefix}AWS_*` where set, else the plain AWS_* variables."""
     from reformatters.common.icechunk_store import IcechunkStore, icechunk_storage, is_icechunk_url
 
     if is_icechunk_url(url):
-        store = IcechunkStore(url)
-        icechunk_storage(store.url)  # an unsupported location fails here, in one line
+        store = IcechunkStore(url, credentials_env_prefix=credentials_env_prefix)
+        icechunk_storage(store.url, credentials_env_prefix)  # an unsupported location fails here, in one line
         return store
-    return ObjectStore(url)
+    return ObjectStore(url, credentials_env_prefix)

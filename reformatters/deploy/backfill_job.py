@@ -8,7 +8,8 @@ Services and Pods KubeCluster waits for; nothing else.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from reformatters.deploy.policy import ensure_least_privilege
 from reformatters.deploy.render import (
@@ -24,6 +25,9 @@ from reformatters.deploy.render import (
     storage_environ,
     volume_mounts,
 )
+
+if TYPE_CHECKING:
+    from reformatters.replicas import Replica
 
 DRIVER_ACCOUNT = "reformatters-backfill-driver"
 FINISHED_JOB_TTL_SECONDS = 7 * 24 * 3600
@@ -65,9 +69,14 @@ def driver_access_manifests() -> list[dict[str, Any]]:
 
 
 def detached_backfill_manifests(
-    dataset_id: str, backfill_args: list[str], image: str, suffix: str | None = None
+    dataset_id: str,
+    backfill_args: list[str],
+    image: str,
+    suffix: str | None = None,
+    replicas: Sequence[Replica] = (),
 ) -> list[dict[str, Any]]:
-    """The driver's access and the Job running `reformatters <backfill_args>` in the project's image."""
+    """The driver's access and the Job running `reformatters <backfill_args>` in the project's image, with the
+    credentials of the `replicas` it writes."""
     name = f"{dataset_id}-backfill-{suffix or uuid.uuid4().hex[:8]}"
     labels = {**APP_LABELS, "app.kubernetes.io/component": "backfill-driver", DATASET_LABEL: dataset_id}
     container = {
@@ -79,7 +88,7 @@ def detached_backfill_manifests(
         "env": [
             # The DaskCluster's scheduler and workers run the driver's own image.
             {"name": IMAGE_ENVIRON, "value": image},
-            *storage_environ(dataset_id)[1:],  # the store is in the arguments; endpoint and credentials file
+            *storage_environ(dataset_id, replicas=replicas)[1:],  # the store is in the arguments
             *scratch_environ(),
         ],
         "resources": {

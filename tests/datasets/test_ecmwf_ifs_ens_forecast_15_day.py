@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import eccodes
 import numpy as np
@@ -43,7 +44,7 @@ from reformatters.testing.ecmwf_archive import (
     ecmwf_grid,
     generate_ecmwf_archive,
 )
-from reformatters.validation import ValidationContext
+from reformatters.validation import RecentNaNsPerMember, ValidationContext
 
 BEFORE = datetime(2026, 5, 11)  # 49r1: member 0 from enfo/cf
 AFTER = datetime(2026, 5, 12)  # 50r1: member 0 from oper/fc
@@ -223,9 +224,10 @@ class TestEcmwfIfsEns(DatasetTestKit):
         super().test_backfill_reads_back_as_the_source_says(tmp_path)
         store = tmp_path / "store.zarr"
         published = xr.open_zarr(store, decode_timedelta=True)
+        assert published["ingested_forecast_length"].dims == ("init_time", "ensemble_member")
         assert (
             published["ingested_forecast_length"].values.tolist()
-            == [np.timedelta64(360, "h").astype("timedelta64[ns]")] * 2
+            == [[np.timedelta64(360, "h").astype("timedelta64[ns]")] * len(MEMBERS)] * 2
         )
         t2m = published["temperature_2m"]
         tp = published["precipitation_surface"]
@@ -309,19 +311,44 @@ def test_request_caps_name_the_ecmwf_hosts_and_the_jobs_root() -> None:
 
 def test_update_reprocesses_an_incomplete_newest_init_and_appends_newer(tmp_path: Path) -> None:
     SMALL_CONFIG.update_template(templates_dir=SMALL_TEMPLATES)
-    for ingested_hours, first_region in ((360, 1), (240, 0)):
-        store = tmp_path / f"published-{ingested_hours}.zarr"
+    # The control's length alone decides: members 1 and 50 are complete in every case.
+    for control_hours, first_region in ((360, 1), (240, 0), (None, 0)):
+        store = tmp_path / f"published-{control_hours}.zarr"
         published = SMALL_CONFIG.get_template("2026-05-12T00:00")
-        lengths = np.array([np.timedelta64(ingested_hours, "h")], dtype="timedelta64[ns]")
+        lengths = np.full((1, len(MEMBERS)), np.timedelta64(360, "h"), dtype="timedelta64[ns]")
+        lengths[0, 0] = np.timedelta64("NaT") if control_hours is None else np.timedelta64(control_hours, "h")
         published = published.assign_coords(
             ingested_forecast_length=published["ingested_forecast_length"].copy(data=lengths)
         )
         write_metadata(published, store)
         template = SMALL_CONFIG.get_template("2026-05-14T00:00")
-        jobs, _ = EcmwfIfsEnsRegionJob.operational_update_jobs(
+        jobs, updated = EcmwfIfsEnsRegionJob.operational_update_jobs(
             str(store), template, "init_time", SMALL_CONFIG.data_vars, "http://unused"
         )
-        assert sorted({job.region.start for job in jobs}) == list(range(first_region, 3)), ingested_hours
+        assert sorted({job.region.start for job in jobs}) == list(range(first_region, 3)), control_hours
+        merged = {job.region.start for job in jobs if job.merge_published_store is not None}
+        assert merged == ({0} if first_region == 0 else set()), control_hours
+        # The published lengths carry into the update's template (its results only ever raise them).
+        np.testing.assert_array_equal(updated["ingested_forecast_length"].values[0], lengths[0])
+        assert np.isnat(updated["ingested_forecast_length"].values[1:]).all()
+        if first_region == 0:
+            # The re-ingested init asks only for the control's steps: from its last ingested one where it has one
+            # (precipitation's rate at the next step needs that accumulation), every step where it has none.
+            fetched = {
+                (c.ensemble_member, c.lead_hours)
+                for c in jobs[0].generate_source_file_coords(
+                    updated.isel(init_time=slice(0, 1)), (SMALL_CONFIG.data_var("precipitation_surface"),)
+                )
+            }
+            first = 0 if control_hours is None else control_hours
+            assert fetched == {(0, lead) for lead in LEADS if lead >= first}, control_hours
+            instant = {
+                c.lead_hours
+                for c in jobs[0].generate_source_file_coords(
+                    updated.isel(init_time=slice(0, 1)), (SMALL_CONFIG.data_var("temperature_2m"),)
+                )
+            }
+            assert min(instant) == (0 if control_hours is None else 246), control_hours
 
 
 def test_variables_share_the_gfs_and_gefs_names_and_units() -> None:
@@ -361,12 +388,12 @@ def test_update_completes_an_init_the_backfill_found_incomplete(tmp_path: Path) 
             "2026-05-13T00:00", cluster="local", n_workers=2, store_url=store, source_url=first.url, show_progress=False
         )
     published = xr.open_zarr(store, decode_timedelta=True)
-    assert published["ingested_forecast_length"].values.tolist() == [np.timedelta64(144, "h").astype("m8[ns]")]
+    assert published["ingested_forecast_length"].values.tolist() == [[np.timedelta64(144, "h").astype("m8[ns]")] * 3]
     with ArchiveServer(later.root) as second:
         dataset.update(store_url=store, source_url=second.url, now="2026-05-13T12:00", n_workers=2, show_progress=False)
     published = xr.open_zarr(store, decode_timedelta=True)
     assert published.sizes["init_time"] == 1
-    assert published["ingested_forecast_length"].values.tolist() == [np.timedelta64(360, "h").astype("m8[ns]")]
+    assert published["ingested_forecast_length"].values.tolist() == [[np.timedelta64(360, "h").astype("m8[ns]")] * 3]
     for member in MEMBERS:
         for lead in (144, 360):
             expected = source_field(later, "temperature_2m", AFTER, member, lead)
@@ -432,7 +459,14 @@ def _scratch_task_python_memory(members: int, source_url: str, tmp_path: Path) -
     from reformatters.pipeline.source_results import SourceFileResults
     from reformatters.publish import tmp_metadata_store, variable_metadata
     from reformatters.region_job import SourceFileStatus
+    from reformatters.sources import ecmwf_index
+    from reformatters.sources.download import INDEX_CACHE
 
+    # Every measurement starts from empty inventory caches: indexes other tests left there would be evicted (and
+    # the space counted) only in the larger run.
+    INDEX_CACHE.clear()
+    with ecmwf_index._parsed_lock:
+        ecmwf_index._parsed.clear()
     config = ecmwf_ifs_ens_template_config(
         ensemble_members=tuple(range(members)),
         resolution=RESOLUTION,
@@ -489,3 +523,135 @@ def test_scratch_task_holds_a_few_bytes_per_member_file(tmp_path: Path, monkeypa
     extra_files = files_many - files_few
     assert shipped_many < 40 * files_many and answer_many < 40 * files_many, (shipped_many, answer_many)
     assert (peak_many - peak_few) / extra_files < 500, (peak_few, peak_many, extra_files)
+
+
+LATE_STEPS = [0, 3, 144, 150, 360]
+
+
+@pytest.mark.parametrize(
+    ("path", "late"),
+    [
+        ("memory", "*/oper/*"),
+        pytest.param("scratch", "*/oper/*", marks=pytest.mark.slow),
+        pytest.param("memory", "*/oper/*-150h-*", marks=pytest.mark.slow),
+    ],
+    ids=["memory-oper-absent", "scratch-oper-absent", "memory-oper-from-150h-late"],
+)
+def test_update_completes_a_control_whose_oper_files_came_late(
+    tmp_path: Path, path: str, late: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From 50r1 the control (member 0) is read from `oper`, members 1-50 from `enfo`. An update that finds `enfo`
+    complete but `oper` absent (or stopping before 150 h) leaves the control NaN there and its
+    `ingested_forecast_length` short; a later update, once `oper` is there, re-ingests that init: it fetches only
+    the control's missing steps (and, for precipitation's rate, its last ingested one), fills the control and keeps
+    members 1 and 50 byte for byte."""
+    if path == "scratch":
+        monkeypatch.setattr(EcmwfIfsEnsRegionJob, "scratch_region_bytes", 0)
+    config = SMALL_CONFIG.model_copy(
+        update={
+            "variant_templates_dir": tmp_path / "templates",
+            "data_vars": tuple(SMALL_CONFIG.data_var(name) for name in VARIABLES),
+        }
+    )
+    config.update_template()
+    dataset = EcmwfIfsEnsForecast15DayDataset(template_config=config)
+    store = str(tmp_path / "ecmwf.zarr")
+    archive = small_archive(INITS, LATE_STEPS, [])
+    hours = np.timedelta64(1, "h").astype("m8[ns]")
+    full = [360 * hours] * len(MEMBERS)
+    with ArchiveServer(archive.root) as server:
+        # A cluster per run, as each update is its own process: workers remember a missing index for a while.
+        runs: dict[str, Any] = {"n_workers": 2, "store_url": store, "source_url": server.url, "show_progress": False}
+        dataset.backfill("2026-05-12T00:00", cluster="local", **runs)  # BEFORE, complete: its control is in `enfo`
+        if late != "*/oper/*":
+            server.unpublish("*/oper/*-360h-*")
+        server.unpublish(late)
+        dataset.update(now="2026-05-12T12:00", **runs)
+        first = xr.open_zarr(store, decode_timedelta=True)
+        control_first = None if late == "*/oper/*" else 144 * hours
+        assert first["ingested_forecast_length"].dims == ("init_time", "ensemble_member")
+        assert first["ingested_forecast_length"].values.tolist() == [full, [control_first, *full[1:]]]
+        before = {name: first[name].values.copy() for name in VARIABLES}
+        # An update while the control's files are still late finds nothing new: the store stays as it is, and
+        # that is no source outage (what is published is merged, not lost).
+        published_objects = {
+            p: p.read_bytes() for p in Path(store).rglob("*") if p.is_file() and "_internal" not in p.parts
+        }
+        dataset.update(now="2026-05-12T12:30", **runs)
+        assert {p: p.read_bytes() for p in Path(store).rglob("*") if p.is_file() and "_internal" not in p.parts} == (
+            published_objects
+        )
+        control_steps = [s for s in LATE_STEPS if late == "*/oper/*" or s >= 150]
+        for name in VARIABLES:
+            for step in control_steps:
+                field = first[name].sel(init_time=AFTER, ensemble_member=0, lead_time=pd.Timedelta(hours=step))
+                assert np.isnan(field.values).all(), (name, step)
+        server.publish(late)
+        server.publish("*/oper/*-360h-*")
+        server.reset_counters()
+        dataset.update(now="2026-05-12T13:00", **runs)
+        requested = {rel for rel in server.requests if rel.startswith(f"{AFTER:%Y%m%d}/") and rel.endswith(".grib2")}
+    published = xr.open_zarr(store, decode_timedelta=True)
+    assert published.sizes["init_time"] == 2
+    assert published["ingested_forecast_length"].values.tolist() == [full, full]
+    # Only the control's files were fetched again: from 144 h (precipitation's previous accumulation) when it had
+    # that step, all of them when it had none.
+    refetched = LATE_STEPS if late == "*/oper/*" else [144, 150, 360]
+    assert requested == {f"{archive_path(s)}" for s in refetched}, sorted(requested)
+    for name in VARIABLES:
+        actual = published[name].values
+        np.testing.assert_array_equal(actual[0], before[name][0], err_msg=name)  # BEFORE untouched
+        np.testing.assert_array_equal(actual[1, :, 1:], before[name][1, :, 1:], err_msg=name)  # members 1, 50
+        expected = expected_dataset(archive, name, INITS)
+        np.testing.assert_allclose(
+            actual[1, :, 0], expected[1, :, 0], rtol=2**-7, atol=TestEcmwfIfsEns().absolute_tolerance(name)
+        )
+        assert not np.isnan(actual[1, LEADS.index(150), 0]).any(), name  # the control filled, rate included
+
+
+def archive_path(step: int) -> str:
+    return f"{AFTER:%Y%m%d}/00z/ifs/3/oper/{AFTER:%Y%m%d%H}0000-{step}h-oper-fc.grib2"
+
+
+def test_recent_nans_are_judged_within_each_members_ingested_leads(tmp_path: Path) -> None:
+    """The dataset's own per-member check reads `ingested_forecast_length` per (init, member): a control whose
+    `oper` files stop at 144 h is not due past 144 h, while a perturbed member missing a field within its 360 h
+    fails the check by name. Judged against one length per init (the longest any member reached), the short
+    control would fail it."""
+    SMALL_CONFIG.update_template(templates_dir=SMALL_TEMPLATES)
+    template = SMALL_CONFIG.get_template("2026-05-13T00:00").sel(init_time=[pd.Timestamp(AFTER)])[list(VARIABLES)]
+    control_leads = LEADS.index(144) + 1
+    temperature = np.full(template["temperature_2m"].shape, 12.5, dtype=np.float32)
+    temperature[:, control_leads:, 0] = np.nan
+    precipitation = np.full(template["precipitation_surface"].shape, 1e-5, dtype=np.float32)
+    precipitation[:, 0] = np.nan  # no rate at lead 0
+    precipitation[:, control_leads:, 0] = np.nan
+    lengths = np.full((1, len(MEMBERS)), np.timedelta64(360, "h"), dtype="timedelta64[ns]")
+    lengths[0, 0] = np.timedelta64(144, "h")
+    ds = template.assign(
+        temperature_2m=template["temperature_2m"].copy(data=temperature),
+        precipitation_surface=template["precipitation_surface"].copy(data=precipitation),
+    ).assign_coords(ingested_forecast_length=template["ingested_forecast_length"].copy(data=lengths))
+    (per_member,) = (v for v in SMALL_DATASET.validators() if isinstance(v, RecentNaNsPerMember))
+
+    def check(dataset: xr.Dataset) -> tuple[bool, str]:
+        context = ValidationContext(
+            ds=dataset,
+            store=ObjectStore(tmp_path),
+            now=pd.Timestamp(AFTER) + pd.Timedelta(hours=10),
+            append_dim="init_time",
+            append_dim_start=SMALL_CONFIG.append_dim_start,
+            append_dim_frequency=SMALL_CONFIG.append_dim_frequency,
+        )
+        result = per_member.check(context)
+        return result.ok, result.message
+
+    assert check(ds) == (True, "2 variables, worst 0.0% (member 0)")
+    as_one_length = ds.assign_coords(
+        ingested_forecast_length=ds["ingested_forecast_length"].copy(data=np.full_like(lengths, lengths.max()))
+    )
+    ok, message = check(as_one_length)
+    assert not ok and "(member 0)" in message, message
+    temperature[0, 1:6, 1] = np.nan  # member 1's fields at 3-15 h, within its ingested leads: 5 of 85
+    ok, message = check(ds.assign(temperature_2m=ds["temperature_2m"].copy(data=temperature)))
+    assert not ok and "temperature_2m 5.9% (member 1)" in message, message

@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -567,3 +568,16 @@ def test_a_killed_icechunk_backfill_resumes_from_its_committed_regions(
         show_progress=False,
     )
     assert differences_from_plain(resumed, ObjectStore(plain)) == []
+
+
+def test_validation_lists_the_shards_of_an_icechunk_repository(icechunk_base: Path, tmp_path: Path) -> None:
+    """Icechunk lists only under a group or an array; a chunk-key prefix (`var/c/`) lists through its array."""
+    store = IcechunkStore(str(icechunk_base))
+    everything = store.list()
+    for prefix in ("temperature_2m/c/", "temperature_2m/c/1", "temperature_2m/", "temperature_2m"):
+        assert store.list(prefix) == [k for k in everything if k.startswith(prefix)]
+    assert store.list("temperature_2m/c/0/")
+    assert store.list("no_such_variable/c/") == []
+    report = DATASET.run_validators(store_url=str(icechunk_base), now=INITS[2])
+    (shards,) = [r for r in report.results if r.name.startswith("expected shards")]
+    assert shards.ok and re.fullmatch(r"all [1-9]\d* shard objects present", shards.message), shards.message

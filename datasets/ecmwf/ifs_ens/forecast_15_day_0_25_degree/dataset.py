@@ -20,8 +20,8 @@ from .region_job import EcmwfIfsEnsRegionJob
 from .template_config import ecmwf_ifs_ens_template_config
 
 # ECMWF publishes the 00z ensemble to 360 h in open data within about 8-9 h of init (ECMWF's dissemination
-# schedule plus the open-data delay); the daily update at 09:30 UTC appends it, and reprocesses the newest init
-# while it is shorter than 360 h.
+# schedule plus the open-data delay); the daily update at 09:30 UTC appends it, and re-ingests the newest init
+# while any member is shorter than 360 h (the control, from `oper` since 50r1, may arrive after `enfo`).
 MAX_PUBLICATION_DELAY = pd.Timedelta(hours=11)
 
 # Variable-regions (85 leads x 51 members x 721 x 1440 float32: 18 GB, 26.6 GB padded to whole shards) take the

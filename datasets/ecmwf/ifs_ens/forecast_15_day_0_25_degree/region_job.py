@@ -19,13 +19,20 @@ import pandas as pd
 import xarray as xr
 
 from reformatters.common.deaccumulation import deaccumulate_along_axis
-from reformatters.forecasts import first_init_to_update, with_ingested_forecast_length
+from reformatters.common.storage import ObjectStore
+from reformatters.forecasts import (
+    TransformWithHolding,
+    leads_to_fetch,
+    merge_published,
+    update_jobs_completing_members,
+    update_template_per_member,
+)
 from reformatters.region_job import EnsembleForecastSourceFileCoord, ProcessResults, RegionJob
 from reformatters.sources.ecmwf_index import EcmwfMessageKey, fetch_ecmwf_messages
 from reformatters.sources.grib_decode import GridSpec, decode_message
 from reformatters.sources.grib_index import GribMessageNotFoundError
 
-from .template_config import CONTROL_IN_OPER_FROM, EcmwfDataVar
+from .template_config import CONTROL_IN_OPER_FROM, EXPECTED_FORECAST_LENGTH, EcmwfDataVar
 
 ECMWF_OPEN_DATA_URL = "https://ecmwf-forecasts.s3.eu-central-1.amazonaws.com"
 ECMWF_DATA_URL = "https://data.ecmwf.int/forecasts"
@@ -101,7 +108,7 @@ def source_grid(resolution: float) -> GridSpec:
     )
 
 
-class EcmwfIfsEnsRegionJob(RegionJob[EcmwfDataVar, EcmwfSourceFileCoord]):
+class EcmwfIfsEnsRegionJob(TransformWithHolding, RegionJob[EcmwfDataVar, EcmwfSourceFileCoord]):
     max_vars_per_job = 4
     download_per_variable = True  # one member's message per download: a variable's shard write needs only its own
     download_batch_size = 16
@@ -109,6 +116,10 @@ class EcmwfIfsEnsRegionJob(RegionJob[EcmwfDataVar, EcmwfSourceFileCoord]):
     # A full variable-region (85 leads x 51 members x 721 x 1440, padded to whole shards) is 26.6 GB: it goes
     # through a worker-local scratch file.
     scratch_region_bytes = 1 << 30
+
+    # Set for the init an update re-ingests: fields already published (leads up to each member's
+    # `ingested_forecast_length` in the template) are not fetched again but merged from this store.
+    merge_published_store: str | None = None
 
     @property
     def resolution(self) -> float:
@@ -123,21 +134,35 @@ class EcmwfIfsEnsRegionJob(RegionJob[EcmwfDataVar, EcmwfSourceFileCoord]):
     def generate_source_file_coords(
         self, processing_region_ds: xr.Dataset, data_var_group: Sequence[EcmwfDataVar]
     ) -> Sequence[EcmwfSourceFileCoord]:
+        """Every (step, member) of the region; when the job merges what is published, a member's steps past its
+        `ingested_forecast_length` (and its last ingested step again if the group has an accumulation to turn
+        into a rate)."""
         source_url = self.source_url or ECMWF_OPEN_DATA_URL
         directory = resolution_dir(self.resolution)
+        lead_hours = [int(h) for h in processing_region_ds["lead_time"].values // np.timedelta64(1, "h")]
         members = [int(m) for m in processing_region_ds["ensemble_member"].values]
-        return [
-            EcmwfSourceFileCoord(
-                source_url=source_url,
-                init_time=init_time,
-                lead_time=lead_time,
-                ensemble_member=member,
-                resolution_dir=directory,
+        merging = self.merge_published_store is not None
+        accumulated = any(var.internal_attrs.deaccumulate_to_rate for var in data_var_group)
+        coords: list[EcmwfSourceFileCoord] = []
+        for init_time in processing_region_ds["init_time"].to_index():
+            wanted = {
+                member: set(leads_to_fetch(lead_hours, processing_region_ds, init_time, member, merging, accumulated))
+                for member in members
+            }
+            # Step by step, every member of a step together: they share the step's index.
+            coords.extend(
+                EcmwfSourceFileCoord(
+                    source_url=source_url,
+                    init_time=init_time,
+                    lead_time=pd.Timedelta(hours=lead),
+                    ensemble_member=member,
+                    resolution_dir=directory,
+                )
+                for lead in lead_hours
+                for member in members
+                if lead in wanted[member]
             )
-            for init_time in processing_region_ds["init_time"].to_index()
-            for lead_time in processing_region_ds["lead_time"].to_index()
-            for member in members
-        ]
+        return coords
 
     def source_index_url(self, coord: EcmwfSourceFileCoord) -> str:
         return coord.get_index_url()
@@ -167,28 +192,41 @@ class EcmwfIfsEnsRegionJob(RegionJob[EcmwfDataVar, EcmwfSourceFileCoord]):
             out *= np.float32(attrs.scale)
 
     def transforms_region(self, data_var: EcmwfDataVar) -> bool:
-        return data_var.internal_attrs.deaccumulate_to_rate
+        return data_var.internal_attrs.deaccumulate_to_rate or self.merge_published_store is not None
 
-    def apply_data_transformations(self, data_array: xr.DataArray, data_var: EcmwfDataVar) -> None:
+    def transform_fields(
+        self, data_array: xr.DataArray, data_var: EcmwfDataVar, holding: npt.NDArray[np.bool_] | None
+    ) -> None:
         """Accumulations since the start of the forecast become the average rate since the previous lead, one
-        (init, member) at a time: the scratch is two fields, whatever the ensemble size."""
-        if not data_var.internal_attrs.deaccumulate_to_rate:
-            return
-        values = data_array.values
-        lead_hours = data_array["lead_time"].values / np.timedelta64(1, "h")
-        lead_axis = data_array.dims.index("lead_time")
-        member_axis = data_array.dims.index("ensemble_member")
-        assert (lead_axis, member_axis) == (1, 2), data_array.dims
-        for init in range(values.shape[0]):
-            for member in range(values.shape[member_axis]):
-                deaccumulate_along_axis(values[init, :, member], lead_hours, 0, "accumulation", None)
+        (init, member) at a time (the scratch is two fields, whatever the ensemble size); then, for the init an
+        update re-ingests, the published fields fill what was not fetched. `holding` (init, lead, member): the
+        fields written (the others read as zeros, never as NaN), updated where published fields arrive; None: a
+        region with NaN where no field was read."""
+        if data_array.dims[:3] != ("init_time", "lead_time", "ensemble_member"):
+            raise ValueError(f"{data_var.name}: dims {data_array.dims}, expected init_time, lead_time, ensemble_member")
+        if data_var.internal_attrs.deaccumulate_to_rate:
+            values = data_array.values
+            lead_hours = data_array["lead_time"].values / np.timedelta64(1, "h")
+            for init in range(values.shape[0]):
+                for member in range(values.shape[2]):
+                    deaccumulate_along_axis(
+                        values[init, :, member],
+                        lead_hours,
+                        0,
+                        "accumulation",
+                        None,
+                        present=None if holding is None else holding[init, :, member],
+                    )
+        if self.merge_published_store is not None:
+            # After deaccumulation: published values are rates already.
+            merge_published(data_array, data_var, ObjectStore(self.merge_published_store), holding)
 
     @classmethod
     def update_template_with_results(
         cls, template_ds: xr.Dataset, append_dim: str, process_results: ProcessResults
     ) -> xr.Dataset:
-        ds = super().update_template_with_results(template_ds, append_dim, process_results)
-        return with_ingested_forecast_length(ds, process_results)
+        """Trim to the last init with data (read now or published); `ingested_forecast_length` per (init, member)."""
+        return update_template_per_member(template_ds, append_dim, process_results)
 
     @classmethod
     def operational_update_jobs(
@@ -199,7 +237,9 @@ class EcmwfIfsEnsRegionJob(RegionJob[EcmwfDataVar, EcmwfSourceFileCoord]):
         all_data_vars: Sequence[EcmwfDataVar],
         source_url: str | None = None,
     ) -> tuple[Sequence[Self], xr.Dataset]:
-        """Reprocess the newest published init while its forecast is shorter than 360 h; append every newer one."""
-        start_index = first_init_to_update(final_store, template_ds, append_dim)
-        regions = [slice(p, p + 1) for p in range(start_index, template_ds.sizes[append_dim])]
-        return cls.jobs_for_regions(template_ds, append_dim, all_data_vars, regions, source_url), template_ds
+        """Re-ingest the newest published init while any member (the control, from other files since 50r1,
+        included) is shorter than 360 h, merging what is published instead of fetching it again; append every
+        newer init."""
+        return update_jobs_completing_members(
+            cls, final_store, template_ds, append_dim, all_data_vars, source_url, EXPECTED_FORECAST_LENGTH
+        )

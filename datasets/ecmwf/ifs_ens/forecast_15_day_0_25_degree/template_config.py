@@ -275,8 +275,8 @@ class EcmwfIfsEnsTemplateConfig(TemplateConfig[EcmwfDataVar]):
                 np.full(len(init), EXPECTED_FORECAST_LENGTH.to_timedelta64(), dtype="timedelta64[ns]"),
             ),
             "ingested_forecast_length": (
-                ("init_time",),
-                np.full(len(init), np.timedelta64("NaT"), dtype="timedelta64[ns]"),
+                ("init_time", "ensemble_member"),
+                np.full((len(init), ds.sizes["ensemble_member"]), np.timedelta64("NaT"), dtype="timedelta64[ns]"),
             ),
             "spatial_ref": ((), np.int64(0)),
         }
@@ -361,10 +361,11 @@ def ecmwf_ifs_ens_template_config(
             ),
             Coordinate(
                 name="ingested_forecast_length",
-                encoding=_DURATION,
+                encoding=Encoding(dtype="int64", fill_value=-1, chunks=(10_000, n_members), units="seconds"),
                 attrs=CoordinateAttrs(
                     long_name="Ingested forecast length",
-                    comment="The longest lead time processed for this init time (any member).",
+                    comment="The longest lead time processed for this init time and ensemble member (member 0 from "
+                    "50r1 on comes from other files than members 1-50, and may arrive later).",
                 ),
             ),
             Coordinate(

@@ -22,12 +22,14 @@ from reformatters.common.deaccumulation import NEGATIVE_RATE_TOLERANCE, deaccumu
 from reformatters.common.resample import regular_global_plan
 from reformatters.common.storage import ObjectStore
 from reformatters.common.time_utils import utc_now
-from reformatters.region_job import (
-    EnsembleForecastSourceFileCoord,
-    ProcessResults,
-    RegionJob,
-    SourceFileStatus,
+from reformatters.forecasts import (
+    TransformWithHolding,
+    leads_to_fetch,
+    merge_published,
+    update_jobs_completing_members,
+    update_template_per_member,
 )
+from reformatters.region_job import EnsembleForecastSourceFileCoord, ProcessResults, RegionJob
 from reformatters.sources.download import fetch_available_grib_messages
 from reformatters.sources.grib_decode import GridSpec, decode_message
 from reformatters.sources.grib_index import instant_step, window_step
@@ -135,7 +137,7 @@ def clamp_window_accumulation(values: npt.NDArray[np.float32], window_hours: flo
     return int(np.count_nonzero(clearly))
 
 
-class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
+class GefsForecast35DayRegionJob(TransformWithHolding, RegionJob[GefsDataVar, GefsSourceFileCoord]):
     max_vars_per_job = 4
     download_per_variable = True  # byte ranges from the .idx: each variable's messages on their own
     download_batch_size = 16
@@ -166,16 +168,12 @@ class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
         source_url = self.source_url or NOAA_BUCKET_URL
         lead_hours = [int(h) for h in processing_region_ds["lead_time"].values // np.timedelta64(1, "h")]
         members = [int(m) for m in processing_region_ds["ensemble_member"].values]
-        ingested = processing_region_ds["ingested_forecast_length"]
+        merging = self.merge_published_store is not None
         now = utc_now()
         coords: list[GefsSourceFileCoord] = []
         for init_time in processing_region_ds["init_time"].to_index():
             leads = requested_lead_hours(lead_hours, init_time, now)
             for member in members:
-                done = -1.0
-                if self.merge_published_store is not None:
-                    published = ingested.sel(init_time=init_time, ensemble_member=member).values
-                    done = -1.0 if np.isnat(published) else float(published / np.timedelta64(1, "h"))
                 coords.extend(
                     GefsSourceFileCoord(
                         source_url=source_url,
@@ -184,8 +182,7 @@ class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
                         lead_time=pd.Timedelta(hours=lead),
                         product=product_at(products, lead),
                     )
-                    for lead in leads
-                    if lead > done
+                    for lead in leads_to_fetch(leads, processing_region_ds, init_time, member, merging)
                 )
         return coords
 
@@ -243,17 +240,7 @@ class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
         attrs = data_var.internal_attrs
         return attrs.deaccumulate_to_rate or attrs.deaccumulate_average or self.merge_published_store is not None
 
-    def apply_data_transformations(self, data_array: xr.DataArray, data_var: GefsDataVar) -> None:
-        self._transform(data_array, data_var, None)
-
-    def apply_data_transformations_sparse(
-        self, data_array: xr.DataArray, data_var: GefsDataVar, written: npt.NDArray[np.bool_]
-    ) -> npt.NDArray[np.bool_]:
-        holding = written.copy()
-        self._transform(data_array, data_var, holding)
-        return holding
-
-    def _transform(
+    def transform_fields(
         self, data_array: xr.DataArray, data_var: GefsDataVar, holding: npt.NDArray[np.bool_] | None
     ) -> None:
         """`holding` (init, member, lead): the fields written (the others read as zeros, never as NaN), updated
@@ -283,25 +270,8 @@ class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
     def update_template_with_results(
         cls, template_ds: xr.Dataset, append_dim: str, process_results: ProcessResults
     ) -> xr.Dataset:
-        """Trim to the last init with data; `ingested_forecast_length` per (init, member), never below what the
-        template already records (an update carries the published lengths in)."""
-        ds = super().update_template_with_results(template_ds, append_dim, process_results)
-        values = ds["ingested_forecast_length"].values.copy()
-        inits = ds.get_index("init_time")
-        members = ds.get_index("ensemble_member")
-        for coords in process_results.values():
-            for coord in coords:
-                if coord.status != SourceFileStatus.Succeeded:
-                    continue
-                location = coord.out_loc()
-                if location["init_time"] not in inits:
-                    continue
-                i = inits.get_loc(location["init_time"])
-                m = members.get_loc(location["ensemble_member"])
-                lead = pd.Timedelta(location["lead_time"]).to_timedelta64()
-                if np.isnat(values[i, m]) or lead > values[i, m]:
-                    values[i, m] = lead
-        return ds.assign_coords(ingested_forecast_length=ds["ingested_forecast_length"].copy(data=values))
+        """Trim to the last init with data (read now or published); `ingested_forecast_length` per (init, member)."""
+        return update_template_per_member(template_ds, append_dim, process_results)
 
     @classmethod
     def operational_update_jobs(
@@ -314,66 +284,6 @@ class GefsForecast35DayRegionJob(RegionJob[GefsDataVar, GefsSourceFileCoord]):
     ) -> tuple[Sequence[Self], xr.Dataset]:
         """Re-ingest the newest published init while any member lacks leads (merging what is published instead
         of fetching it again) and append every newer init."""
-        store = final_store if isinstance(final_store, ObjectStore) else ObjectStore(final_store)
-        published = store.open_dataset() if store.exists("zarr.json") else None
-        start_index = 0
-        merge_index: int | None = None
-        if published is not None and published.sizes[append_dim] > 0:
-            published_ingested = published["ingested_forecast_length"].values
-            length = published.sizes[append_dim]
-            values = template_ds["ingested_forecast_length"].values.copy()
-            values[:length] = published_ingested
-            template_ds = template_ds.assign_coords(
-                ingested_forecast_length=template_ds["ingested_forecast_length"].copy(data=values)
-            )
-            newest = published_ingested[-1]
-            complete = not np.isnat(newest).any() and bool((newest >= EXPECTED_FORECAST_LENGTH.to_timedelta64()).all())
-            start_index = length if complete else length - 1
-            merge_index = None if complete else length - 1
-        regions = [slice(p, p + 1) for p in range(start_index, template_ds.sizes[append_dim])]
-        jobs = cls.jobs_for_regions(template_ds, append_dim, all_data_vars, regions, source_url)
-        jobs = [
-            job.model_copy(update={"merge_published_store": store.url}) if job.region.start == merge_index else job
-            for job in jobs
-        ]
-        return jobs, template_ds
-
-
-def merge_published(
-    data_array: xr.DataArray,
-    data_var: GefsDataVar,
-    store: ObjectStore,
-    holding: npt.NDArray[np.bool_] | None = None,
-) -> None:
-    """Fill the positions this job did not fetch (NaN) with the store's published values, one block of whole
-    chunks (all members x a chunk of leads x a chunk row x a shard's columns) at a time. With `holding` (init,
-    member, lead: the fields written; the others read as zeros): a field not written is NaN-filled where a
-    published value first arrives for it, and marked."""
-    published = store.open_dataset(chunks=None)
-    if data_var.name not in published:
-        return
-    published_inits = published.get_index("init_time")
-    source = published[data_var.name]
-    values = data_array.values
-    chunks = data_var.encoding.chunks
-    shards = data_var.encoding.shards or chunks
-    n_lead, n_lat, n_lon = values.shape[2:]
-    for i, init in enumerate(data_array.get_index("init_time")):
-        if init not in published_inits:
-            continue
-        row = source.isel(init_time=published_inits.get_loc(init))
-        for lead in range(0, n_lead, chunks[2]):
-            for lat in range(0, n_lat, chunks[3]):
-                for lon in range(0, n_lon, shards[4]):
-                    block = (slice(lead, lead + chunks[2]), slice(lat, lat + chunks[3]), slice(lon, lon + shards[4]))
-                    target = values[(i, slice(None), *block)]
-                    stored = row.isel(lead_time=block[0], latitude=block[1], longitude=block[2]).values
-                    if holding is None:
-                        np.copyto(target, stored, where=np.isnan(target))
-                        continue
-                    written = holding[i, :, block[0]]  # a view: (member, lead)
-                    arriving = ~written & ~np.isnan(stored).all(axis=(-2, -1))
-                    for member, step in zip(*np.nonzero(arriving), strict=True):
-                        values[i, member, lead + step] = np.nan
-                        written[member, step] = True
-                    np.copyto(target, stored, where=np.isnan(target) & written[:, :, None, None])
+        return update_jobs_completing_members(
+            cls, final_store, template_ds, append_dim, all_data_vars, source_url, EXPECTED_FORECAST_LENGTH
+        )
