@@ -127,22 +127,12 @@ class GefsAnalysisRegionJob(GefsForecast35DayRegionJob):
         attrs = data_var.internal_attrs
         return attrs.deaccumulate_to_rate or attrs.deaccumulate_average or not is_categorical(data_var)
 
-    def apply_data_transformations(self, data_array: xr.DataArray, data_var: GefsDataVar) -> None:
-        present = np.ones(data_array.sizes["time"], dtype=bool)
-        self._transform_series(data_array, data_var, present, sparse=False)
-
-    def apply_data_transformations_sparse(
-        self, data_array: xr.DataArray, data_var: GefsDataVar, written: npt.NDArray[np.bool_]
-    ) -> npt.NDArray[np.bool_]:
-        holding = written.copy()
-        self._transform_series(data_array, data_var, holding, sparse=True)
-        return holding
-
-    def _transform_series(
-        self, data_array: xr.DataArray, data_var: GefsDataVar, holding: npt.NDArray[np.bool_], *, sparse: bool
+    def transform_fields(
+        self, data_array: xr.DataArray, data_var: GefsDataVar, holding: npt.NDArray[np.bool_] | None
     ) -> None:
         """Deaccumulate windows along time, then fill single missing steps. `holding` (one per time step): the
-        fields that hold values (in a scratch file the others read as zeros); updated where a gap is filled."""
+        fields written (in a scratch file the others read as zeros), updated where a gap is filled; None: a region
+        with NaN where no field was read."""
         if data_array.dims[0] != "time":
             raise ValueError(f"{data_var.name}: dims {data_array.dims}, expected time first")
         attrs = data_var.internal_attrs
@@ -154,10 +144,10 @@ class GefsAnalysisRegionJob(GefsForecast35DayRegionJob):
                 0,
                 "accumulation" if attrs.deaccumulate_to_rate else "average",
                 WINDOW_RESET_HOURS,
-                present=holding if sparse else None,
+                present=holding,
             )
         if not is_categorical(data_var):
-            interpolate_single_gaps(values, holding)
+            interpolate_single_gaps(values, np.ones(len(values), dtype=bool) if holding is None else holding)
 
     @classmethod
     def update_template_with_results(
