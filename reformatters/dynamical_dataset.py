@@ -429,7 +429,7 @@ def source_probe_urls(jobs: Sequence[RegionJob[Any, Any]], count: int = 2) -> li
     if not jobs:
         return []
     job = jobs[0]
-    processing_ds = job.template_ds.isel({job.append_dim: job.get_processing_region()})
+    processing_ds = job.template_ds.isel({job.append_dim: job.processing_region()})
     coords = job.generate_source_file_coords(processing_ds, job.source_groups(job.data_vars)[0])
     return [coord.get_url() for coord in list(coords)[:count]]
 

@@ -19,7 +19,7 @@ import xarray as xr
 
 from reformatters.common.config_models import DataVar
 from reformatters.common.storage import ObjectStore
-from reformatters.region_job import ProcessResults, RegionJob, SourceFileStatus
+from reformatters.region_job import ProcessResults, RegionJob, SourceFileStatus, last_successful_label
 
 JobT = TypeVar("JobT", bound=RegionJob[Any, Any])
 
@@ -77,6 +77,25 @@ def with_ingested_forecast_length_per_member(ds: xr.Dataset, process_results: Pr
             if np.isnat(values[i, m]) or lead > values[i, m]:
                 values[i, m] = lead
     return ds.assign_coords(ingested_forecast_length=ds["ingested_forecast_length"].copy(data=values))
+
+
+def update_template_per_member(template_ds: xr.Dataset, append_dim: str, process_results: ProcessResults) -> xr.Dataset:
+    """`RegionJob.update_template_with_results` of a forecast with `ingested_forecast_length` per (init, member):
+    trimmed to the last init with data read now or already published (an update re-ingesting a published init
+    carries its lengths in: finding nothing new there keeps it, it is no outage), then each member's length."""
+    last = last_successful_label(process_results, append_dim)
+    lengths = template_ds["ingested_forecast_length"]
+    published = lengths.notnull().any([dim for dim in lengths.dims if dim != append_dim]).values
+    labels = template_ds.get_index(append_dim)
+    if published.any():
+        newest_published = labels[np.flatnonzero(published)[-1]]
+        last = newest_published if last is None else max(last, newest_published)
+    ds = (
+        template_ds.isel({append_dim: slice(0, 0)})
+        if last is None
+        else template_ds.sel({append_dim: slice(None, last)})
+    )
+    return with_ingested_forecast_length_per_member(ds, process_results)
 
 
 def update_jobs_completing_members(

@@ -143,6 +143,11 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
     scratch_dir: str | None = Field(
         None, description="where scratch-path tasks keep their variable-region (default: the worker's temp dir)"
     )
+    processing: slice | None = Field(
+        None,
+        description="set by `for_workers`: the processing region (positions of the whole template) that "
+        "`template_ds` was cut to, so a hook that pads against the template's length is asked only once",
+    )
 
     max_vars_per_job: ClassVar[int] = 8
     # Source files per download task. Dask costs ~2 ms per task, so a task should do 100 ms or more: one file
@@ -166,6 +171,9 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
     scratch_region_bytes: ClassVar[int | None] = None
     # Scratch path: source files downloaded at once per variable-region (the messages held in memory at most).
     scratch_download_window: ClassVar[int] = 4
+    # Scratch path: the resident pages of the region's file mapping (counted by Dask as the worker's memory) are
+    # flushed and dropped each time they grow by this much (`pipeline.scratch.MappedPagesRelease`).
+    scratch_release_bytes: ClassVar[int] = 256 << 20
 
     # ---- hooks ----
     def get_processing_region(self) -> slice:
@@ -348,11 +356,26 @@ class RegionJob(FrozenModel, Generic[DataVarT, SourceFileCoordT]):
             for chunk in _batched(group, cls.max_vars_per_job)
         ]
 
+    def processing_region(self) -> slice:
+        """The positions (of the whole template) this job downloads and transforms: `get_processing_region`'s
+        answer, fixed once `for_workers` has cut the template to it. The framework asks this, never the hook."""
+        return self.processing if self.processing is not None else self.get_processing_region()
+
     def for_workers(self) -> Self:
         """A copy whose template covers only the processing region: small enough to ship to workers."""
-        processing = self.get_processing_region()
+        if self.processing is not None:
+            return self
+        length = self.template_ds.sizes[self.append_dim]
+        start, stop, step = self.get_processing_region().indices(length)
+        if step != 1 or start > self.region.start or stop < self.region.stop:
+            raise ValueError(
+                f"{type(self).__name__}.get_processing_region() returned {start}:{stop}:{step}, which must be a "
+                f"contiguous slice holding the region {self.region.start}:{self.region.stop}; pad the region, "
+                "never cut it"
+            )
+        processing = slice(start, stop)
         small = self.template_ds.isel({self.append_dim: processing})
-        return self.model_copy(update={"template_ds": small})
+        return self.model_copy(update={"template_ds": small, "processing": processing})
 
     def describe(self) -> str:
         labels = self.template_ds.get_index(self.append_dim)[self.region]

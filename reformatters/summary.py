@@ -25,6 +25,10 @@ class VariableSummary(BaseModel):
     scratch_bytes: int = 0  # the largest worker-local scratch one variable-region used (scratch path only)
     peak_rss_anon_bytes: int = 0  # the highest anonymous memory a scratch task's worker held (scratch path only)
     rss_anon_growth_bytes: int = 0  # the most a scratch task's worker grew in anonymous memory while it ran
+    # The highest resident mapped-file memory (RssFile + RssShmem) of a scratch task's worker: the scratch file's
+    # pages, which Dask's memory monitor counts as the worker's (`pipeline.scratch.MappedPagesRelease` bounds it).
+    peak_rss_mapped_bytes: int = 0
+    rss_mapped_growth_bytes: int = 0  # the most a scratch task's worker grew in mapped-file memory while it ran
     failures: list[str] = Field(default_factory=list)
 
     @property
@@ -62,7 +66,13 @@ class RunSummary(BaseModel):
             entry.bytes_written += result.bytes_written
             entry.objects_written += result.objects_written
             entry.decodes += result.decodes
-            for name in ("scratch_bytes", "peak_rss_anon_bytes", "rss_anon_growth_bytes"):
+            for name in (
+                "scratch_bytes",
+                "peak_rss_anon_bytes",
+                "rss_anon_growth_bytes",
+                "peak_rss_mapped_bytes",
+                "rss_mapped_growth_bytes",
+            ):
                 setattr(entry, name, max(getattr(entry, name), int(result.extra.get(name, 0))))
             for coord in result.results:
                 failed = coord.status in (SourceFileStatus.DownloadFailed, SourceFileStatus.ReadFailed)

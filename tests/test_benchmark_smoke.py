@@ -183,3 +183,21 @@ def test_gefs_scratch_benchmark(tmp_path: Path) -> None:
         assert run["scratch_mb_per_worker"] > 0 and run["vs_bound"] > 0 and math.isfinite(run["vs_bound"])
     derived = result["derived"]
     assert {"marginal_fields_per_second", "marginal_vs_bound", "peak_rss_anon_spread"} <= set(derived)
+
+
+@pytest.mark.benchmark
+def test_gefs_analysis_benchmark(tmp_path: Path) -> None:
+    """The GEFS analysis benchmark with 8 steps of data in one full-shape variable-region (about a minute): every
+    number is reported, each variable-region took the scratch path."""
+    from benchmarks.gefs_analysis import main as gefs_analysis
+
+    report = tmp_path / "gefs_analysis.json"
+    gefs_analysis(["--steps", "8", "--json", str(report)])
+    result = json.loads(report.read_text())
+    assert result["region_steps"] == 2880 and result["region_gb_shard_padded"] > 12
+    assert [row["variable"] for row in result["variables"]] == ["temperature_2m", "precipitation_surface"]
+    for row in result["variables"]:
+        assert row["fields_read"] >= 8 and row["files_not_found"] > 2800
+        assert row["peak_rss_anon_mb"] > row["rss_anon_growth_mb"] > 0
+        assert row["peak_rss_mapped_mb"] > 0 and row["scratch_mb"] > 0
+    assert result["wall_seconds"] > 0

@@ -158,6 +158,7 @@ def test_dask_cluster_resource_validates_against_the_operator_crd(crd_validator:
     [
         "noaa-gfs-forecast",
         "noaa-gefs-forecast-35-day",
+        "noaa-gefs-analysis",
         "noaa-hrrr-forecast-48-hour",
         "ecmwf-ifs-ens-forecast-15-day-0-25-degree",
     ],

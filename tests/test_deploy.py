@@ -56,6 +56,7 @@ RENDERED_DIR = REPO / "cluster" / "rendered"
 K8S_VERSION = kubernetes_validate.utils.latest_version()
 DEPLOYED = [
     "ecmwf-ifs-ens-forecast-15-day-0-25-degree",
+    "noaa-gefs-analysis",
     "noaa-gefs-forecast-35-day",
     "noaa-gfs-forecast",
     "noaa-hrrr-forecast-48-hour",

@@ -74,6 +74,33 @@ def test_worker_copy_carries_only_the_processing_region() -> None:
     assert small.template_ds.init_time.values[0] == job.template_ds.init_time.values[job.region.start]
 
 
+class PaddedExampleJob(ExampleRegionJob):
+    """Pads its region by one position each side, clamped to the template: a hook that reads the template's length."""
+
+    def get_processing_region(self) -> slice:
+        length = self.template_ds.sizes[self.append_dim]
+        return slice(max(0, self.region.start - 1), min(length, self.region.stop + 1))
+
+
+class CuttingExampleJob(ExampleRegionJob):
+    def get_processing_region(self) -> slice:
+        return slice(self.region.start + 1, self.region.stop)
+
+
+def test_worker_copy_keeps_the_padded_processing_region_the_hook_gave_on_the_whole_template() -> None:
+    template = CONFIG.get_template("2024-01-04T00:00")
+    job = PaddedExampleJob.get_jobs(template, "init_time", CONFIG.data_vars)[1]
+    small = job.for_workers()
+    assert small.processing_region() == job.processing_region() == slice(job.region.start - 1, job.region.stop + 1)
+    # Asked again on the cut template, the hook would clamp to its shorter length and lose the padding after.
+    assert small.get_processing_region() != small.processing_region()
+    assert small.template_ds.sizes["init_time"] == job.region.stop - job.region.start + 2
+    assert small.for_workers() is small
+    cutting = CuttingExampleJob.get_jobs(template, "init_time", CONFIG.data_vars)[1]
+    with pytest.raises(ValueError, match="must be a contiguous slice holding the region"):
+        cutting.for_workers()
+
+
 def test_graph_shape_per_region(tmp_path: Path) -> None:
     job = jobs_for(RegionJobFilters())[0]
     with tmp_metadata_store(job.template_ds) as tmp_store:

@@ -28,7 +28,14 @@ from reformatters_datasets.example.dataset import ExampleDataset
 from reformatters_datasets.example.region_job import ExampleRegionJob
 
 from reformatters.cluster import open_client
-from reformatters.pipeline.scratch import SCRATCH_DIR_ENVIRON, SCRATCH_PREFIX, remove_dead_scratch
+from reformatters.pipeline.scratch import (
+    SCRATCH_DIR_ENVIRON,
+    SCRATCH_PREFIX,
+    MappedPagesRelease,
+    _mapped_region,
+    remove_dead_scratch,
+    rss_mapped_bytes,
+)
 from reformatters.region_job import RegionJobFilters
 from reformatters.summary import RunSummary
 from reformatters.testing.archive_server import ArchiveServer
@@ -305,3 +312,32 @@ def test_partial_shard_merged_chunk_by_chunk_is_zarrs_merge(tmp_path: Path, inde
     )
     assert streamed_kept == kept
     assert {key: out.getvalue() for key, out in files.items()} == expected
+
+
+def _fill_mapped(path: Path, fields: int, limit: int | None) -> tuple[int, int]:
+    """Write `fields` 4 MiB fields through a scratch mapping (released every `limit` bytes of growth, or never);
+    the process's peak growth of mapped resident memory while it did, and the releases made."""
+    buffer, mapped = _mapped_region(path, (fields, 1024, 1024))
+    release = MappedPagesRelease(mapped, limit=limit or 1 << 62, interval=0.001)
+    with release:
+        for index in range(fields):
+            buffer[index] = np.float32(index)
+            release.check()
+    del buffer
+    release.drop_mapping()
+    mapped.close()
+    return release.peak - release.start, release.releases
+
+
+def test_scratch_mapping_stays_bounded_and_keeps_what_was_written(tmp_path: Path) -> None:
+    """Dask's memory monitor counts a scratch file's resident mapped pages as the worker's memory: filling 256 MiB
+    through the mapping grows it by about that much, unless the pages are flushed and dropped as they grow."""
+    fields, limit = 64, 32 << 20
+    unbounded, _ = _fill_mapped(tmp_path / "unbounded.f32", fields, None)
+    bounded, releases = _fill_mapped(tmp_path / "bounded.f32", fields, limit)
+    assert unbounded > 200 << 20, f"the mapping grew by {unbounded >> 20} MiB only: nothing to bound here"
+    assert releases >= 4
+    assert bounded < limit + (16 << 20), f"the mapping grew by {bounded >> 20} MiB with a {limit >> 20} MiB limit"
+    written = np.fromfile(tmp_path / "bounded.f32", dtype=np.float32).reshape(fields, -1)
+    assert (written == np.arange(fields, dtype=np.float32)[:, None]).all(), "a released page lost what was written"
+    assert rss_mapped_bytes() > 0

@@ -54,7 +54,7 @@ def build_region_graph(
     submits variables one by one, returns futures it keeps until the region is done, so a task that one
     variable's graph finished is not run again for the next.
     """
-    processing = job.get_processing_region()
+    processing = job.processing_region()
     processing_ds = job.template_ds.isel({job.append_dim: processing})
     token = tokenize(job.template_ds.get_index(job.append_dim)[job.region].tolist(), [v.name for v in job.data_vars])
     # Literal keys land in the layer of their first consumer and take its annotations: a job key inside a

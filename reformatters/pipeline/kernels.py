@@ -349,7 +349,7 @@ def region_buffer_shape(job: RegionJob[Any, Any], data_var: Any, shards: Sequenc
         return tuple(template.shape)
     axis = template.dims.index(job.append_dim)
     shape = list(padded_shape(template.shape, shards, skip_axes=(axis,)))
-    processing = job.get_processing_region()
+    processing = job.processing_region()
     shape[axis] = max(shape[axis], -(-job.region.stop // shards[axis]) * shards[axis] - processing.start)
     return tuple(shape)
 
@@ -405,7 +405,7 @@ def choose_layout(
     axis = template.dims.index(job.append_dim)
     if job.transforms_region(data_var) or partial_shards or len(shape) < 3:
         return rows
-    if any(n % c for n, c in zip(shape, chunks, strict=True)) or job.get_processing_region().start % chunks[axis]:
+    if any(n % c for n, c in zip(shape, chunks, strict=True)) or job.processing_region().start % chunks[axis]:
         return rows
     leading = set(template.dims[:-2])
     if any(set(coord.out_loc()) != leading for coord in coords):
@@ -590,7 +590,7 @@ class ShardPlan:
 
 def in_region(job: RegionJob[Any, Any], results: Sequence[SourceFileCoord]) -> Sequence[SourceFileCoord]:
     """The results of the region itself, not of the processing region's extra positions."""
-    processing = job.get_processing_region()
+    processing = job.processing_region()
     region = job.region
     offset = region.start - processing.start
     in_region = set(job.template_ds.get_index(job.append_dim)[offset : offset + region.stop - region.start])
@@ -613,14 +613,17 @@ def encode_assembled(
     partial_by_chunk: bool = False,
     unwritten_unread: bool = False,
     stream: ShardStream | None = None,
+    chunk_read: Callable[[], None] | None = None,
 ) -> int:
     """Encode the shard objects of one variable-region, handing each to `sink(key, bytes)` as it is done;
     returns how many fields they keep from the published shards (`holding_data` is updated where they do).
     `partial_by_chunk`: partial shards are merged one inner chunk at a time (`merge_partial_shards_by_chunk`), not
     through zarr with the shard in memory. `unwritten_unread`: slabs without values are never read, only written
     as fill into the copy of their chunk (the scratch path leaves them holes).
-    `stream(key)`: a file each shard is written into chunk by chunk instead of going to `sink` whole."""
-    processing = job.get_processing_region()
+    `stream(key)`: a file each shard is written into chunk by chunk instead of going to `sink` whole.
+    `chunk_read()` is called before each inner chunk of a whole shard is taken from the buffer (the one before it has
+    been read by then): the scratch path looks at its mapping's resident pages there."""
+    processing = job.processing_region()
     region = job.region
     axis = plan.axis
     shard_grid = [range(-(-n // s)) for n, s in zip(plan.array_shape, encoder.shard_shape, strict=True)]
@@ -641,6 +644,8 @@ def encode_assembled(
                 first_chunk = [o // c for o, c in zip(origin, encoder.chunk_shape, strict=True)]
 
                 def chunk_at(within: tuple[int, ...], first: list[int] = first_chunk) -> npt.NDArray[np.float32]:
+                    if chunk_read is not None:
+                        chunk_read()
                     return layout.chunk(assembled.buffer, [f + w for f, w in zip(first, within, strict=True)])
 
                 kept += keep_published_fields(encoder, published, chunk_at, slab_map)
@@ -654,6 +659,8 @@ def encode_assembled(
                 shard = assembled.buffer[block]
 
                 def shard_chunk(within: tuple[int, ...], shard: npt.NDArray[np.float32] = shard) -> npt.NDArray[Any]:
+                    if chunk_read is not None:
+                        chunk_read()
                     return shard[
                         tuple(slice(i * c, (i + 1) * c) for i, c in zip(within, encoder.chunk_shape, strict=True))
                     ]

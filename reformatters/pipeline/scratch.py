@@ -99,8 +99,7 @@ def uses_scratch(job: RegionJob[Any, Any], data_var: Any) -> bool:
 def region_nbytes(job: RegionJob[Any, Any], data_var: Any) -> int:
     """The bytes of the variable-region's shard-padded float32 buffer (the job's template may be the whole one)."""
     encoding = data_var.encoding
-    if job.template_ds.sizes[job.append_dim] != len(range(*job.get_processing_region().indices(1 << 62))):
-        job = job.for_workers()
+    job = job.for_workers()
     shape = region_buffer_shape(job, data_var, encoding.shards or encoding.chunks)
     return int(np.prod(shape, dtype=np.int64)) * 4
 
@@ -203,6 +202,82 @@ class AnonPeak:
         if self._thread is not None:
             self._thread.join()
         self.peak = max(self.peak, rss_anon_bytes())
+
+
+def rss_mapped_bytes() -> int:
+    """This process's resident pages of mapped files and shared memory (RssFile + RssShmem): what a scratch file's
+    mapping adds to the RSS Dask's worker memory monitor compares with the worker's limit."""
+    total = 0
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(("RssFile:", "RssShmem:")):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return total
+
+
+RELEASE_MAPPED_BYTES = 256 << 20
+
+
+class MappedPagesRelease:
+    """Keeps a scratch file's mapping from growing the worker's RSS while the context is open.
+
+    Dask's worker memory monitor counts the resident pages of a memory-mapped file as the worker's memory (RSS),
+    so filling or encoding a variable-region larger than the worker's limit would get the worker paused, then
+    restarted. Every `interval` seconds this looks at the process's mapped resident memory; once it has grown by
+    `limit` bytes since the last release, the mapping is flushed to its file (msync: nothing written is lost) and
+    its pages are dropped from the process (MADV_DONTNEED: a shared file mapping reads them back from the page cache
+    or the file when touched again). The peak seen is kept for the run summary."""
+
+    def __init__(self, mapped: mmap.mmap, limit: int = RELEASE_MAPPED_BYTES, interval: float = 0.01) -> None:
+        self._mapped = mapped
+        self._limit = limit
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.start = 0
+        self.peak = 0
+        self.releases = 0
+
+    def __enter__(self) -> MappedPagesRelease:
+        self.start = self.peak = self._baseline = rss_mapped_bytes()
+        self._thread = threading.Thread(target=self._watch, name="scratch-page-release", daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.check()
+
+    def check(self) -> None:
+        """Release the mapping's pages if the process's mapped memory grew by `limit` since the last release."""
+        with self._lock:
+            mapped = rss_mapped_bytes()
+            self.peak = max(self.peak, mapped)
+            if mapped - self._baseline >= self._limit:
+                self.release()
+                self._baseline = rss_mapped_bytes()
+
+    def release(self) -> None:
+        if self._mapped is None or self._mapped.closed:
+            return
+        self._mapped.flush()
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._mapped.madvise(mmap.MADV_DONTNEED)
+        self.releases += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, rss_mapped_bytes())
+
+    def drop_mapping(self) -> None:
+        """Forget the mapping, so the caller's last reference unmaps it."""
+        self._mapped = None  # type: ignore[assignment]
 
 
 class ScratchObjects(Mapping[str, bytes]):
@@ -327,7 +402,8 @@ def _encode_in_scratch(
     plan = ShardPlan.of(job, data_var, encoder, var_metadata)
     layout = choose_layout(job, data_var, encoder, coords, bool(plan.partial))
     region_path = directory / "region.f32"
-    buffer = _mapped_region(region_path, layout.memory_shape)
+    buffer, mapped = _mapped_region(region_path, layout.memory_shape)
+    release = MappedPagesRelease(mapped, job.scratch_release_bytes).__enter__()
     try:
         template = job.template_ds[data_var.name]
         field_shape = (template.shape[-2], template.shape[-1])
@@ -359,6 +435,7 @@ def _encode_in_scratch(
             else:
                 coord, read = read_one_into(job, data_var, outcome, rows_view[(*position, ...)])
             results.record(index, coord)
+            release.check()
             fetched += outcome.nbytes if outcome.payload is not None else 0
             pause_at("scratch-field")  # tests kill a worker here, fields in its scratch file
             if read:
@@ -369,7 +446,7 @@ def _encode_in_scratch(
         transforms = job.transforms_region(data_var)
         sparse = transforms and job.has_sparse_transform()
         everything = (transforms and not sparse) or unsharded
-        _fill_what_is_read(buffer, layout, written, field_shape, everything=everything)
+        _fill_what_is_read(buffer, layout, written, field_shape, everything=everything, touched=release.check)
         assembled = AssembledVariable(job, data_var, layout, buffer, results, delivered, written, decodes)
         if transforms:
             data_array = xr.DataArray(
@@ -387,12 +464,13 @@ def _encode_in_scratch(
                 holding_data = np.zeros_like(written)
                 holding_data[in_template] = holding
                 # Fields the hook wrote where no file did: their padding is read with them.
-                _fill_padding(buffer, layout, holding_data & ~written, field_shape)
+                _fill_padding(buffer, layout, holding_data & ~written, field_shape, release.check)
             else:
                 job.apply_data_transformations(data_array, data_var)
                 holding_data = slabs_holding_data(buffer, delivered)
             for slab in zip(*np.nonzero(holding_data[in_template]), strict=True):
                 round_to_keep_bits(region[slab], data_var)
+                release.check()
         else:
             holding_data = written.copy()
         objects = ScratchObjects(directory)
@@ -409,9 +487,12 @@ def _encode_in_scratch(
             partial_by_chunk=True,
             unwritten_unread=True,
             stream=objects.writer,
+            chunk_read=release.check,
         )
     finally:
-        del buffer
+        release.__exit__()
+        release.drop_mapping()
+        del buffer, mapped
         region_bytes = region_path.stat().st_blocks * 512  # what the file took on disk, not its (sparse) length
         # Emptied while it has a name: the last unmapping of an unlinked file frees its scattered pages and blocks
         # one by one (measured 1.2 ms per page here: 25 s for 20k pages, against 0.1 s truncated first). Nothing
@@ -425,12 +506,17 @@ def _encode_in_scratch(
         fetched,
         kept,
         decodes,
+        extra={
+            "peak_rss_mapped_bytes": release.peak,
+            "rss_mapped_growth_bytes": release.peak - release.start,
+            "mapped_page_releases": release.releases,
+        },
         upload_threads=1,  # each object is read whole from its file to be put
     )
     return encoded, region_bytes
 
 
-def _mapped_region(path: Path, shape: tuple[int, ...]) -> npt.NDArray[np.float32]:
+def _mapped_region(path: Path, shape: tuple[int, ...]) -> tuple[npt.NDArray[np.float32], mmap.mmap]:
     """A new sparse file of `shape` float32, memory-mapped: only pages written take disk. Random access advised:
     a write to a page not yet cached would otherwise read around it (32 pages zero-filled into the page cache for a
     field's slab, ~1 ms per fault measured, the unmapping as slow again)."""
@@ -440,7 +526,7 @@ def _mapped_region(path: Path, shape: tuple[int, ...]) -> npt.NDArray[np.float32
         mapped = mmap.mmap(file.fileno(), nbytes)
     if hasattr(mmap, "MADV_RANDOM"):
         mapped.madvise(mmap.MADV_RANDOM)
-    return np.ndarray(shape, dtype=np.float32, buffer=mapped)
+    return np.ndarray(shape, dtype=np.float32, buffer=mapped), mapped
 
 
 def _fill_what_is_read(
@@ -450,16 +536,19 @@ def _fill_what_is_read(
     field_shape: tuple[int, int],
     *,
     everything: bool,
+    touched: Callable[[], None] | None = None,
 ) -> None:
     """NaN into the parts of the scratch file something reads that no field wrote: the padding of the fields
     (row-major: an edge chunk copies its slabs whole), and, if `everything` (a transform hook that reads the
     whole region, or chunks encoded as they lie), every slab without a field. The encoder never reads a slab
     without a field (`unwritten_unread`), nor does the partial-shard merge; the rest stays a hole."""
-    _fill_padding(buffer, layout, written, field_shape)
+    _fill_padding(buffer, layout, written, field_shape, touched)
     if everything:
         nan = float(np.nan)
         for slab in zip(*np.nonzero(~written), strict=True):
             layout.fill_slab(buffer, slab, nan)
+            if touched is not None:
+                touched()
 
 
 def _fill_padding(
@@ -467,9 +556,10 @@ def _fill_padding(
     layout: RegionLayout,
     slabs: npt.NDArray[np.bool_],
     field_shape: tuple[int, int],
+    touched: Callable[[], None] | None = None,
 ) -> None:
     """NaN into the shard padding beside the fields of `slabs` (row-major; chunk-major fields are written with
-    their padding)."""
+    their padding). `touched` is called after each slab (the padding columns touch a page of every row)."""
     if layout.chunk_major:
         return
     nan = float(np.nan)
@@ -477,3 +567,5 @@ def _fill_padding(
     for slab in zip(*np.nonzero(slabs), strict=True):
         buffer[(*slab, slice(rows, None))] = nan
         buffer[(*slab, slice(0, rows), slice(columns, None))] = nan
+        if touched is not None:
+            touched()

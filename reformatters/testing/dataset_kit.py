@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
+import pandas as pd
 import pytest
 import xarray as xr
 
@@ -44,6 +45,10 @@ class DatasetTestKit:
     """Exclusive end of the live-store checks' first backfill: at least three regions (default: backfill_end)."""
     live_store_variables: ClassVar[tuple[str, ...]] = ()
     """Variables of the live-store checks (default: backfill_variables); at least two."""
+    update_backfill_end: ClassVar[str | None] = None
+    """Exclusive end of the first backfill of the backfill-then-updates check (None: the check is skipped)."""
+    update_nows: ClassVar[tuple[str, ...]] = ()
+    """`now` of each operational update after that backfill; the last one's template must reach `backfill_end`."""
 
     # ---- what an integration provides ----
     def make_source(self, root: Path) -> str:
@@ -195,6 +200,47 @@ class DatasetTestKit:
                 )
         plain, icechunk = (self.dataset.store(url) for url in stores.values())
         assert differences_from_plain(icechunk, plain) == []
+
+    def test_backfill_then_updates_equals_one_backfill(self, tmp_path: Path) -> None:
+        """A backfill up to `update_backfill_end` followed by operational updates at each of `update_nows` publishes
+        the same objects, byte for byte, as one backfill up to `backfill_end`."""
+        if self.update_backfill_end is None or not self.update_nows:
+            pytest.skip(f"{type(self).__name__} sets no update_backfill_end and update_nows")
+        config = self.dataset.template_config
+        last_update = config.append_dim_coordinates(pd.Timestamp(self.update_nows[-1]) + config.append_dim_frequency)
+        assert last_update.equals(config.append_dim_coordinates(self.backfill_end)), (
+            f"the last update's template ends at {last_update[-1]}, the backfill's before {self.backfill_end}: "
+            "choose the last of update_nows so that both end at the same position"
+        )
+        source_url = self.make_source(tmp_path / "source")
+        whole, stepped = tmp_path / "whole.zarr", tmp_path / "stepped.zarr"
+        ends = {}
+        with _kit_cluster(self.n_workers) as address:
+            for store, end in ((whole, self.backfill_end), (stepped, self.update_backfill_end)):
+                self.dataset.backfill(
+                    end,
+                    cluster=address,
+                    store_url=str(store),
+                    source_url=source_url,
+                    filters=self.kit_filters(),
+                    show_progress=False,
+                )
+            for now in self.update_nows:
+                self.dataset.update(
+                    cluster=address,
+                    store_url=str(stepped),
+                    source_url=source_url,
+                    now=pd.Timestamp(now),
+                    show_progress=False,
+                )
+                ends[now] = self.dataset.open_published(str(stepped)).sizes[config.append_dim]
+        assert len(set(ends.values())) > 1, f"the updates appended nothing: {config.append_dim} lengths {ends}"
+        got, want = _store_state(stepped), _store_state(whole)
+        assert sorted(got) == sorted(want), (
+            f"objects differ: extra {set(got) - set(want)}, missing {set(want) - set(got)}"
+        )
+        different = [key for key in want if got[key][0] != want[key][0]]
+        assert not different, f"backfill + updates and one backfill differ in {different}"
 
     # ---- live-store checks: one publisher whatever the run ----
     def test_backfills_into_a_live_store_change_only_what_they_ran(self, tmp_path: Path) -> None:

@@ -203,7 +203,7 @@ def _parse(data: bytes, object_key: str) -> ProgressRecord | None:
 def region_coords(job: RegionJob[Any, Any], var_name: str) -> list[SourceFileCoord]:
     """The source file coords the shard write of `var_name` reports for `job`'s region (on the driver: the job's
     template covers the whole append dimension)."""
-    processing_ds = job.template_ds.isel({job.append_dim: job.get_processing_region()})
+    processing_ds = job.template_ds.isel({job.append_dim: job.processing_region()})
     group = next(g for g in job.source_groups(job.data_vars) if any(v.name == var_name for v in g))
     in_region = set(job.template_ds.get_index(job.append_dim)[job.region])
     coords = job.generate_source_file_coords(processing_ds, group)

@@ -25,7 +25,7 @@ from reformatters.forecasts import (
     leads_to_fetch,
     merge_published,
     update_jobs_completing_members,
-    with_ingested_forecast_length_per_member,
+    update_template_per_member,
 )
 from reformatters.region_job import EnsembleForecastSourceFileCoord, ProcessResults, RegionJob
 from reformatters.sources.ecmwf_index import EcmwfMessageKey, fetch_ecmwf_messages
@@ -225,9 +225,8 @@ class EcmwfIfsEnsRegionJob(TransformWithHolding, RegionJob[EcmwfDataVar, EcmwfSo
     def update_template_with_results(
         cls, template_ds: xr.Dataset, append_dim: str, process_results: ProcessResults
     ) -> xr.Dataset:
-        """Trim to the last init with data; `ingested_forecast_length` per (init, member)."""
-        ds = super().update_template_with_results(template_ds, append_dim, process_results)
-        return with_ingested_forecast_length_per_member(ds, process_results)
+        """Trim to the last init with data (read now or published); `ingested_forecast_length` per (init, member)."""
+        return update_template_per_member(template_ds, append_dim, process_results)
 
     @classmethod
     def operational_update_jobs(

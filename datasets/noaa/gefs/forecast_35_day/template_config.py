@@ -332,7 +332,9 @@ def data_vars(chunks: tuple[int, ...] = CHUNKS, shards: tuple[int, ...] = SHARDS
 
 
 _TIME_UNITS = "seconds since 1970-01-01 00:00:00"
-_TIME = Encoding(dtype="int64", fill_value=0, chunks=(100_000,), units=_TIME_UNITS, calendar="proleptic_gregorian")
+TIME_ENCODING = Encoding(
+    dtype="int64", fill_value=0, chunks=(100_000,), units=_TIME_UNITS, calendar="proleptic_gregorian"
+)
 _DURATION = Encoding(dtype="int64", fill_value=-1, chunks=(100_000,), units="seconds")
 SPATIAL_REF_WKT = (
     'GEOGCS["GEFS sphere",DATUM["unknown",SPHEROID["Sphere",6371229,0]],PRIMEM["Greenwich",0],'
@@ -340,12 +342,11 @@ SPATIAL_REF_WKT = (
 )
 
 
-class GefsForecast35DayTemplateConfig(TemplateConfig[GefsDataVar]):
-    """`ensemble_members` and `resolution` are the published dataset's by default; a smaller variant (fewer
-    members, a coarser grid, whose coarse source files are then at twice its resolution) keeps the same code paths
-    at a size tests can hold, with its template rendered under `variant_templates_dir`."""
+class GefsGridTemplateConfig(TemplateConfig[GefsDataVar]):
+    """What the GEFS datasets share: the global grid at `resolution` (the published 0.25 degree by default; a
+    coarser variant, whose coarse source files are then at twice its resolution, keeps the same code paths at a size
+    tests can hold) and a variant's template rendered under `variant_templates_dir`."""
 
-    ensemble_members: tuple[int, ...] = ENSEMBLE_MEMBERS
     resolution: float = Field(RESOLUTION, gt=0)
     variant_templates_dir: Path | None = None
 
@@ -356,12 +357,50 @@ class GefsForecast35DayTemplateConfig(TemplateConfig[GefsDataVar]):
     def update_template(self, templates_dir: Path | None = None) -> Path:
         return super().update_template(templates_dir or self.variant_templates_dir)
 
+    def grid_coordinates(self) -> dict[str, Any]:
+        return {
+            "latitude": np.linspace(90.0, -90.0, round(180 / self.resolution) + 1),
+            "longitude": -180.0 + np.arange(round(360 / self.resolution)) * self.resolution,
+        }
+
+
+def grid_coords(resolution: float) -> tuple[Coordinate, ...]:
+    """latitude, longitude and spatial_ref of the GEFS grid at `resolution`."""
+    n_lat, n_lon = round(180 / resolution) + 1, round(360 / resolution)
+    return (
+        Coordinate(
+            name="latitude",
+            encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(n_lat,)),
+            attrs=CoordinateAttrs(units="degrees_north", standard_name="latitude", axis="Y"),
+        ),
+        Coordinate(
+            name="longitude",
+            encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(n_lon,)),
+            attrs=CoordinateAttrs(units="degrees_east", standard_name="longitude", axis="X"),
+        ),
+        Coordinate(
+            name="spatial_ref",
+            encoding=Encoding(dtype="int64", fill_value=0, chunks=()),
+            attrs=CoordinateAttrs(
+                crs_wkt=SPATIAL_REF_WKT,
+                spatial_ref=SPATIAL_REF_WKT,
+                grid_mapping_name="latitude_longitude",
+                comment="GEFS uses a sphere with radius 6371229 m.",
+            ),
+        ),
+    )
+
+
+class GefsForecast35DayTemplateConfig(GefsGridTemplateConfig):
+    """`ensemble_members` are the published dataset's by default; a variant with fewer keeps the code paths."""
+
+    ensemble_members: tuple[int, ...] = ENSEMBLE_MEMBERS
+
     def dimension_coordinates(self) -> dict[str, Any]:
         return {
             "ensemble_member": np.asarray(self.ensemble_members, dtype=np.int64),
             "lead_time": pd.to_timedelta(LEAD_HOURS, unit="h"),
-            "latitude": np.linspace(90.0, -90.0, round(180 / self.resolution) + 1),
-            "longitude": -180.0 + np.arange(round(360 / self.resolution)) * self.resolution,
+            **self.grid_coordinates(),
         }
 
     def derive_coordinates(self, ds: xr.Dataset) -> dict[str, Any]:
@@ -391,7 +430,6 @@ def gefs_forecast_35_day_template_config(
     templates_dir: Path | None = None,
 ) -> GefsForecast35DayTemplateConfig:
     n_members = len(ensemble_members)
-    n_lat, n_lon = round(180 / resolution) + 1, round(360 / resolution)
     return GefsForecast35DayTemplateConfig(
         dims=DIMS,
         append_dim="init_time",
@@ -417,7 +455,9 @@ def gefs_forecast_35_day_template_config(
         ),
         coords=(
             Coordinate(
-                name="init_time", encoding=_TIME, attrs=CoordinateAttrs(long_name="Forecast initialization time")
+                name="init_time",
+                encoding=TIME_ENCODING,
+                attrs=CoordinateAttrs(long_name="Forecast initialization time"),
             ),
             Coordinate(
                 name="ensemble_member",
@@ -431,16 +471,6 @@ def gefs_forecast_35_day_template_config(
                 name="lead_time",
                 encoding=Encoding(dtype="int64", fill_value=-1, chunks=(len(LEAD_HOURS),), units="seconds"),
                 attrs=CoordinateAttrs(long_name="Forecast lead time"),
-            ),
-            Coordinate(
-                name="latitude",
-                encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(n_lat,)),
-                attrs=CoordinateAttrs(units="degrees_north", standard_name="latitude", axis="Y"),
-            ),
-            Coordinate(
-                name="longitude",
-                encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(n_lon,)),
-                attrs=CoordinateAttrs(units="degrees_east", standard_name="longitude", axis="X"),
             ),
             Coordinate(
                 name="valid_time",
@@ -466,16 +496,7 @@ def gefs_forecast_35_day_template_config(
                     comment="The longest lead time processed for this init time and ensemble member.",
                 ),
             ),
-            Coordinate(
-                name="spatial_ref",
-                encoding=Encoding(dtype="int64", fill_value=0, chunks=()),
-                attrs=CoordinateAttrs(
-                    crs_wkt=SPATIAL_REF_WKT,
-                    spatial_ref=SPATIAL_REF_WKT,
-                    grid_mapping_name="latitude_longitude",
-                    comment="GEFS uses a sphere with radius 6371229 m.",
-                ),
-            ),
+            *grid_coords(resolution),
         ),
         data_vars=data_vars(chunks, shards),
     )
