@@ -387,3 +387,24 @@ def test_the_workers_of_a_kubernetes_cluster_get_each_s3_replicas_own_profile(
         assert store.get("worker-probe") == replica.name.encode()
     with pytest.raises(Exception, match=r"Access ?Denied"):
         ObjectStore("s3://bucket-b/probe.zarr", replicas[0].env_prefix).put("probe", b"x")
+
+
+def test_only_what_this_runs_upload_tasks_wrote_to_a_replica_is_left_uncopied() -> None:
+    """A variable counts as written to a replica only if every one of its results of the region was (its jobs may
+    finish one by one) and none was resumed from an earlier run, whose replicas may not be this run's."""
+    from reformatters.pipeline.kernels import VariableResult
+    from reformatters.publish import replicas_written
+    from reformatters.replicas import REPLICAS_WRITTEN
+
+    def result(name: str, **extra: Any) -> VariableResult:
+        return VariableResult(name, [], 0, 0, 0, extra=extra)
+
+    written = replicas_written(
+        [
+            result("temperature_2m", **{REPLICAS_WRITTEN: ["a", "b"]}),
+            result("temperature_2m", **{REPLICAS_WRITTEN: ["a"]}),
+            result("precipitation_surface", **{REPLICAS_WRITTEN: ["a"], "resumed_from_run": "earlier"}),
+            result("wind_u_10m"),
+        ]
+    )
+    assert written == {"temperature_2m": {"a"}, "precipitation_surface": set(), "wind_u_10m": set()}
