@@ -6,11 +6,11 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import dask
 import dask.system
@@ -21,8 +21,11 @@ from distributed import Client, LocalCluster, WorkerPlugin
 from reformatters.common.package_data import package_directory
 from reformatters.deploy.models import BackfillSizing
 from reformatters.deploy.policy import ensure_least_privilege
-from reformatters.deploy.render import DeployError, check_name, resolve_image
+from reformatters.deploy.render import DeployError, check_name, replica_environ, resolve_image
 from reformatters.pipeline.graph import ENCODE_RESOURCE
+
+if TYPE_CHECKING:
+    from reformatters.replicas import Replica
 
 log = logging.getLogger("reformatters.cluster")
 
@@ -96,14 +99,25 @@ def local_worker_config() -> dict[str, object]:
 
 @contextmanager
 def open_client(
-    spec: str = "local", *, n_workers: int | None = None, kube_sizing: BackfillSizing | None = None
+    spec: str = "local",
+    *,
+    n_workers: int | None = None,
+    kube_sizing: BackfillSizing | None = None,
+    replicas: Sequence[Replica] = (),
 ) -> Iterator[Client]:
-    with dask.config.set(driver_config()), _open_client(spec, n_workers=n_workers, kube_sizing=kube_sizing) as client:
+    """`replicas`: those the workers write, whose credentials a Kubernetes cluster's worker pods get (a local
+    cluster's workers inherit this process's environment)."""
+    with (
+        dask.config.set(driver_config()),
+        _open_client(spec, n_workers=n_workers, kube_sizing=kube_sizing, replicas=replicas) as client,
+    ):
         yield client
 
 
 @contextmanager
-def _open_client(spec: str, *, n_workers: int | None, kube_sizing: BackfillSizing | None) -> Iterator[Client]:
+def _open_client(
+    spec: str, *, n_workers: int | None, kube_sizing: BackfillSizing | None, replicas: Sequence[Replica]
+) -> Iterator[Client]:
     if spec == "local":
         workers, threads, memory = local_cluster_size(n_workers)
         with (
@@ -135,7 +149,7 @@ def _open_client(spec: str, *, n_workers: int | None, kube_sizing: BackfillSizin
             yield client
         return
     if spec == "k8s":
-        with _kube_client(n_workers, kube_sizing) as client:
+        with _kube_client(n_workers, kube_sizing, replicas) as client:
             prepare_remote_cluster(client)
             yield client
         return
@@ -155,9 +169,14 @@ class ClusterSession:
     """
 
     def __init__(
-        self, spec: str = "local", *, n_workers: int | None = None, kube_sizing: BackfillSizing | None = None
+        self,
+        spec: str = "local",
+        *,
+        n_workers: int | None = None,
+        kube_sizing: BackfillSizing | None = None,
+        replicas: Sequence[Replica] = (),
     ) -> None:
-        self._context = open_client(spec, n_workers=n_workers, kube_sizing=kube_sizing)
+        self._context = open_client(spec, n_workers=n_workers, kube_sizing=kube_sizing, replicas=replicas)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cluster-session")
         self._started: Future[Client] | None = None
         self._closing: Future[None] | None = None
@@ -240,13 +259,15 @@ def dask_cluster_resource(
     n_workers: int | None = None,
     name: str | None = None,
     sizing: BackfillSizing | None = None,
+    replicas: Sequence[Replica] = (),
 ) -> dict[str, Any]:
     """The DaskCluster custom resource that `--cluster k8s` creates, from `cluster/dask-cluster.yaml`.
 
     `image` follows `reformatters deploy`'s rules (`resolve_image`: $REFORMATTERS_IMAGE, else the package
     version's tag; never `:latest`). `sizing` (a dataset's `operational_resources().backfill`) sizes the
     workers; `n_workers` overrides its replicas. `name` renames the cluster and the scheduler Service's selector
-    with it (they must agree). The result is checked for name limits and least privilege.
+    with it (they must agree). The workers' environment gets each of `replicas`' credentials (`replica_environ`):
+    the workers write the replicas' shards. The result is checked for name limits and least privilege.
     """
     resource: dict[str, Any] = yaml.safe_load(DASK_CLUSTER_SPEC.read_text())
     spec = resource["spec"]
@@ -270,6 +291,8 @@ def dask_cluster_resource(
                 volume["emptyDir"]["sizeLimit"] = sizing.scratch_size_limit
     if n_workers is not None:
         spec["worker"]["replicas"] = n_workers
+    for container in spec["worker"]["spec"]["containers"]:
+        container["env"] = [*container.get("env", []), *replica_environ(replicas)]
     ensure_least_privilege([resource])
     return resource
 
@@ -287,7 +310,9 @@ def kubernetes_credentials_available() -> tuple[bool, str]:
 
 
 @contextmanager
-def _kube_client(n_workers: int | None = None, sizing: BackfillSizing | None = None) -> Iterator[Client]:
+def _kube_client(
+    n_workers: int | None = None, sizing: BackfillSizing | None = None, replicas: Sequence[Replica] = ()
+) -> Iterator[Client]:
     available, detail = kubernetes_credentials_available()
     if not available:
         raise ClusterUnavailableError(
@@ -300,7 +325,9 @@ def _kube_client(n_workers: int | None = None, sizing: BackfillSizing | None = N
     # closing it (shutdown_on_close) would then delete the cluster of a backfill that is still running.
     base = yaml.safe_load(DASK_CLUSTER_SPEC.read_text())["metadata"]["name"]
     try:
-        resource = dask_cluster_resource(name=f"{base}-{uuid.uuid4().hex[:8]}", n_workers=n_workers, sizing=sizing)
+        resource = dask_cluster_resource(
+            name=f"{base}-{uuid.uuid4().hex[:8]}", n_workers=n_workers, sizing=sizing, replicas=replicas
+        )
     except DeployError as error:
         raise ClusterUnavailableError(str(error)) from error
     existing = set(KubeCluster._instances)

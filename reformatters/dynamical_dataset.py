@@ -32,11 +32,19 @@ from reformatters.publish import (
     publication_template,
     published_dataset,
     region_span,
+    replicas_written,
     tmp_metadata_store,
     variable_metadata,
 )
 from reformatters.region_job import RegionJob, RegionJobFilters, SourceFileCoord
-from reformatters.replicas import Replica, catch_up, check_replica_access, hold_replicas, select_replicas
+from reformatters.replicas import (
+    Replica,
+    catch_up,
+    check_replica_access,
+    hold_replicas,
+    select_replicas,
+    worker_uploads,
+)
 from reformatters.sources.reachability import check_source_reachable
 from reformatters.summary import RunSummary
 from reformatters.template_config import TemplateConfig
@@ -152,7 +160,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
         # The cluster starts while the template is expanded and the jobs are planned.
         resources = self.operational_resources()
         kube_sizing = resources.backfill if resources is not None else None
-        with ClusterSession(cluster, n_workers=n_workers, kube_sizing=kube_sizing) as session:
+        with ClusterSession(cluster, n_workers=n_workers, kube_sizing=kube_sizing, replicas=replicas) as session:
             jobs = self.region_job_class.get_jobs(
                 config.get_template(end), append_dim, config.data_vars, filters, source_url=source_url
             )
@@ -172,6 +180,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
                 commit_icechunk_structure(final_store, config.get_template(end), append_dim, lease)
                 for target in replica_targets:
                     catch_up(target, final_store, append_dim)
+                pause_at("replicas_caught_up")
                 published = published_dataset(final_store)
                 # Jobs see the published extent too: a region that ends before it merges into its shard.
                 template_ds = publication_template(config, end, published)
@@ -204,6 +213,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
                         jobs, template_ds, var_metadata, tracker, publisher, summary, due
                     )
                     icechunk = isinstance(final_store, IcechunkStore)
+                    to_replicas = worker_uploads(replica_targets)
                     commits = _RegionCommits(publisher, tracker, var_metadata, summary, to_run, region_keys)
 
                     def upload_for(job: RegionJob[Any, Any]) -> RecordedUpload | IcechunkUpload:
@@ -219,6 +229,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
                             var_metadata={v.name: var_metadata[v.name] for v in job.data_vars},
                             tracker=tracker,
                             fence=lease.fence(),
+                            replicas=to_replicas,
                         )
 
                     jobs_left = Counter(region_span(job) for job in to_run)
@@ -241,6 +252,7 @@ class DynamicalDataset(BaseModel, Generic[RegionJobT]):
                                     outcome.job.region,
                                     {r.var_name: r.results for r in outcome.results},
                                     complete=jobs_left[span] == 0,
+                                    on_replicas=replicas_written(outcome.results),
                                 )
                             progress.region_done(outcome)
                             pause_at("backfill_region_done")

@@ -17,7 +17,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,7 @@ import xarray as xr
 from reformatters.common.icechunk_store import IcechunkStore, take_forks
 from reformatters.common.storage import ObjectStore
 from reformatters.region_job import RegionJob, SourceFileCoord
-from reformatters.replicas import ReplicaTarget, chunk_keys, publish_on_replica
+from reformatters.replicas import REPLICAS_WRITTEN, ReplicaTarget, chunk_keys, publish_on_replica
 from reformatters.template_config import with_template_encodings, write_metadata
 from reformatters.update.drift import check_no_drift
 from reformatters.update.lease import LeaseHeldError, UpdateLease, UpdateRefusedError
@@ -225,19 +225,32 @@ class Publisher:
         }
         self._run_length = 0  # positions up to the last one the results filled
         self._pending: dict[tuple[int, int], dict[str, list[SourceFileCoord]]] = {}
-        self._unreplicated = np.zeros_like(self._ran)  # per variable and position: not yet copied to replicas
+        # Per replica, variable and position: shards the next publication copies there from the final store.
+        self._to_copy = {target.replica.name: np.zeros_like(self._ran) for target in self.replicas}
 
-    def add(self, region: slice, results: Mapping[str, Sequence[SourceFileCoord]], *, complete: bool = True) -> None:
-        """The results of a region job (its variables' file outcomes): all its variables are uploaded.
+    def add(
+        self,
+        region: slice,
+        results: Mapping[str, Sequence[SourceFileCoord]],
+        *,
+        complete: bool = True,
+        on_replicas: Mapping[str, Collection[str]] | None = None,
+    ) -> None:
+        """The results of a region job (its variables' file outcomes): all its variables are uploaded, and
+        `on_replicas` names, per variable, the replicas its upload tasks wrote too (`replicas_written`); the
+        publication copies it to every other replica.
 
         A region whose jobs finish one by one (variable groups, variables resumed from an earlier run) is added
         with `complete=False` until its last job: the hook then sees the whole region's results at once.
         """
         pending = self._pending.setdefault((region.start, region.stop), {})
+        written = on_replicas or {}
         for name, coords in results.items():
             pending.setdefault(name, []).extend(coords)
             self._ran[self._var_index[name], region] = True
-            self._unreplicated[self._var_index[name], region] = True
+            for replica, to_copy in self._to_copy.items():
+                if replica not in written.get(name, ()):
+                    to_copy[self._var_index[name], region] = True
         if complete:
             self.complete(region)
 
@@ -296,7 +309,6 @@ class Publisher:
             contents = {key: (tmp_store / key).read_bytes() for key in metadata_keys(tmp_store)}
         if self.replicas:
             self._publish_on_replicas(what, contents)
-        self._unreplicated[:] = False
         changed = [key for key, data in contents.items() if self.final_store.get(key) != data]
         if isinstance(self.final_store, IcechunkStore):
             return self._commit_icechunk(what, merged, contents, changed)
@@ -325,12 +337,20 @@ class Publisher:
         return merged
 
     def _publish_on_replicas(self, what: str, contents: Mapping[str, bytes]) -> None:
-        """Every replica gets the shards of the regions added since the last publication, copied from the final
-        store, and `contents` published, before the final store is touched."""
+        """Every replica gets the shards of the regions added since the last publication that the workers did not
+        write there, copied from the final store, and `contents` published, before the final store is touched."""
         pause_at("before_replicas")
+        for target in self.replicas:
+            to_copy = self._to_copy[target.replica.name]
+            publish_on_replica(target, self.final_store, contents, self._shard_keys(to_copy, contents), what)
+            to_copy[:] = False
+        pause_at("replicas_published")
+
+    def _shard_keys(self, positions_of: np.ndarray, contents: Mapping[str, bytes]) -> list[str]:
+        """The shard objects holding the (variable, position) pairs set in `positions_of`."""
         shard_keys = []
         for name, index in self._var_index.items():
-            positions = np.flatnonzero(self._unreplicated[index])
+            positions = np.flatnonzero(positions_of[index])
             if not len(positions):
                 continue
             metadata = json.loads(contents[f"{name}/zarr.json"])
@@ -339,9 +359,7 @@ class Publisher:
             ]
             for first in np.unique(positions // shard) * shard:
                 shard_keys.extend(chunk_keys(name, metadata, (self.append_dim, int(first), int(first) + shard)))
-        for target in self.replicas:
-            publish_on_replica(target, self.final_store, contents, shard_keys, what)
-        pause_at("replicas_published")
+        return shard_keys
 
     def _commit_icechunk(
         self, what: str, merged: xr.Dataset, contents: Mapping[str, bytes], changed: Sequence[str]
@@ -385,6 +403,16 @@ class Publisher:
             assert isinstance(self.final_store, IcechunkStore)
             self.final_store.merge(forks)
         return plain
+
+
+def replicas_written(results: Sequence[Any]) -> dict[str, set[str]]:
+    """Per variable, the replicas every one of its `VariableResult`s was written to by this run's upload tasks; a
+    result resumed from an earlier run counts for none (that run's replicas may not be this one's)."""
+    written: dict[str, set[str]] = {}
+    for result in results:
+        names = set() if "resumed_from_run" in result.extra else set(result.extra.get(REPLICAS_WRITTEN, ()))
+        written[result.var_name] = written[result.var_name] & names if result.var_name in written else names
+    return written
 
 
 def icechunk_order(keys: Sequence[str]) -> list[str]:

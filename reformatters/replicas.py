@@ -2,12 +2,14 @@
 account or cloud), each published before the primary so a reader of the primary never sees a position a replica
 lacks.
 
-A dataset declares them (`DynamicalDataset.replicas`); a run writes a region's shards to the primary (the
-workers' uploads), then, when the publisher publishes the region, copies those shard objects from the primary to
-every replica and publishes the same metadata there (root `zarr.json` last, or one Icechunk commit) before it
-publishes on the primary. Each replica has its own publisher lease, taken with the primary's. A replica that fails
-fails the run before the primary moves. A replica left behind the primary (an earlier run without it, a replica
-added later, a restored server) is caught up from the primary before the run publishes anything (`catch_up`).
+A dataset declares them (`DynamicalDataset.replicas`); the workers' upload tasks write a region's shards to the
+primary and then to every plain Zarr replica (`ReplicaUpload`); when the publisher publishes the region it copies
+from the primary only what the workers did not write to a replica (an Icechunk replica's shards, variable-regions
+resumed from an earlier run), then publishes the same metadata there (root `zarr.json` last, or one Icechunk
+commit) before it publishes on the primary. Each replica has its own publisher lease, taken with the primary's; the
+workers check its fence before they write there. A replica that fails fails the run before the primary moves. A
+replica left behind the primary (an earlier run without it, a replica added later, a restored server) is caught up
+from the primary before the run publishes anything (`catch_up`).
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from reformatters.common.config_models import FrozenModel
 from reformatters.common.icechunk_store import IcechunkStore
 from reformatters.common.storage import ObjectStore, StoreAccessError, open_store
 from reformatters.update.drift import StructureDriftError, consolidated_arrays, structure_differences
-from reformatters.update.lease import UpdateLease
+from reformatters.update.lease import Fence, UpdateLease, cached_store
 
 log = logging.getLogger("reformatters.replicas")
 
 ROOT_METADATA_KEY = "zarr.json"
 REPLICA_ENV_PREFIX = "REFORMATTERS_REPLICA_"
 COPY_THREADS = 4
+REPLICAS_WRITTEN = "replicas_written"  # `VariableResult.extra`: the replicas its upload task wrote the shards to
 
 
 class ReplicaError(RuntimeError):
@@ -82,6 +85,48 @@ class ReplicaTarget:
     replica: Replica
     store: ObjectStore
     lease: UpdateLease
+
+    @property
+    def written_by_workers(self) -> bool:
+        """Whether the workers' uploads write the region's shards here: plain Zarr stores; an Icechunk repository
+        takes them in its commit, so the publisher copies them there."""
+        return not isinstance(self.store, IcechunkStore)
+
+    def upload(self) -> ReplicaUpload:
+        return ReplicaUpload(
+            name=self.replica.name,
+            url=self.store.url,
+            credentials_env_prefix=self.store.credentials_env_prefix,
+            fence=self.lease.fence(),
+        )
+
+
+@dataclass(frozen=True)
+class ReplicaUpload:
+    """What an upload task needs to write a region's shards to a plain Zarr replica too: where it is, and its
+    lease's fence, checked before anything is written there."""
+
+    name: str
+    url: str
+    credentials_env_prefix: str | None = None
+    fence: Fence | None = None
+
+    @property
+    def store(self) -> ObjectStore:
+        return cached_store(self.url, self.credentials_env_prefix)
+
+    def failed(self, what: str, error: BaseException) -> ReplicaError:
+        return ReplicaError(
+            f"replica {self.name} ({self.url}) failed while uploading {what}: {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}. Nothing was published on the primary for this "
+            "region; fix the replica's store (server, credentials) and re-run, or run with --no-replicas (or "
+            "--replica for the others) to leave it out"
+        )
+
+
+def worker_uploads(targets: Sequence[ReplicaTarget]) -> tuple[ReplicaUpload, ...]:
+    """The replicas the workers' upload tasks write (`ReplicaTarget.written_by_workers`)."""
+    return tuple(target.upload() for target in targets if target.written_by_workers)
 
 
 def check_replica_access(replicas: Sequence[Replica], primary: ObjectStore) -> None:

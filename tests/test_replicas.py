@@ -7,7 +7,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,11 @@ import xarray as xr
 from reformatters_datasets.example import source
 from reformatters_datasets.example.dataset import ExampleDataset
 
+from reformatters import replicas as replicas_module
 from reformatters.common.storage import ObjectStore, StoreAccessError
 from reformatters.region_job import RegionJobFilters
 from reformatters.replicas import Replica, catch_up, chunk_keys, hold_replicas
+from reformatters.replicas import _copy as copy_objects
 from reformatters.testing.object_store_server import (
     ObjectStoreServerError,
     S3Identity,
@@ -259,6 +261,32 @@ def _rendered_env(container: dict[str, Any], configmap: dict[str, str]) -> dict[
     return env
 
 
+def _profiles_file(directory: Path, replicas: Sequence[Replica]) -> Path:
+    """A credentials file as cluster/README.md says to mount it: a profile per replica, of account A then B."""
+    from reformatters.deploy.render import replica_profile
+
+    credentials = directory / "credentials"
+    credentials.write_text(
+        "".join(
+            f"[{replica_profile(r)}]\naws_access_key_id = {a.access_key_id}\n"
+            f"aws_secret_access_key = {a.secret_access_key}\n\n"
+            for r, a in zip(replicas, (ACCOUNT_A, ACCOUNT_B), strict=True)
+        )
+    )
+    return credentials
+
+
+def _apply_pod_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], credentials: Path, server: S3Server) -> None:
+    """This process's AWS and replica variables replaced by a pod's `env`, the credentials file at `credentials`."""
+    for key in [k for k in os.environ if k.startswith(("AWS_", "REFORMATTERS_REPLICA_"))]:
+        monkeypatch.delenv(key)
+    for name, value in env.items():
+        if name.startswith(("AWS_", "REFORMATTERS_REPLICA_")):
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_REGION", server.region)
+
+
 def test_a_deployed_update_reaches_each_replica_with_its_own_profile_of_the_mounted_credentials(
     accounts: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -276,27 +304,14 @@ def test_a_deployed_update_reaches_each_replica_with_its_own_profile_of_the_moun
     resources = get_dataset("noaa-gfs-forecast").operational_resources()
     assert resources is not None
     update, validate = dataset_manifests("noaa-gfs-forecast", resources, "r.example/x:abc1", replicas=replicas)
-    credentials = tmp_path / "credentials"
-    credentials.write_text(
-        "".join(
-            f"[{replica_profile(r)}]\naws_access_key_id = {a.access_key_id}\n"
-            f"aws_secret_access_key = {a.secret_access_key}\n\n"
-            for r, a in zip(replicas, (ACCOUNT_A, ACCOUNT_B), strict=True)
-        )
-    )
+    credentials = _profiles_file(tmp_path, replicas)
     configmap = {"aws-endpoint-url": accounts.endpoint_url}
     for manifest in (update, validate):
         box = manifest["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
         assert "--no-replicas" not in box["args"]
         env = _rendered_env(box, configmap)
         assert env["AWS_SHARED_CREDENTIALS_FILE"] == CREDENTIALS_FILE
-        for key in [k for k in os.environ if k.startswith(("AWS_", "REFORMATTERS_REPLICA_"))]:
-            monkeypatch.delenv(key)
-        for name, value in env.items():
-            if name.startswith(("AWS_", "REFORMATTERS_REPLICA_")):
-                monkeypatch.setenv(name, value)
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
-        monkeypatch.setenv("AWS_REGION", accounts.region)
+        _apply_pod_env(monkeypatch, env, credentials, accounts)
         for replica in replicas:
             store = replica.store()
             store.check_access()
@@ -311,3 +326,85 @@ def test_a_deployed_update_reaches_each_replica_with_its_own_profile_of_the_moun
 
             check_replica_access([Replica(name="archive-a", url="s3://bucket-a/x.zarr")], ObjectStore(tmp_path))
         monkeypatch.setenv(f"{replicas[0].env_prefix}AWS_PROFILE", replica_profile(replicas[0]))
+
+
+def test_the_workers_write_a_plain_replica_and_the_driver_copies_only_to_an_icechunk_one(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backfill into a new primary with a plain Zarr replica and an Icechunk one: the workers' uploads wrote every
+    shard of the plain replica (the driver's publication copies none there, the stores end byte for byte equal),
+    the Icechunk replica gets its shards from the driver as before."""
+    replicas = (
+        Replica(name="plain", url=str(tmp_path / "plain.zarr")),
+        Replica(name="snapshots", url=str(tmp_path / "snapshots.icechunk")),
+    )
+    dataset = ExampleDataset(replicas=replicas)
+    primary = tmp_path / "primary.zarr"
+    copied: dict[str, list[str]] = {}  # the shard objects the driver copied, per replica store
+
+    def counted_copy(source: ObjectStore, target: ObjectStore, keys: Sequence[str]) -> int:
+        copied.setdefault(target.url, []).extend(keys)
+        return copy_objects(source, target, keys)
+
+    monkeypatch.setattr(replicas_module, "_copy", counted_copy)
+    dataset.backfill(END, store_url=str(primary), source_url=str(archive), n_workers=2, show_progress=False)
+    plain, copy = ObjectStore(primary), replicas[0].store()
+    expected = {k: plain.get(k) for k in plain.list() if not k.startswith("_internal")}
+    variables = ("temperature_2m", "precipitation_surface")
+    shards = sorted(k for k in expected if "/c/" in k and k.split("/")[0] in variables)
+    assert len(shards) == 4  # two variables, two shards along init_time each
+    assert copied[copy.url] == []
+    assert sorted(copied[replicas[1].store().url]) == shards
+    assert {k: copy.get(k) for k in copy.list() if not k.startswith("_internal")} == expected
+    xr.testing.assert_identical(replicas[1].store().open_dataset().load(), plain.open_dataset().load())
+
+
+def test_the_workers_of_a_kubernetes_cluster_get_each_s3_replicas_own_profile(
+    accounts: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DaskCluster's worker container, its environment applied as a pod gets it with one credentials file holding
+    a profile per replica account: each S3 replica store writes its own bucket with its own account; a GCS or local
+    replica adds nothing (its credentials are the pod's own)."""
+    from reformatters.cluster import dask_cluster_resource
+    from reformatters.deploy.render import CREDENTIALS_FILE, replica_profile
+
+    replicas = (
+        Replica(name="archive-a", url="s3://bucket-a/x.zarr"),
+        Replica(name="archive-b", url="s3://bucket-b/x.zarr"),
+        Replica(name="local", url=str(tmp_path / "local.zarr")),
+    )
+    plain = dask_cluster_resource()["spec"]["worker"]["spec"]["containers"][0]["env"]
+    (worker,) = dask_cluster_resource(replicas=replicas)["spec"]["worker"]["spec"]["containers"]
+    assert worker["env"][: len(plain)] == plain
+    assert len(worker["env"]) == len(plain) + 4  # a profile and an endpoint for each S3 replica
+    env = _rendered_env(worker, {"aws-endpoint-url": accounts.endpoint_url})
+    assert env["AWS_SHARED_CREDENTIALS_FILE"] == CREDENTIALS_FILE
+    _apply_pod_env(monkeypatch, env, _profiles_file(tmp_path, replicas[:2]), accounts)
+    for replica in replicas[:2]:
+        assert env[f"{replica.env_prefix}AWS_PROFILE"] == replica_profile(replica)
+        store = replica.store()
+        store.put("worker-probe", replica.name.encode())
+        assert store.get("worker-probe") == replica.name.encode()
+    with pytest.raises(Exception, match=r"Access ?Denied"):
+        ObjectStore("s3://bucket-b/probe.zarr", replicas[0].env_prefix).put("probe", b"x")
+
+
+def test_only_what_this_runs_upload_tasks_wrote_to_a_replica_is_left_uncopied() -> None:
+    """A variable counts as written to a replica only if every one of its results of the region was (its jobs may
+    finish one by one) and none was resumed from an earlier run, whose replicas may not be this run's."""
+    from reformatters.pipeline.kernels import VariableResult
+    from reformatters.publish import replicas_written
+    from reformatters.replicas import REPLICAS_WRITTEN
+
+    def result(name: str, **extra: Any) -> VariableResult:
+        return VariableResult(name, [], 0, 0, 0, extra=extra)
+
+    written = replicas_written(
+        [
+            result("temperature_2m", **{REPLICAS_WRITTEN: ["a", "b"]}),
+            result("temperature_2m", **{REPLICAS_WRITTEN: ["a"]}),
+            result("precipitation_surface", **{REPLICAS_WRITTEN: ["a"], "resumed_from_run": "earlier"}),
+            result("wind_u_10m"),
+        ]
+    )
+    assert written == {"temperature_2m": {"a"}, "precipitation_surface": set(), "wind_u_10m": set()}

@@ -16,12 +16,17 @@ from reformatters.common.storage import ObjectStore
 from reformatters.pipeline.graph import build_region_graph
 from reformatters.pipeline.kernels import VariableResult
 from reformatters.region_job import RegionJob, SourceFileStatus
+from reformatters.replicas import ReplicaError
 
 log = logging.getLogger("reformatters.driver")
 
 
 class RegionFailedError(RuntimeError):
     pass
+
+
+class ReplicaRegionFailedError(RegionFailedError, ReplicaError):
+    """A region's upload to a replica failed: nothing of it was published anywhere (the message says what to do)."""
 
 
 class CompletionQueue(Protocol):
@@ -171,7 +176,8 @@ def run_region_jobs(
             if future.status != "finished":
                 error = future.exception() if future.status == "error" else None
                 reason = f"{type(error).__name__}: {error}" if error is not None else f"task {future.status}"
-                region_failure = RegionFailedError(f"region {region.job.describe()} failed: {reason}")
+                failed = ReplicaRegionFailedError if isinstance(error, ReplicaError) else RegionFailedError
+                region_failure = failed(f"region {region.job.describe()} failed: {reason}")
                 region_failure.__cause__ = error
                 if not drain_on_failure:
                     raise region_failure

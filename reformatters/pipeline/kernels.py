@@ -27,6 +27,7 @@ from reformatters.pipeline.region_layout import RegionLayout
 from reformatters.pipeline.shard_encoding import ShardEncoder, padded_shape
 from reformatters.pipeline.source_results import SourceFileResults
 from reformatters.region_job import FieldShapeError, RegionJob, SourceFileCoord, SourceFileStatus
+from reformatters.replicas import REPLICAS_WRITTEN, ReplicaUpload
 from reformatters.sources.download import FetchedIndexes, declare_host_request_caps, prefetch_indexes, seed_indexes
 from reformatters.sources.errors import SOURCE_FILE_FAILURES
 
@@ -854,31 +855,23 @@ def merge_partial_shards_by_chunk(
 ShardStream = Callable[[str], AbstractContextManager[BinaryIO]]
 
 
-def upload_kernel(encoded: EncodedVariable, final_store: ObjectStore) -> VariableResult:
-    """Copy chunk data, never metadata, into the final store. Each object is written whole; an object whose
-    published bytes are the same (judged by digest, never downloaded) is left alone: fewer replaced objects,
-    fewer readers caught between two versions of a shard."""
-
-    def put_if_changed(key: str) -> int | None:
-        """The bytes written, None if the published object is the same. The object's bytes are fetched here:
-        `encoded.objects` may hold them in files (the scratch path), so only those in flight are in memory."""
-        data = encoded.objects[key]
-        if final_store.holds(key, data):
-            return None
-        file_of: Callable[[str], Path] | None = getattr(encoded.objects, "file", None)
-        if file_of is not None and not final_store.is_local:
-            final_store.put_file(key, file_of(key))  # streamed in parts, not copied into memory whole
-        else:
-            final_store.put(key, data)
-        return len(data)
-
-    keys = sorted(encoded.objects)
-    if final_store.is_local:
-        written = [put_if_changed(key) for key in keys]
-    else:
-        with ThreadPoolExecutor(max_workers=max(1, encoded.upload_threads)) as pool:
-            written = list(pool.map(put_if_changed, keys))
+def upload_kernel(
+    encoded: EncodedVariable, final_store: ObjectStore, replicas: Sequence[ReplicaUpload] = ()
+) -> VariableResult:
+    """Copy chunk data, never metadata, into the final store, then into each of `replicas` (their fences checked
+    first). Each object is written whole; an object whose stored bytes are the same (judged by digest, never
+    downloaded) is left alone: fewer replaced objects, fewer readers caught between two versions of a shard."""
+    written = _put_objects(encoded, final_store)
+    for replica in replicas:
+        try:
+            if replica.fence is not None:
+                replica.fence.check()
+            _put_objects(encoded, replica.store)
+        except Exception as error:
+            raise replica.failed(f"variable {encoded.var_name}", error) from error
     extra: dict[str, Any] = {**encoded.extra, "objects_unchanged": written.count(None)}
+    if replicas:
+        extra[REPLICAS_WRITTEN] = [replica.name for replica in replicas]
     if encoded.kept_published_fields:
         extra["kept_published_fields"] = encoded.kept_published_fields
     return VariableResult(
@@ -890,3 +883,26 @@ def upload_kernel(encoded: EncodedVariable, final_store: ObjectStore) -> Variabl
         extra=extra,
         decodes=encoded.decodes,
     )
+
+
+def _put_objects(encoded: EncodedVariable, store: ObjectStore) -> list[int | None]:
+    """Write each of `encoded.objects` unless `store` holds the same bytes: per object, the bytes written or None."""
+
+    def put_if_changed(key: str) -> int | None:
+        """The object's bytes are fetched here: `encoded.objects` may hold them in files (the scratch path), so
+        only those in flight are in memory."""
+        data = encoded.objects[key]
+        if store.holds(key, data):
+            return None
+        file_of: Callable[[str], Path] | None = getattr(encoded.objects, "file", None)
+        if file_of is not None and not store.is_local:
+            store.put_file(key, file_of(key))  # streamed in parts, not copied into memory whole
+        else:
+            store.put(key, data)
+        return len(data)
+
+    keys = sorted(encoded.objects)
+    if store.is_local:
+        return [put_if_changed(key) for key in keys]
+    with ThreadPoolExecutor(max_workers=max(1, encoded.upload_threads)) as pool:
+        return list(pool.map(put_if_changed, keys))

@@ -39,15 +39,17 @@ from reformatters.publish import (
     SourceOutageError,
     hold_lease,
     published_dataset,
+    replicas_written,
     tmp_metadata_store,
     variable_metadata,
 )
 from reformatters.region_job import RegionJob, SourceFileCoord, SourceFileStatus
-from reformatters.replicas import ReplicaTarget, catch_up, check_replica_access, hold_replicas
+from reformatters.replicas import ReplicaTarget, catch_up, check_replica_access, hold_replicas, worker_uploads
 from reformatters.sources.reachability import check_source_reachable
 from reformatters.summary import RunSummary
 from reformatters.update.drift import check_no_drift
 from reformatters.update.lease import UpdateRefusedError
+from reformatters.update.pause import pause_at
 from reformatters.update.progress_tracker import UpdateProgressTracker, region_key, resume_job
 from reformatters.update.upload_gate import RecordedUpload
 
@@ -108,7 +110,7 @@ def run_operational_update(
 
     # A local cluster starts while the template is expanded; nothing is written before it is up and the
     # source answers.
-    with ClusterSession(cluster, n_workers=n_workers) as session:
+    with ClusterSession(cluster, n_workers=n_workers, replicas=replicas) as session:
         session.client()
         newest = slice(template_ds.sizes[append_dim] - 1, template_ds.sizes[append_dim])
         probe_jobs = job_class.jobs_for_regions(template_ds, append_dim, config.data_vars, [newest], source_url)
@@ -119,6 +121,7 @@ def run_operational_update(
         ):
             for target in replica_targets:
                 catch_up(target, final_store, append_dim)
+            pause_at("replicas_caught_up")
             _update_under_lease(
                 dataset,
                 session,
@@ -256,6 +259,7 @@ def _run_and_publish(
     plan_of_job = {id(job): plan for plan, job in to_run}
 
     final_store = publisher.publisher.final_store
+    to_replicas = worker_uploads(publisher.publisher.replicas)
 
     def upload_for(job: RegionJob[Any, Any]) -> RecordedUpload | IcechunkUpload:
         plan = plan_of_job[id(job)]
@@ -271,6 +275,7 @@ def _run_and_publish(
             var_metadata={v.name: var_metadata[v.name] for v in job.data_vars},
             tracker=tracker,
             fence=publisher.publisher.lease.fence(),
+            replicas=to_replicas,
         )
 
     client = session.client()
@@ -327,7 +332,7 @@ class _RegionPublisher:
             for r in plan.results
         ]
         self.summary.add(counted, self.due)
-        self.publisher.add(plan.region, results)
+        self.publisher.add(plan.region, results, on_replicas=replicas_written(plan.results))
         try:
             self.publisher.publish(f"region {plan.key}")
         except SourceOutageError as error:

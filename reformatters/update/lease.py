@@ -164,8 +164,9 @@ def commit_records(store: ObjectStore) -> list[CommitRecord]:
 
 
 @functools.lru_cache(maxsize=8)
-def _store_for(url: str) -> ObjectStore:
-    return ObjectStore(url)  # one per worker process and URL: its S3/GCS client is reused across checks
+def cached_store(url: str, credentials_env_prefix: str | None = None) -> ObjectStore:
+    """One store per process, URL and credentials: a worker's tasks reuse its S3/GCS client."""
+    return ObjectStore(url, credentials_env_prefix)
 
 
 @dataclass(frozen=True)
@@ -175,9 +176,10 @@ class Fence:
     store_url: str
     owner: str
     generation: int
+    credentials_env_prefix: str | None = None  # a replica's own credentials (`Replica.env_prefix`)
 
     def check(self) -> None:
-        store = _store_for(self.store_url)
+        store = cached_store(self.store_url, self.credentials_env_prefix)
         current = read_lease(store)
         if current is None or current.released or current.owner != self.owner or current.generation != self.generation:
             raise LeaseLostError(_lost_message(store, self.owner, self.generation, current))
@@ -349,7 +351,12 @@ class UpdateLease:
         """A picklable check of this holder's generation for upload tasks on other processes."""
         if self.generation is None:
             raise LeaseLostError(f"the publisher lease on {self.store.url} is not held by this run (not acquired)")
-        return Fence(store_url=self.store.url, owner=self.owner, generation=self.generation)
+        return Fence(
+            store_url=self.store.url,
+            owner=self.owner,
+            generation=self.generation,
+            credentials_env_prefix=self.store.credentials_env_prefix,
+        )
 
     def renew(self) -> None:
         """Rewrite the lease on the version this holder last wrote; losing that race means the lease is lost."""

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import xarray as xr
 
@@ -170,3 +171,76 @@ def test_a_run_killed_between_replica_and_primary_is_finished_by_the_next(
     assert "catching it up" not in second.stderr
     assert_same_store(primary, update_fixture.reference_store)
     assert_same_store(replica, update_fixture.reference_store)
+
+
+def _backfill_command(store: Path, source: Path, end: str) -> list[str]:
+    command = update_command(store, source)
+    now = command.index("--now")
+    del command[now : now + 2]
+    command[command.index("update") : command.index("update") + 2] = ["backfill", "example", end]
+    return command
+
+
+@pytest.mark.parametrize("kind", ["update", "backfill"])
+def test_a_replica_whose_server_stops_before_the_workers_upload_fails_the_run_before_the_primary_moves(
+    update_fixture: UpdateFixture, tmp_path: Path, kind: str
+) -> None:
+    """The workers write each region's shards to the replica: its server gone once the run has caught it up (and
+    before any upload), the upload tasks fail, the run exits non-zero with one line naming the replica, and the
+    primary publishes what it published before; the next run, the server back, ends with both stores equal."""
+    primary = copy_store(update_fixture.base_store, tmp_path / "primary.zarr")
+    base_objects = store_objects(primary)
+    replica = Replica(name="far", url=f"s3://bucket/far-{kind}/example.zarr")  # moto keeps objects in-process
+    command = (
+        update_command(primary, update_fixture.source)
+        if kind == "update"
+        else _backfill_command(primary, update_fixture.source, (NOW + pd.Timedelta("6h")).isoformat())
+    )
+    marker, log = tmp_path / "paused", tmp_path / "run.log"
+    with moto_server() as server:
+        env = {
+            **replicas_env(replica),
+            **{f"{replica.env_prefix}{k}": v for k, v in server.env().items()},
+            "AWS_MAX_ATTEMPTS": "1",
+            PAUSE_ENV: "replicas_caught_up",
+            PAUSE_MODE_ENV: "stop",
+            PAUSE_ONCE_ENV: "1",
+            PAUSE_FILE_ENV: str(marker),
+        }
+        run = _start(command, env, log)
+        try:
+            _wait_paused(marker, run, log)
+            caught_up = _objects_with(env, replica)
+        except BaseException:
+            _finish(run, log)
+            raise
+    assert caught_up == base_objects  # the replica held the primary's dataset when the server stopped
+    err = _finish(run, log)
+    assert run.returncode != 0, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err[-3000:]
+    assert f"replica far (s3://bucket/far-{kind}/example.zarr) failed while uploading variable" in errors[0]
+    assert "Nothing was published on the primary for this region" in errors[0]
+    assert "Traceback (most recent call last)" not in err  # the workers' logs show the failed tasks, the run one line
+    assert {k: v for k, v in store_objects(primary).items() if k.endswith("zarr.json") or "/c/" not in k} == {
+        k: v for k, v in base_objects.items() if k.endswith("zarr.json") or "/c/" not in k
+    }, "the primary's metadata moved"
+
+    with moto_server() as server:
+        env = {**replicas_env(replica), **{f"{replica.env_prefix}{k}": v for k, v in server.env().items()}}
+        second = run_cli(command, env=env)
+        assert second.returncode == 0, second.stderr[-3000:]
+        replica_objects = _objects_with(env, replica)
+    assert_same_store(primary, update_fixture.reference_store)
+    assert replica_objects == store_objects(update_fixture.reference_store)
+
+
+def _objects_with(env: dict[str, str], replica: Replica) -> dict[str, bytes | None]:
+    """The replica's objects, read with the run's credentials."""
+    saved = dict(os.environ)
+    try:
+        os.environ.update(env)
+        return _objects(replica.store())
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
