@@ -128,3 +128,36 @@ def test_backfill_with_every_source_file_missing_accounts_for_every_region(
         )
         assert (summary.regions_done, summary.regions_total) == (20, 20), f"attempt {attempt}"
         assert summary.files_ok == 0
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def test_a_value_held_on_the_cluster_outlives_every_worker_that_held_it() -> None:
+    """The job and the store a region's tasks need are results of a task (`held_on_cluster`): when every worker
+    holding one dies, the scheduler runs that task again instead of cancelling what needs it (a scattered value,
+    broadcast or not, is gone with its last holder)."""
+    import os
+    import signal
+
+    from reformatters.pipeline.driver import held_on_cluster
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        value = {"job": "a region job", "bytes": b"x" * 1000}
+        held = held_on_cluster(client, value)
+        wait(held)
+        holders = client.who_has([held])[held.key]
+        pids = client.run(_pid)
+        for address in holders:
+            os.kill(pids[address], signal.SIGKILL)
+        client.wait_for_workers(2, timeout=60)
+        assert client.submit(lambda v: v["bytes"], held, pure=False).result(timeout=60) == value["bytes"]
+        assert held.status == "finished"

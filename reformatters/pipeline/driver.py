@@ -106,9 +106,7 @@ def run_region_jobs(
     completed = completion_queue()
     future_region: dict[Any, int] = {}  # future key -> region index
     variables_in_flight = 0
-    # Scattered to every worker, not one: the data of a scatter is lost with its worker, and every task needing it
-    # would fail instead of running again elsewhere (a worker killed mid-task, its task retried on another).
-    store_ref = client.scatter(final_store, hash=False, broadcast=True)
+    store_ref = held_on_cluster(client, final_store)
     affinity = WorkerAffinity(client)
 
     def finish(outcome: RegionOutcome) -> None:
@@ -126,7 +124,7 @@ def run_region_jobs(
                     return
                 index, job = pending_regions.popleft()
                 extra = {"upload": upload_for(job)} if upload_for is not None else {}
-                job_ref = client.scatter(job.for_workers(), hash=False, broadcast=True)
+                job_ref = held_on_cluster(client, job.for_workers())
                 shared: list[Future[Any]] = []
 
                 def hold_shared(tasks: list[Any], shared: list[Future[Any]] = shared, index: int = index) -> list[Any]:
@@ -209,6 +207,18 @@ def run_region_jobs(
             "published for them: re-run the same command to finish them"
         )
     return [outcomes[i] for i in sorted(outcomes)]
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def held_on_cluster(client: Client, value: Any) -> Future[Any]:
+    """`value` as a task's result, for the tasks that need it: a task can be run again when the worker holding its
+    result dies. A scattered value cannot, and a scatter broadcast to every worker does not stay there: the
+    scheduler's active memory manager drops the extra replicas, so a dead worker could take the last one and
+    Dask would cancel every task needing it."""
+    return client.submit(_same, value, pure=False)
 
 
 def log_region_outcome(outcome: RegionOutcome) -> None:

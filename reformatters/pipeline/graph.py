@@ -48,8 +48,8 @@ def build_region_graph(
 
     `upload(encoded, final_store) -> VariableResult` replaces the plain upload (the operational update
     passes a gated upload that also records progress). `job_ref` and `store_ref` are futures of
-    `job.for_workers()` and `final_store` already on the cluster (the driver scatters them); without them
-    both travel as literal keys of the graph. `hold_shared` receives the tasks every variable of the region
+    `job.for_workers()` and `final_store` already on the cluster (the driver's `held_on_cluster`); without
+    them both travel as literal keys of the graph. `hold_shared` receives the tasks every variable of the region
     depends on (inventory fetches) and returns what the variables' graphs depend on instead: the driver, which
     submits variables one by one, returns futures it keeps until the region is done, so a task that one
     variable's graph finished is not run again for the next.
@@ -59,7 +59,7 @@ def build_region_graph(
     token = tokenize(job.template_ds.get_index(job.append_dim)[job.region].tolist(), [v.name for v in job.data_vars])
     # Literal keys land in the layer of their first consumer and take its annotations: a job key inside a
     # shard write's layer would need a free encode slot before any download could start. The driver passes
-    # scattered futures instead, which belong to no layer.
+    # futures instead, which belong to no layer.
     job_key = job_ref if job_ref is not None else delayed(job.for_workers(), name=f"region-job-{token}", pure=True)
     store_key = store_ref if store_ref is not None else delayed(final_store, name=f"final-store-{token}", pure=True)
 
