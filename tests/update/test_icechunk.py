@@ -443,6 +443,7 @@ def test_readers_during_updates_icechunk_snapshots_are_exact_plain_zarr_is_repor
     assert matched + len(unmatched) + sum(errors_by_kind.values()) == len(plain_reads["reads"])
 
 
+@pytest.mark.slow  # the updates' twin (two writers on S3) runs by default
 def test_two_backfills_on_s3_with_the_lease_bypassed_the_second_commit_is_refused(
     update_fixture: UpdateFixture, s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

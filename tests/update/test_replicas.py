@@ -181,7 +181,8 @@ def _backfill_command(store: Path, source: Path, end: str) -> list[str]:
     return command
 
 
-@pytest.mark.parametrize("kind", ["update", "backfill"])
+# The backfill repeats the update through the same upload tasks: selected with `-m slow`.
+@pytest.mark.parametrize("kind", ["update", pytest.param("backfill", marks=pytest.mark.slow)])
 def test_a_replica_whose_server_stops_before_the_workers_upload_fails_the_run_before_the_primary_moves(
     update_fixture: UpdateFixture, tmp_path: Path, kind: str
 ) -> None:
