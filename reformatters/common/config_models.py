@@ -172,6 +172,31 @@ class Coordinate(FrozenModel):
     attrs: CoordinateAttrs = CoordinateAttrs()
 
 
+def latitude_longitude_coords(n_latitude: int, n_longitude: int) -> tuple[Coordinate, Coordinate]:
+    """The 1-D `latitude` and `longitude` coordinates of a regular lat/lon grid, each stored as one chunk."""
+    return (
+        Coordinate(
+            name="latitude",
+            encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(n_latitude,)),
+            attrs=CoordinateAttrs(units="degrees_north", standard_name="latitude", axis="Y"),
+        ),
+        Coordinate(
+            name="longitude",
+            encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(n_longitude,)),
+            attrs=CoordinateAttrs(units="degrees_east", standard_name="longitude", axis="X"),
+        ),
+    )
+
+
+def latitude_longitude_spatial_ref(wkt: str, comment: str) -> Coordinate:
+    """The scalar CF grid-mapping coordinate `spatial_ref` of a regular lat/lon grid whose CRS is `wkt`."""
+    return Coordinate(
+        name="spatial_ref",
+        encoding=Encoding(dtype="int64", fill_value=0, chunks=()),
+        attrs=CoordinateAttrs(crs_wkt=wkt, spatial_ref=wkt, grid_mapping_name="latitude_longitude", comment=comment),
+    )
+
+
 class DatasetAttributes(FrozenModel):
     dataset_id: str
     dataset_version: str

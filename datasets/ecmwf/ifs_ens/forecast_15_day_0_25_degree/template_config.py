@@ -18,6 +18,8 @@ from reformatters.common.config_models import (
     DataVar,
     DataVarAttrs,
     Encoding,
+    latitude_longitude_coords,
+    latitude_longitude_spatial_ref,
 )
 from reformatters.template_config import TemplateConfig
 
@@ -333,16 +335,7 @@ def ecmwf_ifs_ens_template_config(
                     comment="0 is the control, 1-50 the perturbed members. " + MEMBER_0,
                 ),
             ),
-            Coordinate(
-                name="latitude",
-                encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(n_lat,)),
-                attrs=CoordinateAttrs(units="degrees_north", standard_name="latitude", axis="Y"),
-            ),
-            Coordinate(
-                name="longitude",
-                encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(n_lon,)),
-                attrs=CoordinateAttrs(units="degrees_east", standard_name="longitude", axis="X"),
-            ),
+            *latitude_longitude_coords(n_lat, n_lon),
             Coordinate(
                 name="valid_time",
                 encoding=Encoding(
@@ -368,15 +361,9 @@ def ecmwf_ifs_ens_template_config(
                     "50r1 on comes from other files than members 1-50, and may arrive later).",
                 ),
             ),
-            Coordinate(
-                name="spatial_ref",
-                encoding=Encoding(dtype="int64", fill_value=0, chunks=()),
-                attrs=CoordinateAttrs(
-                    crs_wkt=SPATIAL_REF_WKT,
-                    spatial_ref=SPATIAL_REF_WKT,
-                    grid_mapping_name="latitude_longitude",
-                    comment="ECMWF open data is on a regular latitude-longitude grid (WGS 84 degrees as published).",
-                ),
+            latitude_longitude_spatial_ref(
+                SPATIAL_REF_WKT,
+                "ECMWF open data is on a regular latitude-longitude grid (WGS 84 degrees as published).",
             ),
         ),
         data_vars=data_vars(chunks, shards),

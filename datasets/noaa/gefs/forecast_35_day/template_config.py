@@ -18,6 +18,8 @@ from reformatters.common.config_models import (
     DataVar,
     DataVarAttrs,
     Encoding,
+    latitude_longitude_coords,
+    latitude_longitude_spatial_ref,
 )
 from reformatters.template_config import TemplateConfig
 
@@ -368,26 +370,8 @@ def grid_coords(resolution: float) -> tuple[Coordinate, ...]:
     """latitude, longitude and spatial_ref of the GEFS grid at `resolution`."""
     n_lat, n_lon = round(180 / resolution) + 1, round(360 / resolution)
     return (
-        Coordinate(
-            name="latitude",
-            encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(n_lat,)),
-            attrs=CoordinateAttrs(units="degrees_north", standard_name="latitude", axis="Y"),
-        ),
-        Coordinate(
-            name="longitude",
-            encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(n_lon,)),
-            attrs=CoordinateAttrs(units="degrees_east", standard_name="longitude", axis="X"),
-        ),
-        Coordinate(
-            name="spatial_ref",
-            encoding=Encoding(dtype="int64", fill_value=0, chunks=()),
-            attrs=CoordinateAttrs(
-                crs_wkt=SPATIAL_REF_WKT,
-                spatial_ref=SPATIAL_REF_WKT,
-                grid_mapping_name="latitude_longitude",
-                comment="GEFS uses a sphere with radius 6371229 m.",
-            ),
-        ),
+        *latitude_longitude_coords(n_lat, n_lon),
+        latitude_longitude_spatial_ref(SPATIAL_REF_WKT, "GEFS uses a sphere with radius 6371229 m."),
     )
 
 

@@ -16,6 +16,8 @@ from reformatters.common.config_models import (
     DataVar,
     DataVarAttrs,
     Encoding,
+    latitude_longitude_coords,
+    latitude_longitude_spatial_ref,
 )
 from reformatters.template_config import TemplateConfig
 
@@ -374,16 +376,7 @@ def gfs_forecast_template_config() -> GfsForecastTemplateConfig:
                 encoding=Encoding(dtype="int64", fill_value=-1, chunks=(209,), units="seconds"),
                 attrs=CoordinateAttrs(long_name="Forecast lead time"),
             ),
-            Coordinate(
-                name="latitude",
-                encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(721,)),
-                attrs=CoordinateAttrs(units="degrees_north", standard_name="latitude", axis="Y"),
-            ),
-            Coordinate(
-                name="longitude",
-                encoding=Encoding(dtype="float64", fill_value=float("nan"), chunks=(1440,)),
-                attrs=CoordinateAttrs(units="degrees_east", standard_name="longitude", axis="X"),
-            ),
+            *latitude_longitude_coords(721, 1440),
             Coordinate(
                 name="valid_time",
                 encoding=Encoding(
@@ -403,16 +396,7 @@ def gfs_forecast_template_config() -> GfsForecastTemplateConfig:
                     long_name="Ingested forecast length", comment="The longest lead time processed for this init time."
                 ),
             ),
-            Coordinate(
-                name="spatial_ref",
-                encoding=Encoding(dtype="int64", fill_value=0, chunks=()),
-                attrs=CoordinateAttrs(
-                    crs_wkt=SPATIAL_REF_WKT,
-                    spatial_ref=SPATIAL_REF_WKT,
-                    grid_mapping_name="latitude_longitude",
-                    comment="GFS uses a sphere with radius 6371229 m.",
-                ),
-            ),
+            latitude_longitude_spatial_ref(SPATIAL_REF_WKT, "GFS uses a sphere with radius 6371229 m."),
         ),
         data_vars=DATA_VARS,
     )
