@@ -273,6 +273,8 @@ class IcechunkStore(ObjectStore):
         _sync(self._store.delete(key))
 
     def list(self, prefix: str = "") -> list[str]:
+        import icechunk
+
         # Icechunk lists only under a group or an array ("var/c/" is refused): list the nearest node above the
         # prefix and keep the keys under it.
         node = prefix
@@ -285,7 +287,7 @@ class IcechunkStore(ObjectStore):
                 return sorted(key for key in _sync(collect()) if key.startswith(prefix))
             except FileNotFoundError:
                 return []
-            except Exception as error:
+            except icechunk.IcechunkError as error:
                 if "bad key prefix" not in str(error) or not node.strip("/"):
                     raise
                 node = node.rstrip("/").rpartition("/")[0]
